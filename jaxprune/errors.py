@@ -1,0 +1,16 @@
+"""The one exception type a user sees: it names the problem and the fix."""
+import difflib
+
+
+class UserError(Exception):
+    """A bad input (config, file, name, shape). `run.py` prints it as one line."""
+
+
+def closest(name: str, valid, n: int = 3) -> str:
+    """A 'did you mean' hint listing the closest valid names."""
+    valid = list(valid)
+    near = difflib.get_close_matches(name, valid, n=n, cutoff=0.4)
+    if near:
+        return "did you mean " + " or ".join(repr(v) for v in near) + "?"
+    shown = ", ".join(repr(v) for v in valid[:8])
+    return f"valid names: {shown}{', ...' if len(valid) > 8 else ''}"

@@ -1,0 +1,10 @@
+"""Flax NNX models whose activations are maskable sites.
+
+    import models
+    m = models.create("resnet18_cifar", num_classes=10, seed=0)
+    models.available()
+"""
+from models.net import GraphBuilder, ModelSpec, Net
+from models.registry import available, create, detect, entry, register
+
+__all__ = ["GraphBuilder", "ModelSpec", "Net", "available", "create", "detect", "entry", "register"]

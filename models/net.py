@@ -1,0 +1,102 @@
+"""`Net`: a model as an ordered graph of named layers.
+
+Every jaxprune model is a `Net`. Its `graph` is a tuple of `(name, inputs)` in
+execution order; `inputs` name earlier layers, or `"input"` for the image.
+The last entry is the output. Keeping the model as data (rather than a
+hand-written forward) is what lets one generic pass merge any model, export it
+to torch, count its MACs and convert its weights.
+
+Build a Net with `GraphBuilder`:
+
+    b = GraphBuilder()
+    h = b.add("conv1", Conv(...))           # input defaults to the previous layer
+    h = b.add("bn1", BatchNorm(64))
+    b.add("add", Add(), inputs=(h, "input"))
+    net = b.build(spec)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import Act, Layer
+
+INPUT = "input"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What `models.create` needs to rebuild this architecture (static metadata).
+
+    `options` is a sorted tuple of (key, value) pairs, so the spec is hashable.
+    `input_size` is the native (H, W) of the model.
+    """
+    arch: str
+    num_classes: int
+    options: tuple[tuple[str, Any], ...] = ()
+    input_size: tuple[int, int] = (32, 32)
+    in_channels: int = 3
+
+    def as_dict(self) -> dict:
+        return {"arch": self.arch, "num_classes": self.num_classes,
+                "options": dict(self.options), "input_size": list(self.input_size),
+                "in_channels": self.in_channels}
+
+
+class Net(nnx.Module):
+    """A model: `layers[name]` executed in `graph` order. NHWC in, logits out."""
+
+    def __init__(self, layers: dict[str, Layer], graph: tuple[tuple[str, tuple[str, ...]], ...],
+                 spec: ModelSpec):
+        self.layers = nnx.Dict(layers)
+        self.graph = tuple((n, tuple(i)) for n, i in graph)
+        self.spec = spec
+
+    def __call__(self, x):
+        env = {INPUT: x}
+        for name, inputs in self.graph:
+            env[name] = self.layers[name](*(env[i] for i in inputs))
+        return env[self.graph[-1][0]]
+
+    def named_layers(self) -> Iterator[tuple[str, Layer]]:
+        for name, _ in self.graph:
+            yield name, self.layers[name]
+
+    def sites(self) -> list[str]:
+        return [n for n, layer in self.named_layers() if isinstance(layer, Act)]
+
+    def dummy_input(self, batch: int = 1, size: tuple[int, int] | None = None):
+        h, w = size or self.spec.input_size
+        return jnp.zeros((batch, h, w, self.spec.in_channels), jnp.float32)
+
+
+class GraphBuilder:
+    """Collects `(name, layer, inputs)` in order and builds a `Net`."""
+
+    def __init__(self):
+        self.layers: dict[str, Layer] = {}
+        self.graph: list[tuple[str, tuple[str, ...]]] = []
+
+    @property
+    def last(self) -> str:
+        return self.graph[-1][0] if self.graph else INPUT
+
+    def add(self, name: str, layer: Layer, inputs: str | tuple[str, ...] | None = None) -> str:
+        if name in self.layers or name == INPUT:
+            raise ValueError(f"duplicate layer name {name!r}")
+        if inputs is None:
+            inputs = (self.last,)
+        elif isinstance(inputs, str):
+            inputs = (inputs,)
+        for i in inputs:
+            if i != INPUT and i not in self.layers:
+                raise ValueError(f"layer {name!r} reads {i!r}, which is not defined before it")
+        self.layers[name] = layer
+        self.graph.append((name, tuple(inputs)))
+        return name
+
+    def build(self, spec: ModelSpec) -> Net:
+        return Net(self.layers, tuple(self.graph), spec)

@@ -1,0 +1,87 @@
+"""One entry point for every architecture: `create(name, num_classes=..., seed=..., **options)`.
+
+Each family module registers its builders with `@register(name, detect=...)`.
+`detect(state_dict, module)` returns the `create` keyword arguments
+(`num_classes` and options such as `width`) when the torch state dict (and the
+torch module, when one was given, else None) is of this architecture, else
+None. `converters.from_torch` uses it to size the model, and to find the
+architecture when no `arch` is given (entries registered with `auto=False`
+only match by name: their weights look like another entry's).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Callable
+
+from jaxprune.errors import UserError, closest
+
+from models.net import Net
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str
+    build: Callable[..., Net]
+    detect: Callable[[dict, object], dict | None] | None
+    auto: bool
+    sites: int  # the documented site count (DESIGN.md §4), checked by the tests
+    doc: str
+
+
+_REGISTRY: dict[str, Entry] = {}
+
+
+def register(name: str, *, sites: int, detect=None, auto: bool = True):
+    def deco(fn):
+        doc = (fn.__doc__ or "").strip().split("\n")[0]
+        _REGISTRY[name] = Entry(name, fn, detect, auto, sites, doc)
+        return fn
+    return deco
+
+
+def _load_families() -> None:
+    # Importing the family modules runs their @register decorators.
+    from models import mobilenet_v2, resnet, swin, vgg  # noqa: F401
+
+
+def available() -> list[str]:
+    _load_families()
+    return sorted(_REGISTRY)
+
+
+def entry(name: str) -> Entry:
+    _load_families()
+    if name not in _REGISTRY:
+        raise UserError(f"unknown model {name!r}; {closest(name, _REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def create(name: str, num_classes: int = 1000, seed: int = 0, **options) -> Net:
+    """Build model `name` with fresh weights. Options are family-specific (e.g. `width`)."""
+    e = entry(name)
+    params = inspect.signature(e.build).parameters
+    valid = [p for p in params if p not in ("num_classes", "seed")]
+    for key in options:
+        if key not in params:
+            raise UserError(f"model {name!r} has no option {key!r}; valid options: {valid}")
+    return e.build(num_classes=num_classes, seed=seed, **options)
+
+
+def detect(state: dict, module=None, arch: str | None = None) -> tuple[str, dict]:
+    """(arch, create kwargs) of torch weights, or a UserError saying what to pass."""
+    if arch is not None:
+        e = entry(arch)
+        kwargs = e.detect(state, module) if e.detect else None
+        if kwargs is None:
+            raise UserError(f"these torch weights are not a {arch!r} (their keys or shapes "
+                            f"do not match); check arch=, or leave it out to detect it")
+        return arch, kwargs
+    _load_families()
+    for name, e in _REGISTRY.items():
+        if e.detect is not None and e.auto:
+            kwargs = e.detect(state, module)
+            if kwargs is not None:
+                return name, kwargs
+    raise UserError("could not recognise the architecture of these torch weights; "
+                    f"pass arch=... (one of {sorted(_REGISTRY)})")
