@@ -1,8 +1,32 @@
-"""From a validated config to a model and a method run."""
+"""From a validated config to a model, a plan, a run folder and a method run.
+
+    cfg = config.load("configs/demo.yaml")
+    print(plan(cfg))             # what a run would do; reads no data, trains nothing
+    run_dir, results = run(cfg)  # <out>/<name>/, config.yaml written, the method called
+
+A run folder belongs to one resolved config. Running the same config again
+calls the method again in the same folder (methods resume where they can); a
+different config is refused rather than mixing two experiments in one folder.
+"""
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxprune import config
 from jaxprune.config import Config
+from jaxprune.errors import UserError
 from models.net import Net
+
+CONFIG_FILE = "config.yaml"
+# Keys that say where a run lives, not what it computes: they may differ on a resume.
+_LOCATION_KEYS = ("out",)
 
 
 def build_model(cfg: Config, num_classes: int) -> Net:
@@ -15,3 +39,146 @@ def build_model(cfg: Config, num_classes: int) -> Net:
     if cfg.model.pretrained:
         load_pretrained(m, cfg.model.pretrained)
     return m
+
+
+def describe_data(cfg: Config) -> dict | None:
+    """`jaxprune.data.describe` of the config's data set (class count, image size, splits,
+    where it is read from), or None while this installation has no data module."""
+    try:
+        data = importlib.import_module("jaxprune.data")
+    except ModuleNotFoundError as e:
+        if e.name != "jaxprune.data":
+            raise  # a real import error inside the data package
+        return None
+    describe = getattr(data, "describe", None)
+    return describe(cfg.data.name, cfg.data.root) if describe else None
+
+
+def num_classes(cfg: Config) -> int:
+    """`model.num_classes`, else the data set's class count."""
+    if cfg.model.num_classes:
+        return cfg.model.num_classes
+    desc = describe_data(cfg)
+    if desc is None:
+        raise UserError("model.num_classes is not set and this installation cannot read the "
+                        "data set's class count; set model.num_classes")
+    return int(desc["num_classes"])
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs (location keys ignored)."""
+    fa, fb = _flatten(config.to_dict(a)), _flatten(config.to_dict(b))
+    keys = [k for k in {**fa, **fb} if k not in _LOCATION_KEYS]
+    return [k for k in keys if fa.get(k, "<unset>") != fb.get(k, "<unset>")]
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.out) / cfg.name
+
+
+def check_run_dir(cfg: Config) -> str:
+    """'new' or 'resume' for the run folder of `cfg`; a UserError when it holds another run."""
+    path = run_dir_of(cfg)
+    if not path.exists():
+        return "new"
+    if not path.is_dir():
+        raise UserError(f"run folder {path} exists and is not a folder; pick another name or --out")
+    saved = path / CONFIG_FILE
+    if not saved.exists():
+        if any(path.iterdir()):
+            raise UserError(f"{path} exists, is not empty and holds no {CONFIG_FILE}: it is not a "
+                            f"jaxprune run folder; pick another name or --out")
+        return "new"
+    try:
+        old = config.load(saved)
+    except UserError as e:
+        raise UserError(f"{saved} cannot be read as a config ({e}); this run folder belongs to "
+                        f"another version or was edited: pick another name or --out") from None
+    differ = config_diff(old, cfg)
+    if differ:
+        shown = ", ".join(differ[:6]) + (", ..." if len(differ) > 6 else "")
+        raise UserError(f"run folder {path} holds a run with a different config ({shown} differ); "
+                        f"pick another name (--set name=...) or --out, or delete the folder")
+    return "resume"
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create `<out>/<name>/` with the resolved config in it, or reuse it for the same config."""
+    state = check_run_dir(cfg)
+    path = run_dir_of(cfg)
+    if state == "new":
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_FILE).write_text(config.dump(cfg))
+    return path
+
+
+def run(cfg: Config) -> tuple[Path, dict]:
+    """Run the config's method in its run folder; returns (run folder, the method's results)."""
+    from jaxprune import methods
+    method = methods.get(cfg.method.name)
+    path = prepare_run_dir(cfg)
+    return path, method.run(cfg, path)
+
+
+def _options(d: dict) -> str:
+    if not d:
+        return "{}"
+    return yaml.safe_dump(d, default_flow_style=True, sort_keys=False, width=10**6).strip()
+
+
+def plan(cfg: Config) -> str:
+    """What `run(cfg)` would do, for a person: model and its sites, method, data, run folder.
+
+    Builds the model (cheap) and reads pretrained weights from a file to check
+    they fit; downloads nothing, reads no data, trains nothing.
+    """
+    desc = describe_data(cfg)
+    n = cfg.model.num_classes or (desc or {}).get("num_classes")
+    probe = cfg
+    if cfg.model.pretrained and cfg.model.pretrained.startswith("torchvision:"):
+        # a download: not for a dry run
+        probe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))
+    if n is None:  # the data set's count is unknown here: the architecture's default will do
+        import models
+        n = inspect.signature(models.entry(cfg.model.name).build).parameters["num_classes"].default
+        classes = "classes: set by the data set"
+    else:
+        classes = f"{n} classes"
+    m = build_model(probe, n)
+    if not cfg.model.pretrained:
+        weights = f"fresh weights (seed {cfg.seed})"
+    elif probe is cfg:
+        weights = f"weights from {cfg.model.pretrained} (read and checked)"
+    else:
+        weights = f"weights {cfg.model.pretrained} (downloaded when the run starts)"
+    names = m.sites()
+    method_opts = {k: v for k, v in config.to_dict(cfg.method).items() if k != "name"}
+    if desc is None:
+        data = f"{cfg.data.name} (root: {cfg.data.root or 'default'})"
+    else:
+        data = f"{cfg.data.name}: " + ", ".join(f"{k} {v}" for k, v in desc.items())
+    state = check_run_dir(cfg)
+    where = run_dir_of(cfg)
+    folder = (f"{where} (new)" if state == "new"
+              else f"{where} (exists with this config: the method resumes there)")
+    lines = [
+        f"model:  {cfg.model.name} {_options(dict(cfg.model.options))}, {classes}, {weights}",
+        f"sites:  {len(names)}",
+        textwrap.fill(", ".join(names), width=100, initial_indent="        ",
+                      subsequent_indent="        "),
+        f"method: {cfg.method.name} {_options(method_opts)}",
+        f"data:   {data}",
+        f"run folder: {folder}",
+    ]
+    return "\n".join(lines)

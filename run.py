@@ -1,0 +1,78 @@
+"""jaxprune command line: run one experiment described by a YAML config.
+
+    python run.py                                   # configs/demo.yaml
+    python run.py --config configs/x.yaml --set train.epochs=2 --set method.max_rounds=3
+    python run.py --config configs/x.yaml --dry-run # print the resolved config and the plan
+    python run.py --config configs/x.yaml --out /scratch/runs
+
+Results go to <out>/<name>/ (config.yaml, results.json, report, checkpoints).
+Running the same config again resumes in that folder; a changed config is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+
+
+def _one_xla_device_per_core() -> None:
+    """One XLA host device per CPU core: a single CPU device keeps only one core busy
+    (DESIGN.md §2), and data parallelism over host devices uses them all. Must run
+    before jax is imported; harmless on GPU/TPU, where the host platform is unused."""
+    flag = "--xla_force_host_platform_device_count"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if flag not in flags:  # the user's own setting wins
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}={os.cpu_count() or 1}".strip()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run.py",
+        description="Make a trained classifier shallower (EASIER, DepthShrinker, ...).",
+        epilog="Errors in the config or the inputs print one line and exit with status 2.")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                   help="YAML config (default: configs/demo.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, value read as YAML (repeatable), "
+                        "e.g. --set train.epochs=2 --set model.options.width=16")
+    p.add_argument("--out", help="parent folder of the run folder (overrides the config's 'out')")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the plan; read no data, train nothing, "
+                        "write nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _one_xla_device_per_core()
+    import dataclasses
+
+    from jaxprune import config, runner
+    from jaxprune.errors import UserError
+    try:
+        cfg = config.load(args.config, args.overrides)
+        if args.out is not None:
+            cfg = dataclasses.replace(cfg, out=args.out)
+        if args.dry_run:
+            print("# resolved config")
+            print(config.dump(cfg))
+            print("# plan")
+            print(runner.plan(cfg))
+            return 0
+        run_dir, _ = runner.run(cfg)
+        print(f"run folder: {run_dir}")
+        return 0
+    except UserError as e:
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
