@@ -4,8 +4,24 @@
     m = models.create("resnet18_cifar", num_classes=10)
     jaxprune.sites(m)                         # ordered activation-site names
     jaxprune.linearize(m, ["layer1.0.relu1"]) # identity at those sites, in place
-"""
-from jaxprune.errors import UserError
-from jaxprune.sites import linearize, linearized, sites
 
-__all__ = ["UserError", "linearize", "linearized", "sites"]
+The public names load on first use: `models` imports `jaxprune.errors`, so an
+eager import of the passes here (which import `models`) would be circular.
+"""
+import importlib
+
+# public name -> module that defines it; add new public API here
+_EXPORTS = {
+    "UserError": "jaxprune.errors",
+    "sites": "jaxprune.sites",
+    "linearize": "jaxprune.sites",
+    "linearized": "jaxprune.sites",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'jaxprune' has no attribute {name!r}")
