@@ -1,0 +1,173 @@
+"""`method: easier` — entropy-based depth reduction (Quétu et al., ECML PKDD 2024).
+
+Round 0 trains the dense model. Every following round linearizes the
+activation site(s) whose ON/OFF entropy in the previous round's last
+training epoch was lowest (DESIGN.md §5) and retrains the full schedule with
+a fresh optimizer. Linearizing changes a mask, i.e. state: every round runs
+the one compiled train step.
+
+    method:
+      name: easier
+      max_rounds: null     # linearization rounds after round 0; null: until a stop below
+      acc_budget: 1.0      # largest allowed drop of validation accuracy vs round 0 (points)
+
+Stops after `max_rounds`, after the first round whose validation accuracy
+drops more than `acc_budget` points below round 0, or when every site is
+linear. The selected model is the round with the most sites linearized inside
+the budget; it is fused (`jaxprune.merge`), exported to PyTorch and reported
+(`results.json`, `report.md`, plots). Each round is checkpointed; running the
+same config again resumes after the last checkpointed round.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from jaxprune import report
+from jaxprune.config import Config, MethodConfig
+from jaxprune.errors import UserError
+from jaxprune.methods import register
+from jaxprune.sites import linearize, linearized
+from jaxprune.train import Data, MetricsLog, Trainer, fit, make_mesh
+from jaxprune.train.checkpoint import Checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class EasierConfig(MethodConfig):
+    name: str = "easier"
+    max_rounds: int | None = None  # linearization rounds after the dense round 0; None: no limit
+    acc_budget: float = 1.0        # points of validation accuracy that may be lost vs round 0
+
+
+def select_sites(entropy: dict[str, float], done) -> list[str]:
+    """The reference rule: among the sites not yet linear, set the lowest entropy to 0
+    (the first in forward order on a tie) and pick every site whose entropy is 0."""
+    remaining = [n for n in entropy if n not in set(done)]
+    if not remaining:
+        return []
+    lowest = min(remaining, key=lambda n: entropy[n])
+    return [n for n in remaining if n == lowest or entropy[n] == 0.0]
+
+
+def stop_reason(rounds: list[dict], opts: EasierConfig) -> str | None:
+    """Why no further round should run after `rounds`, or None to continue."""
+    last = rounds[-1]
+    if rounds[0]["val_acc"] - last["val_acc"] > opts.acc_budget:
+        return (f"round {last['round']} lost {rounds[0]['val_acc'] - last['val_acc']:.2f} points "
+                f"of validation accuracy (budget {opts.acc_budget})")
+    if last["n_linear"] >= last["n_sites"]:
+        return "every site is linear"
+    if opts.max_rounds is not None and last["round"] >= opts.max_rounds:
+        return f"method.max_rounds = {opts.max_rounds} reached"
+    return None
+
+
+def select_round(rounds: list[dict], budget: float) -> dict:
+    """The round with the most sites linearized whose validation accuracy is within
+    `budget` points of round 0 (round 0 itself always is)."""
+    base = rounds[0]["val_acc"]
+    inside = [r for r in rounds if base - r["val_acc"] <= budget]
+    return max(inside, key=lambda r: (r["n_linear"], r["round"]))
+
+
+def fuse_and_export(m, run_dir: Path, image_size) -> dict:
+    """The `merge` and `export` sections of results.json for the selected model `m`.
+
+    Fuses with `jaxprune.merge` where this installation has it (else the model
+    is reported as it is, linear sites as identities) and exports to PyTorch with
+    `converters.export`; each step is checked against `m` on the same inputs."""
+    import jax
+    import numpy as np
+
+    import converters
+    import jaxprune
+    x = np.asarray(jax.random.normal(jax.random.key(0), (4, *image_size, m.spec.in_channels)))
+    m.eval()
+    reference = np.asarray(m(x))
+    merge = getattr(jaxprune, "merge", None)
+    if merge is None:
+        small = m
+        out = {"merge": {"status": "not fused: this installation has no jaxprune.merge; "
+                                   "linear sites are identities in an unchanged graph"}}
+    else:
+        small = merge(m)
+        small.eval()
+        before, after = (jaxprune.profile(k, x.shape) for k in (m, small))
+        out = {"merge": {**{f"{k}_before": v for k, v in before.items()},
+                         **{f"{k}_after": v for k, v in after.items()},
+                         "max_abs_diff": float(np.max(np.abs(np.asarray(small(x)) - reference)))}}
+    export = getattr(converters, "export", None)
+    if export is not None:
+        path = export(small, run_dir / "export")
+        module = converters.to_torch(small)
+        import torch
+        with torch.no_grad():
+            got = module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+        out["export"] = {"path": str(path), "max_abs_diff": float(np.max(np.abs(got - reference)))}
+    return out
+
+
+def _check(opts: EasierConfig) -> None:
+    if opts.max_rounds is not None and opts.max_rounds < 0:
+        raise UserError(f"method.max_rounds must be >= 0 or null, got {opts.max_rounds}")
+    if opts.acc_budget < 0:
+        raise UserError(f"method.acc_budget is a drop in points and must be >= 0, "
+                        f"got {opts.acc_budget}")
+
+
+@register("easier", config=EasierConfig)
+def run(cfg: Config, run_dir) -> dict:
+    from jaxprune.runner import build_model
+    opts: EasierConfig = cfg.method
+    _check(opts)
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    mesh = make_mesh()
+    data = Data(cfg, mesh)
+    m = build_model(cfg, data.info.num_classes)
+    names = m.sites()
+    ckpt = Checkpoints(run_dir / "checkpoints")
+    rounds: list[dict] = []
+    if ckpt.latest() is not None:  # resume after the last finished round
+        rounds = ckpt.load(ckpt.latest(), m)["rounds"]
+    trainer = Trainer(m, cfg.train, steps_per_epoch=data.steps_per_epoch(), mesh=mesh)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+
+    while not rounds or stop_reason(rounds, opts) is None:
+        r = len(rounds)
+        new = select_sites(rounds[-1]["entropy"], linearized(m)) if rounds else []
+        linearize(m, new)
+        t0 = time.perf_counter()
+        trainer.start_round()
+        last = fit(trainer, data, cfg.train.epochs, log=log, tag={"round": r},
+                   epoch_offset=r * cfg.train.epochs)
+        test = trainer.evaluate(data.eval_batches("test"))
+        done = linearized(m)
+        rounds.append({"round": r, "new": new, "linearized": done, "n_linear": len(done),
+                       "n_sites": len(names), "train_loss": last["train_loss"],
+                       "train_acc": last["train_acc"], "val_loss": last["val_loss"],
+                       "val_acc": last["val_acc"], "test_loss": test["loss"],
+                       "test_acc": test["acc"], "entropy": last["entropy"],
+                       "seconds": time.perf_counter() - t0})
+        ckpt.save(r, m, {"rounds": rounds})
+        print(f"round {r}: {len(done)}/{len(names)} sites linear, val {last['val_acc']:.2f} %, "
+              f"test {test['acc']:.2f} %" + (f", linearized {', '.join(new)}" if new else ""),
+              flush=True)
+
+    chosen = select_round(rounds, opts.acc_budget)
+    ckpt.load(chosen["round"], m)
+    results = {
+        "method": "easier", "model": cfg.model.name, "dataset": cfg.data.name, "sites": names,
+        "rounds": rounds,
+        "selected": {"round": chosen["round"], "linearized": chosen["linearized"],
+                     "n_linear": chosen["n_linear"], "n_sites": chosen["n_sites"],
+                     "val_acc": chosen["val_acc"], "test_acc": chosen["test_acc"],
+                     "val_drop": rounds[0]["val_acc"] - chosen["val_acc"],
+                     "acc_budget": opts.acc_budget, "stop": stop_reason(rounds, opts),
+                     "checkpoint": str(ckpt.path(chosen["round"]))},
+    }
+    results.update(fuse_and_export(m, run_dir, data.info.image_size))
+    results["seconds"] = time.perf_counter() - started
+    report.write(run_dir, results)
+    return results
