@@ -16,6 +16,7 @@ _EXPORTS = {
     "sites": "jaxprune.sites",
     "linearize": "jaxprune.sites",
     "linearized": "jaxprune.sites",
+    "site_entropy": "jaxprune.entropy",
 }
 
 __all__ = sorted(_EXPORTS)
