@@ -1,1 +1,245 @@
-"""Placeholder until the family lands."""
+"""MobileNetV2: torchvision's layout, timm's layout, and EASIER's CIFAR variant.
+
+One builder makes all three; only the strides and the layer names differ.
+
+* `mobilenet_v2` (torchvision): `features.0` stem, `features.1` the
+  depthwise-separable block (an inverted residual with expansion 1),
+  `features.2` ... `features.17` inverted residuals, `features.18` the 1x1
+  head, `classifier.1` the linear layer. `width_mult` rounds channels exactly as
+  torchvision's `_make_divisible`.
+* `layout="timm"`: the same network under timm's names (`conv_stem`, `bn1`,
+  `blocks.S.I.conv_pw` ..., `conv_head`, `bn2`, `classifier`), i.e. the state
+  dict of `timm.create_model("mobilenetv2_140")` (width 1.4) or
+  `"mobilenetv2_100"`, which DepthShrinker starts from.
+* `mobilenet_v2_cifar`: stem stride 1 and the first stride-2 block of
+  torchvision's table (`[6, 24, 2, 2]`) at stride 1, for 32 px inputs.
+
+35 ReLU6 sites: the stem, the depthwise conv of block 1, the expansion and the
+depthwise conv of each of the 16 other blocks, and the head. Torchvision names
+them `features.0.act`, `features.1.act_dw`, `features.5.act_expand`,
+`features.5.act_dw`, ..., `features.18.act`; timm the module path of the
+activation inside its BatchNormAct2d (`bn1.act`, `blocks.1.0.bn2.act`, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import jax
+from flax import nnx
+
+from jaxprune.errors import UserError
+from models.layers import Act, Add, BatchNorm, Conv, Dropout, GlobalAvgPool, Linear
+from models.net import GraphBuilder, ModelSpec, Net
+from models.registry import register
+
+# torchvision's inverted_residual_setting: expansion t, channels c, repeats n, stride s
+_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+            (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+_N_BLOCKS = sum(n for _, _, n, _ in _SETTING)
+_STEM, _HEAD = 32, 1280
+_LAYOUTS = ("torchvision", "timm")
+# Widths tried, in this order, when reading a width from weights: the published
+# ones first, then a 0.05 grid. Several widths can round to the same channels;
+# they then build the same network, so the first match is as good as any.
+_WIDTHS = (1.0, 1.4, 0.75, 0.5, 0.35, 1.3) + tuple(round(0.05 * k, 2) for k in range(1, 81))
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """torchvision's `_make_divisible`: nearest multiple of `divisor`, never 10 % below `v`."""
+    min_value = divisor if min_value is None else min_value
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockPlan:
+    index: int   # torchvision's features index (1..17)
+    stage: int   # timm's blocks.S (row of _SETTING)
+    pos: int     # timm's blocks.S.I
+    cin: int
+    cout: int
+    expand: int
+    stride: int
+
+
+def _plan(width_mult: float, cifar: bool) -> tuple[int, list[_BlockPlan], int]:
+    """(stem channels, the 17 blocks, head channels), as torchvision computes them."""
+    stem = make_divisible(_STEM * width_mult)
+    head = make_divisible(_HEAD * max(1.0, width_mult))
+    blocks, cin, index = [], stem, 1
+    for stage, (t, c, n, s) in enumerate(_SETTING):
+        cout = make_divisible(c * width_mult)
+        for pos in range(n):
+            stride = s if pos == 0 else 1
+            if cifar and stage == 1:  # EASIER's CIFAR model keeps 32 px through stage 2
+                stride = 1
+            blocks.append(_BlockPlan(index, stage, pos, cin, cout, t, stride))
+            cin, index = cout, index + 1
+    return stem, blocks, head
+
+
+@dataclasses.dataclass(frozen=True)
+class _Names:
+    """Layer names of one layout. Tuples are (conv, bn, act) or (conv, bn)."""
+    stem: tuple[str, str, str]
+    head: tuple[str, str, str]
+    pool: str
+    dropout: str
+    classifier: str
+
+
+def _names(layout: str) -> _Names:
+    if layout == "timm":
+        return _Names(("conv_stem", "bn1", "bn1.act"), ("conv_head", "bn2", "bn2.act"),
+                      "global_pool", "drop", "classifier")
+    h = f"features.{_N_BLOCKS + 1}"
+    return _Names(("features.0.0", "features.0.1", "features.0.act"),
+                  (f"{h}.0", f"{h}.1", f"{h}.act"), "avgpool", "classifier.0", "classifier.1")
+
+
+def _block_names(layout: str, blk: _BlockPlan) -> dict:
+    """prefix, expand (conv, bn, act) or None, dw (conv, bn, act), project (conv, bn), add."""
+    if layout == "timm":
+        p = f"blocks.{blk.stage}.{blk.pos}"
+        if blk.expand != 1:
+            names = dict(expand=(f"{p}.conv_pw", f"{p}.bn1", f"{p}.bn1.act"),
+                         dw=(f"{p}.conv_dw", f"{p}.bn2", f"{p}.bn2.act"),
+                         project=(f"{p}.conv_pwl", f"{p}.bn3"))
+        else:  # timm's DepthwiseSeparableConv
+            names = dict(expand=None, dw=(f"{p}.conv_dw", f"{p}.bn1", f"{p}.bn1.act"),
+                         project=(f"{p}.conv_pw", f"{p}.bn2"))
+    else:
+        p = f"features.{blk.index}"
+        j = 1 if blk.expand != 1 else 0  # torchvision omits conv.0 when there is no expansion
+        names = dict(expand=(f"{p}.conv.0.0", f"{p}.conv.0.1", f"{p}.act_expand") if j else None,
+                     dw=(f"{p}.conv.{j}.0", f"{p}.conv.{j}.1", f"{p}.act_dw"),
+                     project=(f"{p}.conv.{j + 1}", f"{p}.conv.{j + 2}"))
+    return dict(prefix=p, add=f"{p}.add", **names)
+
+
+def _conv_bn(b: GraphBuilder, names: tuple, cin: int, cout: int, kernel: int, stride: int,
+             groups: int, rngs: nnx.Rngs) -> str:
+    b.add(names[0], Conv(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups,
+                         rngs=rngs))
+    out = b.add(names[1], BatchNorm(cout))
+    if len(names) == 3:
+        out = b.add(names[2], Act("relu6"))
+    return out
+
+
+def _build(arch: str, num_classes: int, seed: int, width_mult: float, layout: str,
+           dropout: float, cifar: bool) -> Net:
+    if layout not in _LAYOUTS:
+        raise UserError(f"unknown MobileNetV2 layout {layout!r}; use one of {list(_LAYOUTS)}")
+    if not width_mult > 0:
+        raise UserError(f"width_mult must be positive, got {width_mult}")
+    rngs = nnx.Rngs(seed)
+    stem, blocks, head = _plan(width_mult, cifar)
+    names = _names(layout)
+    b = GraphBuilder()
+    _conv_bn(b, names.stem, 3, stem, 3, 1 if cifar else 2, 1, rngs)
+    for blk in blocks:
+        bn = _block_names(layout, blk)
+        x, hidden = b.last, int(round(blk.cin * blk.expand))
+        if bn["expand"]:
+            _conv_bn(b, bn["expand"], blk.cin, hidden, 1, 1, 1, rngs)
+        _conv_bn(b, bn["dw"], hidden, hidden, 3, blk.stride, hidden, rngs)
+        out = _conv_bn(b, bn["project"], hidden, blk.cout, 1, 1, 1, rngs)
+        if blk.stride == 1 and blk.cin == blk.cout:  # torchvision's use_res_connect
+            b.add(bn["add"], Add(), inputs=(x, out))
+    _conv_bn(b, names.head, blocks[-1].cout, head, 1, 1, 1, rngs)
+    b.add(names.pool, GlobalAvgPool())
+    b.add(names.dropout, Dropout(dropout, rngs=rngs))
+    # torchvision's init of the classifier: N(0, 0.01), zero bias
+    b.add(names.classifier, Linear(head, num_classes, rngs=rngs,
+                                   kernel_init=jax.nn.initializers.normal(0.01),
+                                   bias_init=jax.nn.initializers.zeros))
+    options = (("dropout", dropout), ("layout", layout), ("width_mult", width_mult))
+    return b.build(ModelSpec(arch, num_classes, options, (32, 32) if cifar else (224, 224)))
+
+
+def _width_of(sd: dict, layout: str) -> float | None:
+    """The width multiplier whose channel plan matches every conv of `sd`, else None."""
+    for w in _WIDTHS:
+        stem, blocks, head = _plan(w, cifar=False)  # strides do not change channels
+        names = _names(layout)
+        expected = {names.stem[0]: stem, names.head[0]: head}
+        expected.update({_block_names(layout, blk)["project"][0]: blk.cout for blk in blocks})
+        if all(f"{k}.weight" in sd and sd[f"{k}.weight"].shape[0] == c for k, c in expected.items()):
+            return w
+    return None
+
+
+def _detect(cifar: bool):
+    def detect(sd, module):
+        layout = "timm" if "conv_stem.weight" in sd else "torchvision"
+        names = _names(layout)
+        if f"{names.classifier}.weight" not in sd:
+            return None
+        width = _width_of(sd, layout)
+        if width is None:
+            return None
+        if module is not None:
+            # A state dict cannot tell the CIFAR variant apart; a module's stem stride can.
+            stride = tuple(module.get_submodule(names.stem[0]).stride)
+            if (stride == (1, 1)) != cifar:
+                return None
+        return {"num_classes": int(sd[f"{names.classifier}.weight"].shape[0]),
+                "width_mult": width, "layout": layout}
+    return detect
+
+
+@register("mobilenet_v2", sites=35, detect=_detect(cifar=False))
+def mobilenet_v2(num_classes: int = 1000, seed: int = 0, width_mult: float = 1.0,
+                 layout: str = "torchvision", dropout: float = 0.2) -> Net:
+    """MobileNetV2, torchvision layout (or timm's names with layout="timm"); width_mult 1.0, 1.4, ..."""
+    return _build("mobilenet_v2", num_classes, seed, width_mult, layout, dropout, cifar=False)
+
+
+# Its weights have exactly mobilenet_v2's shapes: only arch= or a torch module's stem stride picks it.
+@register("mobilenet_v2_cifar", sites=35, detect=_detect(cifar=True), auto=False)
+def mobilenet_v2_cifar(num_classes: int = 10, seed: int = 0, width_mult: float = 1.0,
+                       layout: str = "torchvision", dropout: float = 0.2) -> Net:
+    """MobileNetV2 for 32 px inputs (stem and stage-2 stride 1), EASIER's CIFAR model."""
+    return _build("mobilenet_v2_cifar", num_classes, seed, width_mult, layout, dropout, cifar=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One block of a built MobileNetV2, as the merge and DepthShrinker see it."""
+    prefix: str                # features.5 / blocks.2.1
+    sites: tuple[str, ...]     # (expand, dw) sites, or (dw,) for the depthwise-separable block
+    add: str | None            # the residual Add layer, None without a residual
+    input: str                 # the layer that feeds the block
+    output: str                # the block's last layer (the Add, or the projection's BN)
+
+
+def _spec_of(m: Net) -> tuple[str, bool]:
+    if m.spec.arch not in ("mobilenet_v2", "mobilenet_v2_cifar"):
+        raise UserError(f"expected a MobileNetV2 model, got {m.spec.arch!r}")
+    return dict(m.spec.options)["layout"], m.spec.arch == "mobilenet_v2_cifar"
+
+
+def ir_blocks(m: Net) -> list[Block]:
+    """The 17 blocks of `m` in order: block 0 is the depthwise-separable one
+    (torchvision's InvertedResidual with expansion 1), then 16 inverted residuals."""
+    layout, cifar = _spec_of(m)
+    graph = dict(m.graph)
+    out = []
+    for blk in _plan(dict(m.spec.options)["width_mult"], cifar)[1]:
+        bn = _block_names(layout, blk)
+        sites = tuple(p[2] for p in (bn["expand"], bn["dw"]) if p)
+        first = (bn["expand"] or bn["dw"])[0]
+        add = bn["add"] if bn["add"] in m.layers else None
+        out.append(Block(bn["prefix"], sites, add, graph[first][0], add or bn["project"][1]))
+    return out
+
+
+def depthshrinker_groups(m: Net) -> list[list[str]]:
+    """DepthShrinker's 19 gate groups (DESIGN.md §6): [stem], [DS block's act],
+    one group per inverted residual (both its sites share a gate), [head]."""
+    layout, _ = _spec_of(m)
+    blocks = ir_blocks(m)
+    names = _names(layout)
+    return [[names.stem[2]]] + [list(b.sites) for b in blocks] + [[names.head[2]]]

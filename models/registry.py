@@ -6,7 +6,9 @@ Each family module registers its builders with `@register(name, detect=...)`.
 torch module, when one was given, else None) is of this architecture, else
 None. `converters.from_torch` uses it to size the model, and to find the
 architecture when no `arch` is given (entries registered with `auto=False`
-only match by name: their weights look like another entry's).
+match a state dict only by name, as their weights look like another entry's;
+given a torch module, their detect may still claim it from what the module
+shows, e.g. a stride).
 """
 from __future__ import annotations
 
@@ -79,7 +81,9 @@ def detect(state: dict, module=None, arch: str | None = None) -> tuple[str, dict
         return arch, kwargs
     _load_families()
     for name, e in _REGISTRY.items():
-        if e.detect is not None and e.auto:
+        # A module shows what a state dict cannot (e.g. strides), so name-only entries
+        # may claim a module; their detect must then check it.
+        if e.detect is not None and (e.auto or module is not None):
             kwargs = e.detect(state, module)
             if kwargs is not None:
                 return name, kwargs
