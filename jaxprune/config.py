@@ -185,7 +185,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise UserError(f"--set expects key=value (e.g. train.epochs=2), got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
+    if not value.strip():
+        return key.strip(), None
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {text}: the value is not valid YAML "
+                        f"({' '.join(str(e).split())}); quote strings with spaces or brackets") from None
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -17,6 +17,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 import yaml
 
 from jaxprune import config
@@ -41,9 +43,10 @@ def build_model(cfg: Config, num_classes: int) -> Net:
     return m
 
 
-def describe_data(cfg: Config) -> dict | None:
-    """`jaxprune.data.describe` of the config's data set (class count, image size, splits,
-    where it is read from), or None while this installation has no data module."""
+def describe_data(cfg: Config):
+    """`jaxprune.data.describe` of the config's data set (class count, image size, splits),
+    or None where this installation has no data module. A data set that is not on disk
+    raises a UserError naming where it looked and how to prepare it."""
     try:
         data = importlib.import_module("jaxprune.data")
     except ModuleNotFoundError as e:
@@ -62,7 +65,7 @@ def num_classes(cfg: Config) -> int:
     if desc is None:
         raise UserError("model.num_classes is not set and this installation cannot read the "
                         "data set's class count; set model.num_classes")
-    return int(desc["num_classes"])
+    return int(desc.num_classes)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -123,10 +126,19 @@ def prepare_run_dir(cfg: Config) -> Path:
     return path
 
 
+def check_model(cfg: Config) -> None:
+    """A UserError now, not after a run folder exists, when the model section cannot build
+    (unknown name, option or option value). Shapes only: no weights are initialised."""
+    import models
+    from flax import nnx
+    nnx.eval_shape(lambda: models.create(cfg.model.name, seed=cfg.seed, **cfg.model.options))
+
+
 def run(cfg: Config) -> tuple[Path, dict]:
     """Run the config's method in its run folder; returns (run folder, the method's results)."""
     from jaxprune import methods
     method = methods.get(cfg.method.name)
+    check_model(cfg)
     path = prepare_run_dir(cfg)
     return path, method.run(cfg, path)
 
@@ -140,40 +152,46 @@ def _options(d: dict) -> str:
 def plan(cfg: Config) -> str:
     """What `run(cfg)` would do, for a person: model and its sites, method, data, run folder.
 
-    Builds the model (cheap) and reads pretrained weights from a file to check
-    they fit; downloads nothing, reads no data, trains nothing.
+    Builds the model's shapes (and reads pretrained weights from a file to check
+    they fit); downloads nothing, reads no data, trains nothing, writes nothing.
     """
+    from flax import nnx
+    state = check_run_dir(cfg)  # a refusal first: it is what the run would hit first
     desc = describe_data(cfg)
-    n = cfg.model.num_classes or (desc or {}).get("num_classes")
-    probe = cfg
-    if cfg.model.pretrained and cfg.model.pretrained.startswith("torchvision:"):
-        # a download: not for a dry run
-        probe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))
+    n = cfg.model.num_classes or (desc.num_classes if desc else None)
     if n is None:  # the data set's count is unknown here: the architecture's default will do
         import models
         n = inspect.signature(models.entry(cfg.model.name).build).parameters["num_classes"].default
         classes = "classes: set by the data set"
     else:
         classes = f"{n} classes"
-    m = build_model(probe, n)
-    if not cfg.model.pretrained:
-        weights = f"fresh weights (seed {cfg.seed})"
-    elif probe is cfg:
-        weights = f"weights from {cfg.model.pretrained} (read and checked)"
+    ref = cfg.model.pretrained
+    if ref and not ref.startswith("torchvision:"):
+        m = build_model(cfg, n)  # reads the file and checks every key and shape
+        weights = f"weights from {ref} (read and checked)"
     else:
-        weights = f"weights {cfg.model.pretrained} (downloaded when the run starts)"
+        # Shapes only: the plan needs the graph, not initialised weights (seconds on CPU).
+        no_download = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))
+        m = nnx.eval_shape(lambda: build_model(no_download, n))
+        weights = (f"weights {ref} (downloaded when the run starts)" if ref
+                   else f"fresh weights (seed {cfg.seed})")
+    params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
     names = m.sites()
     method_opts = {k: v for k, v in config.to_dict(cfg.method).items() if k != "name"}
     if desc is None:
         data = f"{cfg.data.name} (root: {cfg.data.root or 'default'})"
     else:
-        data = f"{cfg.data.name}: " + ", ".join(f"{k} {v}" for k, v in desc.items())
-    state = check_run_dir(cfg)
+        (h, w), splits = desc.image_size, ", ".join(f"{k} {v}" for k, v in desc.splits.items())
+        # describe() succeeds without a root only for a data set that ships with the code
+        where = f"read from {cfg.data.root}" if cfg.data.root else "built in, no download"
+        data = (f"{cfg.data.name}: {desc.num_classes} classes, {h}x{w}x{desc.channels} images, "
+                f"splits {splits}; {where}")
     where = run_dir_of(cfg)
     folder = (f"{where} (new)" if state == "new"
               else f"{where} (exists with this config: the method resumes there)")
     lines = [
-        f"model:  {cfg.model.name} {_options(dict(cfg.model.options))}, {classes}, {weights}",
+        f"model:  {cfg.model.name} {_options(dict(cfg.model.options))}, {classes}, "
+        f"{params:,} parameters, {weights}",
         f"sites:  {len(names)}",
         textwrap.fill(", ".join(names), width=100, initial_indent="        ",
                       subsequent_indent="        "),

@@ -1,0 +1,114 @@
+"""`python run.py`: dry run, run folders, refusal of a changed config, one-line errors."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import run as cli
+from jaxprune import config, methods, runner
+from jaxprune.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = {
+    "name": "parity8",
+    "model": {"name": "resnet18_cifar", "num_classes": 10, "options": {"width": 8}},
+    "method": {"name": "parity", "sizes": [32]},
+}
+
+
+def _run(*args, cwd=ROOT):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # run.py sets its own
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    path = tmp_path / "parity.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    return path
+
+
+def test_dry_run_prints_config_and_plan_and_writes_nothing(tmp_path, cfg_file):
+    out = tmp_path / "runs"
+    r = _run("--config", cfg_file, "--out", out, "--dry-run", "--set", "seed=3")
+    assert r.returncode == 0, r.stderr
+    resolved, plan = r.stdout.split("# plan")
+    assert yaml.safe_load(resolved)["seed"] == 3
+    assert yaml.safe_load(resolved)["out"] == str(out)
+    assert "model:  resnet18_cifar {width: 8}, 10 classes" in plan
+    assert "sites:  17" in plan and "layer1.0.relu1" in plan and "layer4.1.relu2" in plan
+    assert "method: parity {source: random, sizes: [32], batch: 2}" in plan
+    assert f"run folder: {out / 'parity8'} (new)" in plan
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_run_writes_the_folder_and_a_changed_config_is_refused(tmp_path, cfg_file):
+    out = tmp_path / "runs"
+    r = _run("--config", cfg_file, "--out", out)
+    assert r.returncode == 0, r.stderr
+    run_dir = out / "parity8"
+    assert "pass" in r.stdout and f"run folder: {run_dir}" in r.stdout
+    saved = config.load(run_dir / "config.yaml")
+    assert saved == config.load(cfg_file, [f"out={out}"])
+    results = yaml.safe_load((run_dir / "results.json").read_text())  # JSON is YAML
+    assert results["passed"] and results["rows"][0]["size"] == 32
+
+    r = _run("--config", cfg_file, "--out", out, "--set", "seed=1", "--set", "method.batch=4")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: run folder")
+    assert "seed, method.batch differ" in r.stderr and "pick another name" in r.stderr
+    assert config.load(run_dir / "config.yaml") == saved  # untouched
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--set", "trian.epochs=2"], "error: unknown config key 'trian'; did you mean 'train'?"),
+    (["--set", "model.name=resnet19"], "error: unknown model 'resnet19'; did you mean"),
+])
+def test_bad_config_exits_2_with_one_line(tmp_path, cfg_file, args, match):
+    r = _run("--config", cfg_file, "--out", tmp_path, *args)
+    assert r.returncode == 2
+    assert r.stderr.startswith(match) and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr and list(tmp_path.iterdir()) == [cfg_file]
+
+
+def test_same_config_calls_the_method_again_in_its_folder(tmp_path, monkeypatch):
+    calls = []
+
+    def probe(cfg, run_dir):
+        calls.append(run_dir)
+        (run_dir / f"call{len(calls)}").touch()
+        return {}
+
+    monkeypatch.setitem(methods._METHODS, "probe",
+                        methods.Method("probe", probe, config.MethodConfig))
+    cfg = config.from_dict({"name": "r", "out": str(tmp_path), "method": {"name": "probe"}})
+    run_dir, _ = runner.run(cfg)
+    # another spelling of the same folder is the same run: 'out' says where, not what
+    again = config.from_dict({**config.to_dict(cfg), "out": f"{tmp_path}/./"})
+    assert runner.run(again)[0].resolve() == run_dir.resolve()
+    assert [p.resolve() for p in calls] == [run_dir.resolve()] * 2
+    assert sorted(p.name for p in run_dir.iterdir()) == ["call1", "call2", "config.yaml"]
+    assert "exists with this config: the method resumes there" in runner.plan(cfg)
+
+
+def test_a_foreign_folder_is_not_taken_over(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    cfg = config.from_dict({"name": "r", "out": str(tmp_path), "method": {"name": "parity"}})
+    with pytest.raises(UserError, match="holds no config.yaml"):
+        runner.prepare_run_dir(cfg)
+
+
+def test_xla_gets_one_host_device_per_core_unless_the_user_chose(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    cli._one_xla_device_per_core()
+    assert os.environ["XLA_FLAGS"] == (f"--xla_dump_to=/tmp/x "
+                                       f"--xla_force_host_platform_device_count={os.cpu_count()}")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    cli._one_xla_device_per_core()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"

@@ -1,0 +1,109 @@
+"""Config validation: every bad key, type or value is a one-line UserError that says what to fix."""
+import pytest
+import yaml
+
+from jaxprune import config
+from jaxprune.errors import UserError
+
+PARITY = {"name": "parity"}
+
+
+def test_defaults_and_round_trip_through_yaml(tmp_path):
+    cfg = config.from_dict({"name": "x", "model": {"options": {"width": 8}}, "method": PARITY})
+    assert cfg.train.lr == 0.1 and cfg.data.name == "digits" and cfg.method.sizes == []
+    path = tmp_path / "c.yaml"
+    path.write_text(config.dump(cfg))
+    assert config.load(path) == cfg
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"trian": {}}, r"unknown config key 'trian'; did you mean 'train'"),
+    ({"train": {"lr_": 0.1}}, r"unknown config key 'train.lr_'; did you mean 'train.lr'"),
+    ({"model": {"option": {}}}, r"'model.option'; did you mean 'model.options'"),
+    ({"method": {"name": "parity", "sizs": [32]}}, r"'method.sizs'; did you mean 'method.sizes'"),
+])
+def test_unknown_key_names_the_closest_valid_key(raw, match):
+    with pytest.raises(UserError, match=match):
+        config.from_dict(raw)
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"train": {"epochs": "ten"}}, r"'train.epochs' must be int, got 'ten' \(str\)"),
+    ({"train": {"epochs": True}}, r"'train.epochs' must be int"),      # a bool is not a count
+    ({"train": {"epochs": 2.5}}, r"'train.epochs' must be int"),
+    ({"train": {"lr": "fast"}}, r"'train.lr' must be float"),
+    ({"model": {"num_classes": [10]}}, r"'model.num_classes' must be int or null"),
+    ({"method": {"name": "parity", "sizes": [32, "big"]}}, r"'method.sizes\[1\]' must be int"),
+    ({"model": "resnet18"}, r"'model' must be a mapping"),
+    ({"method": "parity"}, r"'method' must be a mapping"),
+])
+def test_wrong_type_names_the_key_and_the_type(raw, match):
+    with pytest.raises(UserError, match=match):
+        config.from_dict(raw)
+
+
+def test_yaml_exponent_strings_are_floats():
+    # YAML 1.1 reads 1e-4 (no dot) as a string; a learning rate written so must still work.
+    assert config.from_dict({"train": {"weight_decay": "1e-4"}, "method": PARITY}).train.weight_decay == 1e-4
+
+
+def test_bad_choice_lists_the_choices():
+    with pytest.raises(UserError, match=r"'train.optimizer' must be one of \('sgd', 'adam'\), "
+                                         r"got 'rmsprop'"):
+        config.from_dict({"train": {"optimizer": "rmsprop"}, "method": PARITY})
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(UserError, match=r"unknown method 'parit' \(method.name\); did you mean "
+                                         r"'parity'"):
+        config.from_dict({"method": {"name": "parit"}})
+
+
+def test_set_overrides_are_read_as_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: base\nmethod: {name: parity}\ntrain: {lr: 0.1}\n")
+    cfg = config.load(path, ["train.lr=0.01", "model.options.width=16", "method.sizes=[32, 40]",
+                             "model.num_classes=7", "name=other", "data.root=/data/x y"])
+    assert cfg.train.lr == 0.01 and cfg.name == "other"
+    assert cfg.model.options == {"width": 16} and cfg.model.num_classes == 7
+    assert cfg.method.sizes == [32, 40] and cfg.data.root == "/data/x y"
+    assert config.load(path, ["model.num_classes="]).model.num_classes is None  # empty -> null
+
+
+@pytest.mark.parametrize("text,match", [
+    ("train.lr", r"--set expects key=value"),
+    ("train.lrr=0.1", r"'train.lrr'; did you mean 'train.lr'"),
+    ("train.epochs=[1", r"--set train.epochs=\[1: the value is not valid YAML"),
+])
+def test_bad_overrides(tmp_path, text, match):
+    with pytest.raises(UserError, match=match):
+        config.load(None, ["method.name=parity", text])
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        config.load(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("text,match", [
+    ("- a\n- b\n", "must hold a mapping"),
+    ("name: [unclosed\n", "is not valid YAML"),
+])
+def test_malformed_files(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=match):
+        config.load(path)
+    with pytest.raises(UserError, match="config file not found"):
+        config.load(tmp_path / "missing.yaml")
+
+
+def test_dump_is_plain_yaml():
+    cfg = config.from_dict({"method": PARITY})
+    # safe_load reads it back: no Python-specific tags in a run folder's config.yaml
+    assert yaml.safe_load(config.dump(cfg))["method"] == {"name": "parity", "source": "random",
+                                                          "sizes": [], "batch": 2}
