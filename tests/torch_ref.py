@@ -2,21 +2,8 @@
 import numpy as np
 import torch
 
+from converters.torch_reference import randomize  # noqa: F401  (re-exported for tests)
 from jaxprune.torch_compat import timm, torchvision  # noqa: F401  (re-exported for tests)
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights and non-trivial BatchNorm statistics, eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in module.modules():
-            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-                c = mod.num_features
-                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                mod.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-                mod.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                mod.bias.copy_(torch.randn(c, generator=g) * 0.2)
-    return module.eval()
 
 
 def images(n: int, size: int, seed: int = 0) -> np.ndarray:
