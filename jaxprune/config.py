@@ -54,6 +54,8 @@ class TrainConfig:
     gamma: float = 0.1               # step decay factor at each milestone
     label_smoothing: float = 0.0
     grad_clip: float | None = None   # global gradient-norm clip
+    min_lr: float = 0.0              # where the cosine schedule ends
+    weight_decay_1d: bool = True     # false: no decay on biases and other 1-D parameters (timm's rule)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,12 @@ each step was traced, for the tests that hold this.
 Metrics accumulate on device across an epoch's steps (loss and correct
 counts, and per site the sum of per-batch entropies) and are fetched once at
 the end of it.
+
+Methods that train more than the weights pass `hooks=` (a `Hooks`): extra
+trained arrays (gate scores, SNL's alphas), masks computed from them inside
+the traced step, extra loss terms (distillation from a frozen teacher, cost
+regularizers) and read-only values that change between steps without a
+retrace (`set_aux`).
 """
 from __future__ import annotations
 
@@ -46,29 +52,73 @@ def _hits(logits, labels):
     return (jnp.argmax(logits, -1) == truth).astype(jnp.float32)
 
 
+class Hooks:
+    """What a method adds to the compiled steps; the defaults add nothing.
+
+    The traced methods receive `extra` (arrays trained with the model's
+    parameters), `aux` (arrays the steps read but never train: a teacher's
+    state, a coefficient, a random key; `Trainer.set_aux` replaces them between
+    steps, a new value of the same shape reuses the compiled step) and `step`
+    (int32, optimizer steps taken since the trainer was built).
+    Whatever `prepare` writes into the model's state (e.g. masks) is kept in the
+    trainer's state, so it must keep each variable's shape.
+    """
+    metrics: tuple[str, ...] = ()  # names of the scalars `loss` reports; per-epoch means in "terms"
+
+    def extra_params(self):
+        """Pytree of arrays trained alongside the model's parameters, e.g. gate scores."""
+        return {}
+
+    def extra_decay(self, extra):
+        """Which `extra` arrays weight decay applies to (pytree of bools like `extra`)."""
+        return jax.tree.map(lambda _: False, extra)
+
+    def aux(self):
+        """Pytree of the read-only arrays the steps start with."""
+        return {}
+
+    def prepare(self, m: Net, extra, aux, step, *, train: bool) -> None:
+        """Edit the merged model before its forward pass (train and eval steps)."""
+
+    def loss(self, m: Net, logits, batch, loss, extra, aux, step):
+        """The objective from the batch-mean cross-entropy `loss`:
+        `(objective, {name: scalar for name in metrics})`."""
+        return loss, {}
+
+
 class Trainer:
     """Compiled train/eval steps and the device copy of one model's state."""
 
     def __init__(self, m: Net, cfg: TrainConfig, *, steps_per_epoch: int, mesh=None,
-                 stats: bool = True):
+                 stats: bool = True, hooks: Hooks | None = None):
         self.model = m
         self.mesh = mesh if mesh is not None else make_mesh()
         self.sites = m.sites() if stats else []
-        self.tx, self.schedule = make_optimizer(cfg, steps_per_epoch)
+        self.hooks = hooks if hooks is not None else Hooks()
+        decay_1d = cfg.weight_decay_1d
+
+        def decay_mask(tree):  # the optimizer sees (model parameters, hooks' extra)
+            params, extra = tree
+            return (jax.tree.map(lambda p: decay_1d or p.ndim >= 2, params),
+                    self.hooks.extra_decay(extra))
+        self.tx, self.schedule = make_optimizer(cfg, steps_per_epoch, decay_mask)
         self.traces = {"train": 0, "eval": 0}
         self._smoothing = cfg.label_smoothing
         self._num_classes = m.spec.num_classes
         repl = replicated(self.mesh)
         self._train = jax.jit(self._train_fn(recording_graphdef(m, train=True, record=stats)),
-                              donate_argnums=(0, 1, 2, 3), out_shardings=repl)
+                              donate_argnums=(0, 1, 2, 3, 4, 5), out_shardings=repl)
         self._eval = jax.jit(self._eval_fn(recording_graphdef(m, train=False, record=False)),
-                             donate_argnums=(2,), out_shardings=repl)
+                             donate_argnums=(3,), out_shardings=repl)
         # float32 zeros, not Python floats: a weak-typed start would retrace the second step.
         zero = np.zeros((), np.float32)
         self._zero_train = {"loss": zero, "correct": zero, "n": zero, "batches": zero,
-                            "entropy": np.zeros((len(self.sites),), np.float32)}
+                            "entropy": np.zeros((len(self.sites),), np.float32),
+                            "terms": {k: zero for k in self.hooks.metrics}}
         self._zero_eval = {"loss": zero, "correct": zero, "n": zero}
         self.params = self.rest = self.opt_state = self._acc = None
+        self.extra = self.aux = None
+        self.step = replicate(np.zeros((), np.int32), self.mesh)
 
     # -- the traced functions -------------------------------------------------------------
 
@@ -77,32 +127,41 @@ class Trainer:
         return optax.softmax_cross_entropy(logits, targets)
 
     def _train_fn(self, graphdef):
-        def step(params, rest, opt_state, acc, batch):
+        hooks = self.hooks
+
+        def step(params, extra, rest, opt_state, acc, count, aux, batch):
             self.traces["train"] += 1  # runs only while tracing
 
-            def loss_fn(p):
+            def loss_fn(trained):
+                p, ex = trained
                 m = nnx.merge(graphdef, p, rest, copy=True)
+                hooks.prepare(m, ex, aux, count, train=True)
                 logits = m(batch["image"])
                 entropy = pop_entropies(m, self.sites)
-                new_rest = nnx.state(m, nnx.Not(nnx.Param))  # batch stats, rng counts
-                return jnp.mean(self._loss(logits, batch["label"])), (logits, entropy, new_rest)
+                new_rest = nnx.state(m, nnx.Not(nnx.Param))  # batch stats, rng counts, masks
+                ce = jnp.mean(self._loss(logits, batch["label"]))
+                total, terms = hooks.loss(m, logits, batch, ce, ex, aux, count)
+                return total, (logits, entropy, new_rest, terms)
 
-            (loss, (logits, entropy, rest)), grads = jax.value_and_grad(
-                loss_fn, has_aux=True)(params)
-            updates, opt_state = self.tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
+            (loss, (logits, entropy, rest, terms)), grads = jax.value_and_grad(
+                loss_fn, has_aux=True)((params, extra))
+            updates, opt_state = self.tx.update(grads, opt_state, (params, extra))
+            params, extra = optax.apply_updates((params, extra), updates)
             n = logits.shape[0]
             acc = {"loss": acc["loss"] + loss * n,
                    "correct": acc["correct"] + jnp.sum(_hits(logits, batch["label"])),
                    "n": acc["n"] + n, "batches": acc["batches"] + 1,
-                   "entropy": acc["entropy"] + entropy}
-            return params, rest, opt_state, acc
+                   "entropy": acc["entropy"] + entropy,
+                   "terms": {k: acc["terms"][k] + terms[k] for k in hooks.metrics}}
+            return params, extra, rest, opt_state, acc, count + 1
         return step
 
     def _eval_fn(self, graphdef):
-        def step(params, rest, acc, batch):
+        def step(params, extra, rest, acc, aux, count, batch):
             self.traces["eval"] += 1
-            logits = nnx.merge(graphdef, params, rest)(batch["image"])
+            m = nnx.merge(graphdef, params, rest, copy=True)
+            self.hooks.prepare(m, extra, aux, count, train=False)
+            logits = m(batch["image"])
             labels = batch["label"]
             weight = batch["mask"]  # 0 for the rows that pad the last batch to full size
             return {"loss": acc["loss"] + jnp.sum(self._loss(logits, labels) * weight),
@@ -113,12 +172,21 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------
 
     def start_round(self) -> None:
-        """Copy the model's current state (weights, statistics, masks) to the devices
-        and start a fresh optimizer: momentum zero, schedule back at step 0."""
+        """Copy the model's current state (weights, statistics, masks) and the hooks'
+        extra parameters and aux values to the devices, and start a fresh optimizer:
+        momentum zero, schedule back at step 0."""
         params, rest = nnx.state(self.model, nnx.Param, ...)
         self.params, self.rest = replicate((params, rest), self.mesh)
-        self.opt_state = replicate(self.tx.init(self.params), self.mesh)
+        self.extra, self.aux = replicate((self.hooks.extra_params(), self.hooks.aux()), self.mesh)
+        self.opt_state = replicate(self.tx.init((self.params, self.extra)), self.mesh)
         self._acc = None
+
+    def set_aux(self, **values) -> None:
+        """Replace entries of the hooks' aux values (same shapes: no retrace)."""
+        unknown = set(values) - set(self.aux)
+        if unknown:
+            raise KeyError(f"no aux entries {sorted(unknown)}; the hooks define {sorted(self.aux)}")
+        self.aux = {**self.aux, **replicate(values, self.mesh)}
 
     def sync_model(self) -> Net:
         """Write the device state back into the model (after training, before using it)."""
@@ -132,13 +200,15 @@ class Trainer:
         if self._acc is None:
             self._acc = replicate(self._zero_train, self.mesh)
             self._t0 = time.perf_counter()
-        self.params, self.rest, self.opt_state, self._acc = self._train(
-            self.params, self.rest, self.opt_state, self._acc, batch)
+        (self.params, self.extra, self.rest, self.opt_state, self._acc, self.step) = self._train(
+            self.params, self.extra, self.rest, self.opt_state, self._acc, self.step, self.aux,
+            batch)
 
     def finish_epoch(self) -> dict:
         """Fetch the epoch's training metrics and reset the accumulator.
 
-        `entropy` maps each site to the mean of its per-batch entropies."""
+        `entropy` maps each site to the mean of its per-batch entropies, `terms`
+        each of the hooks' metrics to its mean over the epoch's batches."""
         if self._acc is None:
             raise RuntimeError("finish_epoch() before any train_step()")
         acc, self._acc = fetch(self._acc), None
@@ -146,13 +216,14 @@ class Trainer:
         n, batches = max(float(acc["n"]), 1.0), max(float(acc["batches"]), 1.0)
         return {"loss": float(acc["loss"]) / n, "acc": 100.0 * float(acc["correct"]) / n,
                 "examples": int(acc["n"]), "seconds": seconds, "img_s": float(acc["n"]) / seconds,
-                "entropy": dict(zip(self.sites, (acc["entropy"] / batches).tolist()))}
+                "entropy": dict(zip(self.sites, (acc["entropy"] / batches).tolist())),
+                "terms": {k: float(v) / batches for k, v in acc["terms"].items()}}
 
     def evaluate(self, batches) -> dict:
         """Eval-mode loss and accuracy (percent) over global batches, weighted by `mask`."""
         acc = replicate(self._zero_eval, self.mesh)
         for batch in batches:
-            acc = self._eval(self.params, self.rest, acc, batch)
+            acc = self._eval(self.params, self.extra, self.rest, acc, self.aux, self.step, batch)
         acc = fetch(acc)
         n = max(float(acc["n"]), 1.0)
         return {"loss": float(acc["loss"]) / n, "acc": 100.0 * float(acc["correct"]) / n,
