@@ -68,6 +68,24 @@ class Net(nnx.Module):
     def sites(self) -> list[str]:
         return [n for n, layer in self.named_layers() if isinstance(layer, Act)]
 
+    def insert_after(self, after: str, name: str, layer: Layer) -> str:
+        """Insert `layer` as `name` right after layer `after`, in place: it reads `after`
+        and every layer that read `after` reads it instead (a new graph, so a new
+        graph definition: do it before compiling steps). Returns `name`."""
+        order = [n for n, _ in self.graph]
+        if after not in order:
+            raise ValueError(f"no layer {after!r} to insert after")
+        if name in self.layers or name == INPUT:
+            raise ValueError(f"duplicate layer name {name!r}")
+        graph = []
+        for n, inputs in self.graph:
+            graph.append((n, tuple(name if i == after else i for i in inputs)))
+            if n == after:
+                graph.append((name, (after,)))
+        self.layers[name] = layer
+        self.graph = tuple(graph)
+        return name
+
     def dummy_input(self, batch: int = 1, size: tuple[int, int] | None = None):
         h, w = size or self.spec.input_size
         return jnp.zeros((batch, h, w, self.spec.in_channels), jnp.float32)
