@@ -5,6 +5,7 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import converters
 import jaxprune
@@ -116,26 +117,24 @@ def test_pickle_payload_is_refused_without_running(tmp_path, state):
     assert not marker.exists()
 
 
-def _cfg(pretrained, name="resnet18"):
-    return from_dict({"model": {"name": name, "num_classes": 10, "pretrained": pretrained},
-                      "method": {"name": "parity"}})
-
-
 def test_torchvision_weights_without_network(monkeypatch):
     def offline(url, *args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
     torchvision()  # import it through the compat shim before patching its module
     import torchvision.models._api as api
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    # shapes only: every error below comes before a weight is touched
+    resnet18, cifar = (nnx.eval_shape(lambda a=a: models.create(a, num_classes=10))
+                       for a in ("resnet18", "resnet18_cifar"))
     with pytest.raises(UserError, match=r"could not download torchvision:IMAGENET1K_V1 .*"
                                          r"download https://\S+ elsewhere and set "
                                          r"model.pretrained to the file's path"):
-        runner.build_model(_cfg("torchvision:IMAGENET1K_V1"), 10)
+        converters.load_pretrained(resnet18, "torchvision:IMAGENET1K_V1")
     with pytest.raises(UserError, match=r"no weights 'IMAGENET9K' for resnet18; available: "
                                          r"\['IMAGENET1K_V1'\]"):
-        runner.build_model(_cfg("torchvision:IMAGENET9K"), 10)
+        converters.load_pretrained(resnet18, "torchvision:IMAGENET9K")
     with pytest.raises(UserError, match=r"torchvision has no weights for 'resnet18_cifar'"):
-        runner.build_model(_cfg("torchvision:IMAGENET1K_V1", "resnet18_cifar"), 10)
+        converters.load_pretrained(cifar, "torchvision:IMAGENET1K_V1")
 
 
 def test_pretrained_file_keeps_a_resized_head_fresh(tmp_path, state):
