@@ -31,7 +31,7 @@ def _one_xla_device_per_core() -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run.py",
-        description="Make a trained classifier shallower (EASIER, DepthShrinker, ...).",
+        description="Make a trained classifier shallower: run one experiment from a YAML config.",
         epilog="Errors in the config or the inputs print one line and exit with status 2.")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                    help="YAML config (default: configs/demo.yaml)")
