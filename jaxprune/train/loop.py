@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import jax
 from tqdm import tqdm
@@ -67,10 +68,14 @@ def train_epoch(trainer: Trainer, data: Data, epoch: int, desc: str) -> dict:
 
 
 def fit(trainer: Trainer, data: Data, epochs: int, *, log: MetricsLog | None = None,
-        tag: dict | None = None, epoch_offset: int = 0) -> dict:
+        tag: dict | None = None, epoch_offset: int = 0,
+        on_epoch: Callable[[int, dict], bool | None] | None = None) -> dict:
     """Train `epochs` epochs from the trainer's current state (call `start_round` first),
     validating after each; returns the last epoch's record. `tag` (e.g. the round)
-    goes into every log record; `epoch_offset` varies the shuffling between calls."""
+    goes into every log record; `epoch_offset` varies the shuffling between calls.
+    `on_epoch(epoch, record)` runs after each epoch, before the record is logged: it
+    may add entries to the record, change the trainer's aux values for the next
+    epoch, and return True to stop early."""
     tag = dict(tag or {})
     steps = data.steps_per_epoch()
     record: dict = {}
@@ -84,10 +89,13 @@ def fit(trainer: Trainer, data: Data, epochs: int, *, log: MetricsLog | None = N
                   "train_loss": train["loss"], "train_acc": train["acc"],
                   "val_loss": val["loss"], "val_acc": val["acc"],
                   "seconds": train["seconds"], "img_s": train["img_s"],
-                  "entropy": train["entropy"]}
+                  "entropy": train["entropy"], **train["terms"]}
         bar.set_postfix(loss=f"{train['loss']:.3f}", acc=f"{train['acc']:.1f}",
                         val=f"{val['acc']:.1f}")
+        stop = on_epoch is not None and on_epoch(epoch, record)
         if log is not None:
             log.write(record)
+        if stop:
+            break
     trainer.sync_model()
     return record
