@@ -1,0 +1,232 @@
+"""EASIER: the entropy against the reference formula, the selection and stopping
+rules, checkpoints, and the demo config end to end."""
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxprune
+import models
+from jaxprune import config, runner
+from jaxprune.methods.easier import EasierConfig, select_round, select_sites, stop_reason
+from jaxprune.train.checkpoint import Checkpoints
+from models.net import INPUT
+
+
+def _preactivations(m, x) -> dict[str, np.ndarray]:
+    """The input of every site for batch `x` in train mode, from a walk over the graph
+    of a copy of `m` (so `m` keeps its running statistics); jitted only for speed."""
+    walk = nnx.clone(m)
+    walk.train()
+    graphdef, state = nnx.split(walk)
+
+    @jax.jit
+    def run(state, x):
+        net = nnx.merge(graphdef, state)
+        env, out = {INPUT: x}, {}
+        for name, inputs in net.graph:
+            args = [env[i] for i in inputs]
+            if name in net.sites():
+                out[name] = args[0]
+            env[name] = net.layers[name](*args)
+        return out
+
+    return jax.tree.map(np.asarray, run(state, x))
+
+
+def _reference_entropy(z: np.ndarray) -> float:
+    """The reference implementation's formula, step by step, on one site's input
+    (batch first, features last): ON/OFF probabilities per position over the batch,
+    averaged over the remaining positions, clamped log2, mean over units."""
+    n = z.shape[0]
+    plus = (z >= 0).sum(axis=0) / n
+    minus = (z < 0).sum(axis=0) / n
+    while plus.ndim > 1:  # spatial positions (conv) or tokens (Swin), one axis at a time
+        plus, minus = plus.mean(axis=0), minus.mean(axis=0)
+    h = (-plus * np.log2(np.maximum(plus, 1e-10))
+         - minus * np.log2(np.maximum(minus, 1e-10)))
+    return float(h.mean())
+
+
+def _check_against_reference(m, x, kinds):
+    """site_entropy equals the reference on every site; `kinds` maps a site to the
+    layout its input must have (so the test covers what it claims to)."""
+    z = _preactivations(m, x)
+    got = jaxprune.site_entropy(m, x)
+    assert list(got) == m.sites()
+    for site, ndim in kinds.items():
+        assert z[site].ndim == ndim, (site, z[site].shape)
+    for site, values in z.items():
+        assert got[site] == pytest.approx(_reference_entropy(values), abs=1e-5), site
+    return got
+
+
+def _images(n, size, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)
+
+
+def test_entropy_conv_sites_match_reference():
+    m = models.create("resnet18_cifar", num_classes=10, width=4)
+    got = _check_against_reference(m, _images(6, 16), {"relu": 4, "layer4.1.relu2": 4})
+    assert all(0.0 <= h <= 1.0 for h in got.values())
+
+
+def test_site_entropy_leaves_model_unchanged():
+    m = models.create("resnet18_cifar", num_classes=10, width=4)
+    m.eval()
+    before = jax.tree.map(np.asarray, nnx.state(m))
+    jaxprune.site_entropy(m, _images(4, 16))
+    after = jax.tree.map(np.asarray, nnx.state(m))
+    assert jax.tree.all(jax.tree.map(np.array_equal, before, after))
+    assert m.layers["bn1"].use_running_average  # still in eval mode
+    assert not any(m.layers[s].record for s in m.sites())
+
+
+def test_entropy_of_a_linear_site_is_still_measured():
+    """A linearized site's input is still a pre-activation: its entropy is reported
+    (the heat map shows it), only the selection skips it."""
+    m = models.create("resnet18_cifar", num_classes=10, width=4)
+    jaxprune.linearize(m, ["layer2.0.relu1"])
+    _check_against_reference(m, _images(4, 16, seed=1), {"layer2.0.relu1": 4})
+
+
+@pytest.mark.slow
+def test_entropy_linear_sites_match_reference():
+    """VGG-16-BN's classifier ReLUs see (batch, units) inputs."""
+    m = models.create("vgg16_bn", num_classes=10, dropout=0.0)
+    _check_against_reference(m, _images(4, 32), {"classifier.1": 2, "classifier.4": 2,
+                                                 "features.2": 4})
+
+
+@pytest.mark.slow
+def test_entropy_token_sites_match_reference():
+    """Swin-T's MLP GELUs see token maps: per hidden unit, averaged over tokens."""
+    m = models.create("swin_t", num_classes=10, stochastic_depth_prob=0.0)
+    sites = m.sites()
+    got = _check_against_reference(m, _images(2, 32), {})
+    assert len(got) == 12 and sites[0].endswith("mlp.gelu")
+
+
+# -- the selection rule ----------------------------------------------------------------------
+
+def test_select_lowest_remaining_site():
+    h = {"a": 0.9, "b": 0.3, "c": 0.5, "d": 0.1}
+    assert select_sites(h, done=[]) == ["d"]
+    assert select_sites(h, done=["d"]) == ["b"]
+
+
+def test_select_adds_sites_with_zero_entropy_and_first_on_ties():
+    h = {"a": 0.4, "b": 0.0, "c": 0.2, "d": 0.0, "e": 0.2}
+    # b is the minimum; d also has exactly 0 entropy; nothing else does
+    assert select_sites(h, done=[]) == ["b", "d"]
+    assert select_sites(h, done=["b", "d"]) == ["c"]  # tie at 0.2: forward order
+    # an already linear site with entropy 0 is not picked again
+    assert select_sites({"a": 0.0, "b": 0.5}, done=["a"]) == ["b"]
+
+
+def test_select_nothing_when_every_site_is_linear():
+    assert select_sites({"a": 0.0, "b": 0.5}, done=["a", "b"]) == []
+
+
+def _round(r, n, val):
+    return {"round": r, "n_linear": n, "n_sites": 4, "val_acc": val}
+
+
+def test_stop_rules_and_round_selection():
+    opts = EasierConfig(max_rounds=None, acc_budget=1.0)
+    rounds = [_round(0, 0, 90.0), _round(1, 1, 89.5), _round(2, 2, 89.0)]
+    assert stop_reason(rounds, opts) is None
+    assert "max_rounds" in stop_reason(rounds, EasierConfig(max_rounds=2))
+    broken = rounds + [_round(3, 3, 88.9)]
+    assert "budget" in stop_reason(broken, opts)
+    assert select_round(broken, 1.0)["round"] == 2  # the deepest round inside the budget
+    assert select_round(broken, 5.0)["round"] == 3
+    assert "every site" in stop_reason(rounds + [_round(3, 4, 90.0)], opts)
+    assert select_round([_round(0, 0, 90.0), _round(1, 1, 80.0)], 1.0)["round"] == 0
+
+
+def test_bad_method_options_are_user_errors(tmp_path):
+    with pytest.raises(jaxprune.UserError, match="method.acc_budget"):
+        runner.run(config.load(None, ["method.acc_budget=-1", f"out={tmp_path}"]))
+    with pytest.raises(jaxprune.UserError, match="method.max_round"):
+        config.load(None, ["method.max_round=3"])
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+def test_checkpoint_round_trip(tmp_path):
+    m = models.create("resnet18_cifar", num_classes=10, width=4, seed=0)
+    jaxprune.linearize(m, ["layer1.1.relu2"])
+    ckpt = Checkpoints(tmp_path / "ck")
+    assert ckpt.latest() is None
+    ckpt.save(0, m, {"rounds": [{"round": 0}]})
+    ckpt.save(1, m, {"rounds": [{"round": 0}, {"round": 1}]})
+    assert ckpt.rounds() == [0, 1]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["round_000", "round_001"]
+    other = models.create("resnet18_cifar", num_classes=10, width=4, seed=1)
+    meta = ckpt.load(1, other)
+    assert meta["rounds"][-1]["round"] == 1
+    assert jaxprune.linearized(other) == ["layer1.1.relu2"]
+    same = jax.tree.map(np.array_equal, jax.tree.map(np.asarray, nnx.state(m, nnx.Param)),
+                        jax.tree.map(np.asarray, nnx.state(other, nnx.Param)))
+    assert jax.tree.all(same)
+    wider = models.create("resnet18_cifar", num_classes=10, width=8)
+    with pytest.raises(jaxprune.UserError, match="another model"):
+        ckpt.load(1, wider)
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    m = models.create("resnet18_cifar", num_classes=10, width=4)
+    ckpt = Checkpoints(tmp_path)
+    ckpt.save(0, m, {"rounds": []})
+    (tmp_path / "round_001.tmp-123").mkdir()  # a crash while writing round 1
+    (tmp_path / "round_002").mkdir()           # a folder without its files
+    assert ckpt.latest() == 0
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+def test_demo_config_end_to_end(tmp_path):
+    """configs/demo.yaml, shortened: every output of DESIGN.md §9, and a second run of
+    the same config resumes from the checkpoints instead of training again."""
+    overrides = ["train.epochs=1", "method.max_rounds=2", "method.acc_budget=100",
+                 "model.options={width: 4}", "data.image_size=16", f"out={tmp_path}"]
+    cfg = config.load("configs/demo.yaml", overrides)
+    run_dir, results = runner.run(cfg)
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert (on_disk["method"], on_disk["model"], on_disk["dataset"]) == (
+        "easier", "resnet18_cifar", "digits")
+    rounds = on_disk["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert [r["n_linear"] for r in rounds] == [0, 1, 2]
+    sites = on_disk["sites"]
+    for prev, r in zip(rounds, rounds[1:]):
+        assert r["new"] == select_sites(prev["entropy"], prev["linearized"])
+        assert set(r["linearized"]) == set(prev["linearized"]) | set(r["new"])
+    for r in rounds:
+        assert list(r["entropy"]) == sites and r["n_sites"] == 17
+        for key in ("train_acc", "val_acc", "test_acc"):
+            assert 0.0 <= r[key] <= 100.0
+    sel = on_disk["selected"]
+    assert sel["round"] == 2 and "max_rounds" in sel["stop"]
+    assert "merge" in on_disk
+    for name in ("report.md", "entropy.png", "accuracy.png", "config.yaml"):
+        assert (run_dir / name).stat().st_size > 0, name
+    report = (run_dir / "report.md").read_text()
+    assert "| 2 | 2/17 |" in report and rounds[2]["new"][0] in report
+    log = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["epoch"]) for r in log] == [(0, 1), (1, 1), (2, 1)]
+    assert Checkpoints(run_dir / "checkpoints").rounds() == [0, 1, 2]
+
+    # the selected round's weights are what the run reports on
+    m = models.create("resnet18_cifar", num_classes=10, width=4)
+    Checkpoints(run_dir / "checkpoints").load(sel["round"], m)
+    assert jaxprune.linearized(m) == [s for s in sites if s in sel["linearized"]]
+
+    again_dir, again = runner.run(cfg)
+    assert again_dir == run_dir
+    assert again["rounds"] == results["rounds"]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3  # nothing retrained
