@@ -230,3 +230,48 @@ def test_demo_config_end_to_end(tmp_path):
     assert again_dir == run_dir
     assert again["rounds"] == results["rounds"]
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3  # nothing retrained
+
+
+# -- the paper's configs -----------------------------------------------------------------------
+
+FAMILIES = ("resnet18", "vgg16_bn", "mobilenet_v2", "swin_t")
+DATASETS = ("cifar10", "tiny_imagenet", "pacs", "vlcs", "flowers102", "dtd", "aircraft")
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_paper_configs(family, dataset):
+    """One config per model x data pair of DESIGN.md §5, with its hyperparameters,
+    pretrained start and a header that gives the command and the published result."""
+    from pathlib import Path
+
+    from jaxprune import data
+    path = Path("configs/easier") / f"{family}_{dataset}.yaml"
+    text = path.read_text()
+    assert f"python run.py --config {path}" in text and "Published" in text
+    cfg = config.load(path)
+    assert cfg.method == EasierConfig(max_rounds=None, acc_budget=1.0)
+    assert cfg.data.name == dataset and dataset in data.available()
+    models.entry(cfg.model.name)  # a registered architecture
+    assert cfg.model.name.startswith(family)
+    small_data = dataset in ("cifar10", "tiny_imagenet")
+    t = cfg.train
+    if small_data:
+        lr = {"resnet18": 0.1, "mobilenet_v2": 0.1, "vgg16_bn": 0.01, "swin_t": 1e-3}[family]
+        assert (t.epochs, cfg.data.batch_size, t.optimizer, t.lr, t.momentum, t.schedule,
+                t.milestones, t.gamma, t.weight_decay) == (
+            160, 128, "sgd", lr, 0.9, "step", [80, 120], 0.1, 1e-4)
+    elif dataset in ("pacs", "vlcs"):
+        assert (t.epochs, cfg.data.batch_size, t.optimizer, t.lr, t.momentum, t.schedule,
+                t.milestones, t.gamma, t.weight_decay) == (
+            30, 16, "sgd", 1e-3, 0.9, "step", [24], 0.1, 5e-4)
+    else:
+        assert (t.epochs, cfg.data.batch_size, t.optimizer, t.lr, t.schedule,
+                t.weight_decay) == (50, 16, "adam", 1e-4, "constant", 0.0)
+    imagenet_start = (family in ("vgg16_bn", "swin_t")
+                      or dataset in ("flowers102", "dtd", "aircraft")
+                      or (family == "mobilenet_v2" and dataset != "cifar10"))
+    assert cfg.model.pretrained == ("torchvision:IMAGENET1K_V1" if imagenet_start else None)
+    cifar_variant = ((family == "resnet18" and dataset in ("cifar10", "pacs", "vlcs"))
+                     or (family == "mobilenet_v2" and dataset == "cifar10"))
+    assert cfg.model.name.endswith("_cifar") == cifar_variant
