@@ -176,8 +176,12 @@ class Trainer:
         extra parameters and aux values to the devices, and start a fresh optimizer:
         momentum zero, schedule back at step 0."""
         params, rest = nnx.state(self.model, nnx.Param, ...)
-        self.params, self.rest = replicate((params, rest), self.mesh)
-        self.extra, self.aux = replicate((self.hooks.extra_params(), self.hooks.aux()), self.mesh)
+        # A copy, never an alias: the train step donates its inputs, and the model (or a
+        # clone of it, e.g. a teacher) may hold these very arrays after a sync_model.
+        # (device_put may hand back the caller's buffer as one shard, so copy explicitly.)
+        self.params, self.rest, self.extra = jax.tree.map(
+            jnp.copy, replicate((params, rest, self.hooks.extra_params()), self.mesh))
+        self.aux = replicate(self.hooks.aux(), self.mesh)
         self.opt_state = replicate(self.tx.init((self.params, self.extra)), self.mesh)
         self._acc = None
 
