@@ -7,15 +7,17 @@
 
 The public names load on first use: `models` imports `jaxprune.errors`, so an
 eager import of the passes here (which import `models`) would be circular.
+A submodule must never share its name with a public function here: importing
+the submodule would rebind `jaxprune.<name>` to the module.
 """
 import importlib
 
 # public name -> module that defines it; add new public API here
 _EXPORTS = {
     "UserError": "jaxprune.errors",
-    "sites": "jaxprune.sites",
-    "linearize": "jaxprune.sites",
-    "linearized": "jaxprune.sites",
+    "sites": "jaxprune.activation_sites",
+    "linearize": "jaxprune.activation_sites",
+    "linearized": "jaxprune.activation_sites",
     "site_entropy": "jaxprune.entropy",
 }
 

@@ -28,7 +28,7 @@ from jaxprune import report
 from jaxprune.config import Config, MethodConfig
 from jaxprune.errors import UserError
 from jaxprune.methods import register
-from jaxprune.sites import linearize, linearized
+from jaxprune.activation_sites import linearize, linearized
 from jaxprune.train import Data, MetricsLog, Trainer, fit, make_mesh
 from jaxprune.train.checkpoint import Checkpoints
 
