@@ -19,6 +19,8 @@ _EXPORTS = {
     "linearize": "jaxprune.activation_sites",
     "linearized": "jaxprune.activation_sites",
     "site_entropy": "jaxprune.entropy",
+    "merge": "jaxprune.merging.fuse",
+    "profile": "jaxprune.merging.profiling",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,161 @@
+"""The layer a fused run of convolutions becomes when its borders need care.
+
+`FusedConv` = one conv (the composed kernel, cropped to the taps that ever read
+real input) + a bias or a position-dependent bias map + sparse border
+corrections. A correction adds, at a few output rows, columns or corner
+positions, a small kernel (the difference between the exact kernel there and
+the interior one, cropped to its non-zero taps) applied to the same input, so
+every output is still one affine function of the input window: depth 1.
+The border data are fixed for one input size (`in_size`); another size is
+refused with the way to merge for it.
+
+A fused run whose result needs none of this is a plain `models.layers.Conv`
+(or `Linear`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxprune.errors import UserError
+from models.layers import Layer, _check_shape
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, k, stride, padding, groups):
+    return jax.lax.conv_general_dilated(x, k, stride, padding, dimension_numbers=_DN,
+                                        feature_group_count=groups)
+
+
+class FusedConv(Layer):
+    """A fused conv, exact at the borders of a fixed input size.
+
+    Static: `in_size`, `out_size` (H, W); `stride`; `groups`; `padding`
+    ((lo, hi), (lo, hi)) of the base conv (hi may be negative: a crop);
+    `border_at`: per correction `(rows, cols, (u, v))`, where `rows`/`cols`
+    are output indices (None = all) and the correction at output (i, j) reads
+    input rows `stride_h*i + u + a`, cols `stride_w*j + v + b` (zero outside).
+    Parameters: `kernel` (kh, kw, cin/groups, cout), `bias` (cout) or
+    `bias_map` (Ho, Wo, cout), `border[k]` (dh, dw, cin/groups, cout).
+    """
+
+    def __init__(self, cin: int, cout: int, kernel_size: tuple[int, int], *, stride, padding,
+                 groups: int, in_size, out_size, bias_map: bool, border_at=(),
+                 border_shapes=()):
+        self.cin, self.cout, self.groups = cin, cout, groups
+        self.kernel_size = tuple(kernel_size)
+        self.stride = tuple(stride)
+        self.padding = tuple(tuple(p) for p in padding)
+        self.in_size, self.out_size = tuple(in_size), tuple(out_size)
+        self.border_at = tuple((None if r is None else tuple(r), None if c is None else tuple(c),
+                                tuple(uv)) for r, c, uv in border_at)
+        kh, kw = self.kernel_size
+        self.kernel = nnx.Param(jnp.zeros((kh, kw, cin // groups, cout), jnp.float32))
+        ho, wo = self.out_size
+        if bias_map:
+            self.bias, self.bias_map = None, nnx.Param(jnp.zeros((ho, wo, cout), jnp.float32))
+        else:
+            self.bias, self.bias_map = nnx.Param(jnp.zeros((cout,), jnp.float32)), None
+        self.border = nnx.List([nnx.Param(jnp.zeros((dh, dw, cin // groups, cout), jnp.float32))
+                                for dh, dw in border_shapes])
+        self.border_pad = self._border_pad()
+
+    def config(self) -> dict:
+        """The constructor's arguments (JSON-able): what `arch.json` stores."""
+        return {"cin": self.cin, "cout": self.cout, "kernel_size": list(self.kernel_size),
+                "stride": list(self.stride), "padding": [list(p) for p in self.padding],
+                "groups": self.groups, "in_size": list(self.in_size),
+                "out_size": list(self.out_size), "bias_map": self.bias_map is not None,
+                "border_at": [[None if r is None else list(r), None if c is None else list(c),
+                               list(uv)] for r, c, uv in self.border_at],
+                "border_shapes": [list(b.value.shape[:2]) for b in self.border]}
+
+    def _border_pad(self):
+        """Input padding that makes every correction's window an in-bounds slice."""
+        (sh, sw), (ho, wo), (h, w) = self.stride, self.out_size, self.in_size
+        lo, hi = [0, 0], [0, 0]
+        for (rows, cols, uv), k in zip(self.border_at, self.border):
+            for ax, (pos, n, s, size, d) in enumerate(((rows, ho, sh, h, 0), (cols, wo, sw, w, 1))):
+                pos = range(n) if pos is None else pos
+                first, last = min(pos), max(pos)
+                lo[ax] = max(lo[ax], -(s * first + uv[ax]))
+                hi[ax] = max(hi[ax], s * last + uv[ax] + k.value.shape[d] - size)
+        return (lo[0], hi[0]), (lo[1], hi[1])
+
+    def windows(self):
+        """Each correction as (kernel index, rows, cols, row start, col start, stride) on the
+        input padded by `border_pad`; rows/cols None = every output row/col (one strip)."""
+        (sh, sw), (plo, _), (qlo, _) = self.stride, *self.border_pad
+        for n, (rows, cols, (u, v)) in enumerate(self.border_at):
+            if cols is None:
+                for i in rows:
+                    yield n, i, None, sh * i + u + plo, v + qlo, (1, sw)
+            elif rows is None:
+                for j in cols:
+                    yield n, None, j, u + plo, sw * j + v + qlo, (sh, 1)
+            else:
+                for i in rows:
+                    for j in cols:
+                        yield n, i, j, sh * i + u + plo, sw * j + v + qlo, (1, 1)
+
+    def check_size(self, h: int, w: int) -> None:
+        if (h, w) != self.in_size:
+            raise UserError(
+                f"this merged model was fused for {self.in_size[0]}x{self.in_size[1]} inputs "
+                f"(its border corrections depend on the size) but got {h}x{w}; merge the "
+                f"linearized model again with jaxprune.merge(m, input_size=({h}, {w}))")
+
+    def macs(self) -> int:
+        """Multiply-accumulates per image: the base conv plus the corrections."""
+        ho, wo = self.out_size
+        per = lambda k: int(np.prod(k.shape))  # noqa: E731  (taps * cin/groups * cout)
+        total = ho * wo * per(self.kernel.value)
+        for n, i, j, *_ in self.windows():
+            total += (wo if j is None else ho if i is None else 1) * per(self.border[n].value)
+        return total
+
+    def __call__(self, x):
+        self.check_size(*x.shape[1:3])
+        y = _conv(x, self.kernel.value, self.stride, self.padding, self.groups)
+        y = y + (self.bias_map.value if self.bias_map is not None else self.bias.value)
+        if len(self.border):
+            (plo, phi), (qlo, qhi) = self.border_pad
+            xp = jnp.pad(x, ((0, 0), (plo, phi), (qlo, qhi), (0, 0)))
+            ho, wo = self.out_size
+            sh, sw = self.stride
+            for n, i, j, r0, c0, stride in self.windows():
+                k = self.border[n].value
+                dh, dw = k.shape[:2]
+                rows = dh if i is not None else sh * (ho - 1) + dh
+                cols = dw if j is not None else sw * (wo - 1) + dw
+                out = _conv(xp[:, r0:r0 + rows, c0:c0 + cols], k, stride, "VALID", self.groups)
+                y = y.at[:, slice(None) if i is None else slice(i, i + 1),
+                         slice(None) if j is None else slice(j, j + 1)].add(out)
+        return y
+
+    def torch_state(self):
+        out = {"weight": np.asarray(self.kernel.value).transpose(3, 2, 0, 1)}
+        if self.bias_map is not None:
+            out["bias_map"] = np.asarray(self.bias_map.value).transpose(2, 0, 1)
+        else:
+            out["bias"] = np.asarray(self.bias.value)
+        for n, k in enumerate(self.border):
+            out[f"border.{n}"] = np.asarray(k.value).transpose(3, 2, 0, 1)
+        return out
+
+    def load_torch_state(self, state, name):
+        expected = self.torch_state()
+        oihw = lambda a: a.transpose(2, 3, 1, 0)  # noqa: E731
+        targets = {"weight": (self.kernel, oihw)}
+        if self.bias_map is not None:
+            targets["bias_map"] = (self.bias_map, lambda a: a.transpose(1, 2, 0))
+        else:
+            targets["bias"] = (self.bias, lambda a: a)
+        targets.update({f"border.{n}": (k, oihw) for n, k in enumerate(self.border)})
+        for key, (var, to_jax) in targets.items():
+            value = np.asarray(state[key], np.float32)
+            _check_shape(f"{name}.{key}", value.shape, expected[key].shape)
+            var.value = jnp.asarray(to_jax(value))

@@ -1,0 +1,195 @@
+"""`profile(m, input_shape)`: depth, parameters, MACs and (when asked) latency.
+
+* depth: weight layers (convs, linears; a windowed attention counts its qkv and
+  output projections) on the longest input-to-output path of the graph;
+* params: every parameter the model stores, border data of fused layers
+  included (`border_params` says how many of them are that);
+* macs: multiply-accumulates of convs, linears and attention per image;
+  normalization, activations, pooling and sums are not counted;
+* latency (optional): median milliseconds per batch, JAX (jit, eval mode) and
+  / or torch eager on `converters.to_torch(m)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxprune.errors import UserError
+from models.layers import Conv, Linear
+from models.net import INPUT, Net
+from models.swin import ShiftedWindowAttention
+
+from jaxprune.merging.fold import eval_mode
+from jaxprune.merging.layers import FusedConv
+
+
+def input_hw(m: Net, input_shape=None) -> tuple[int, int]:
+    """(H, W) from `input_shape` given as (H, W), (H, W, C) or (N, H, W, C); default native."""
+    if input_shape is None:
+        return tuple(m.spec.input_size)
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) not in (2, 3, 4) or min(shape) < 1:
+        raise UserError(f"input_shape {input_shape!r}: expected (H, W), (H, W, C) or "
+                        f"(N, H, W, C) with positive sizes")
+    if len(shape) >= 3 and shape[-1] != m.spec.in_channels:
+        raise UserError(f"input_shape {input_shape!r} has {shape[-1]} channels; "
+                        f"{m.spec.arch} takes {m.spec.in_channels} (NHWC order)")
+    return shape[-3:-1] if len(shape) >= 3 else shape
+
+
+def run_nodes(m: Net, env: dict, nodes) -> dict:
+    """Execute `nodes` (graph order) of `m` on the tensors in `env`, adding their outputs."""
+    inputs = dict(m.graph)
+    for n in nodes:
+        env[n] = m.layers[n](*(env[i] for i in inputs[n]))
+    return env
+
+
+def tensor_shapes(m: Net, hw: tuple[int, int], batch: int = 1) -> dict[str, tuple]:
+    """Shape of every tensor of the graph (eval mode) for an input of size `hw`."""
+    x = jax.ShapeDtypeStruct((batch, *hw, m.spec.in_channels), jnp.float32)
+    order = [n for n, _ in m.graph]
+    with eval_mode(m):
+        out = jax.eval_shape(lambda v: run_nodes(m, {INPUT: v}, order), x)
+    return {k: tuple(v.shape) for k, v in out.items()}
+
+
+def layer_macs(layer, in_shapes: Sequence[tuple], out_shape: tuple) -> int:
+    """Multiply-accumulates of one layer per image (leading batch axis excluded)."""
+    if isinstance(layer, FusedConv):
+        return layer.macs()
+    if type(layer) is Conv:
+        kh, kw = layer.kernel_size
+        return math.prod(out_shape[1:]) * kh * kw * layer.cin // layer.groups
+    if type(layer) is Linear:
+        return math.prod(out_shape[1:]) * layer.din
+    if isinstance(layer, ShiftedWindowAttention):
+        _, h, w, c = in_shapes[0]
+        ws = layer.window
+        tokens = (-(-h // ws) * ws) * (-(-w // ws) * ws)  # padded to whole windows
+        # qkv and output projections, then q k^T and attn v inside each window
+        return tokens * c * 3 * c + tokens * c * c + 2 * tokens * ws * ws * c
+    return 0
+
+
+def weight_depth(layer) -> int:
+    """Weight layers one call of `layer` puts on a path."""
+    if isinstance(layer, (Conv, Linear, FusedConv)):
+        return 1
+    return sum(isinstance(m, (Conv, Linear)) for _, m in nnx.iter_modules(layer) if m is not layer)
+
+
+def depth(m: Net) -> int:
+    """Weight layers on the longest input-to-output path."""
+    longest = {INPUT: 0}
+    for n, inputs in m.graph:
+        longest[n] = max(longest[i] for i in inputs) + weight_depth(m.layers[n])
+    return longest[m.graph[-1][0]]
+
+
+def count_params(m: Net) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+
+
+def border_params(m: Net) -> int:
+    """Parameters that only exist to keep fused layers exact at the borders."""
+    total = 0
+    for _, layer in m.named_layers():
+        if isinstance(layer, FusedConv):
+            total += sum(int(np.prod(k.value.shape)) for k in layer.border)
+            if layer.bias_map is not None:
+                total += int(np.prod(layer.bias_map.value.shape)) - layer.cout
+    return total
+
+
+def macs(m: Net, hw: tuple[int, int]) -> int:
+    shapes = tensor_shapes(m, hw)
+    return sum(layer_macs(m.layers[n], [shapes[i] for i in ins], shapes[n]) for n, ins in m.graph)
+
+
+def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def jax_latency_ms(m: Net, hw, batch: int = 1, repeats: int = 10) -> float:
+    """Median ms of one jitted forward pass (eval mode) at `batch` x `hw`."""
+    with eval_mode(m):
+        graphdef, state = nnx.split(m)
+    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, *hw, m.spec.in_channels)),
+                    jnp.float32)
+    return _median_ms(lambda: fwd(state, x).block_until_ready(), repeats)
+
+
+def torch_latency_ms(m: Net, hw, batch: int = 1, repeats: int = 10) -> float:
+    """Median ms of the exported torch module (eager, no_grad) at `batch` x `hw`."""
+    import torch
+
+    from converters.torch_out import to_torch
+    tm = to_torch(m)
+    x = torch.randn(batch, m.spec.in_channels, *hw, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return _median_ms(lambda: tm(x), repeats)
+
+
+@dataclasses.dataclass
+class Profile(Mapping):
+    """Also a read-only mapping of its fields (`dict(p)`, `p["depth"]`)."""
+    input_size: tuple[int, int]
+    depth: int
+    params: int
+    border_params: int
+    macs: int
+    latency_ms: dict = dataclasses.field(default_factory=dict)  # "jax@1" -> ms
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __getitem__(self, key):
+        return self.as_dict()[key]
+
+    def __iter__(self):
+        return iter(f.name for f in dataclasses.fields(self))
+
+    def __len__(self) -> int:
+        return len(dataclasses.fields(self))
+
+    def __str__(self) -> str:
+        lat = "".join(f", {k} {v:.2f} ms" for k, v in self.latency_ms.items())
+        return (f"depth {self.depth}, params {self.params / 1e6:.3f} M, "
+                f"MACs {self.macs / 1e6:.1f} M at {self.input_size[0]}x{self.input_size[1]}{lat}")
+
+
+_RUNTIMES = {"jax": jax_latency_ms, "torch": torch_latency_ms}
+
+
+def profile(m: Net, input_shape=None, *, latency: bool | str | Sequence[str] = False,
+            batch: int = 1, repeats: int = 10) -> Profile:
+    """Depth, parameters and MACs of `m`; latency in the runtimes asked for.
+
+    `latency`: False, True (= "jax"), "jax", "torch" or a list of them;
+    measured at `batch` images of `input_shape` (default: the native size).
+    """
+    hw = input_hw(m, input_shape)
+    runtimes = (() if latency is False else ("jax",) if latency is True
+                else (latency,) if isinstance(latency, str) else tuple(latency))
+    for r in runtimes:
+        if r not in _RUNTIMES:
+            raise UserError(f"profile: unknown latency runtime {r!r}; use one of {sorted(_RUNTIMES)}")
+    lat = {f"{r}@{batch}": _RUNTIMES[r](m, hw, batch, repeats) for r in runtimes}
+    return Profile(tuple(hw), depth(m), count_params(m), border_params(m), macs(m, hw), lat)
