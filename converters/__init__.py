@@ -2,4 +2,16 @@
 from converters.pretrained import load_pretrained
 from converters.torch_in import from_torch, load_state, read_file, torch_state_dict
 
-__all__ = ["from_torch", "load_pretrained", "load_state", "read_file", "torch_state_dict"]
+# Loaded on first use: they import torch and the merge pass.
+_LAZY = {"to_torch": "converters.torch_out", "export": "converters.torch_out",
+         "to_torchvision": "converters.torch_out"}
+
+__all__ = ["export", "from_torch", "load_pretrained", "load_state", "read_file", "to_torch",
+           "to_torchvision", "torch_state_dict"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'converters' has no attribute {name!r}")

@@ -134,6 +134,9 @@ def from_torch(obj: Any, arch: str | None = None) -> Net:
     else:
         raise UserError(f"from_torch takes a torch module, a state dict or a file path, "
                         f"not {type(obj).__name__}")
+    if spec is not None and "graph" in spec:  # an export describes its whole graph (fused too)
+        from converters.torch_arch import net_from_arch
+        return load_state(net_from_arch(spec, source), state, source)
     if spec is not None:  # an exported folder names its own architecture
         return load_state(create(spec["arch"], num_classes=spec["num_classes"], **spec["options"]),
                           state, source)
