@@ -3,9 +3,9 @@
     python bench/train_step.py                 # resnet18_cifar, batch 128, one device per core
     python bench/train_step.py --steps 3 --blocks 2 --width 16    # quicker, narrower
 
-Three steps, timed back to back on the same machine in interleaved blocks (so
-a change in machine load hits all of them alike); each reports the median of
-its blocks:
+Three steps, each in its own process on the same machine, timed back to back
+in interleaved blocks (so a change in machine load hits all of them alike);
+each reports the median of its blocks:
 
 * `jax`: jaxprune's jitted data-parallel train step with per-site ON/OFF
   statistics accumulated on device (what an EASIER round runs);
@@ -23,20 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _one_xla_device_per_core() -> None:
-    flag = "--xla_force_host_platform_device_count"
-    flags = os.environ.get("XLA_FLAGS", "")
-    if flag not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {flag}={os.cpu_count() or 1}".strip()
+from run import _one_xla_device_per_core  # noqa: E402  (the CLI's device setup, before jax)
 
 
 def jax_step(width: int, batch: int, stats: bool):
@@ -113,35 +107,62 @@ def torch_ref_step(width: int, batch: int):
     return run
 
 
+KINDS = ("jax", "jax_nostats", "torch_ref")
+
+
+def worker(kind: str, width: int, batch: int) -> None:
+    """One step kind in its own process: warm up, say so, then time `n` steps per
+    line read from stdin. Separate processes keep XLA's and torch's thread pools
+    (which spin a while after each op) from slowing each other down."""
+    import jax
+    import torch
+    run = (torch_ref_step(width, batch) if kind == "torch_ref"
+           else jax_step(width, batch, stats=kind == "jax"))
+    run(1)  # compile and warm up
+    print(json.dumps({"devices": jax.device_count(), "platform": jax.default_backend(),
+                      "torch_threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        t0 = time.perf_counter()
+        run(int(line))
+        print(time.perf_counter() - t0, flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--width", type=int, default=64, help="ResNet-18 base width (64 = the paper's)")
     p.add_argument("--steps", type=int, default=5, help="steps per timed block")
     p.add_argument("--blocks", type=int, default=3, help="timed blocks per step kind")
+    p.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     _one_xla_device_per_core()
-    import jax
-    import torch
-
-    runs = {"jax": jax_step(args.width, args.batch, stats=True),
-            "jax_nostats": jax_step(args.width, args.batch, stats=False),
-            "torch_ref": torch_ref_step(args.width, args.batch)}
-    for run in runs.values():  # compile and warm up
-        run(1)
-    seconds: dict[str, list[float]] = {k: [] for k in runs}
+    if args.worker:
+        worker(args.worker, args.width, args.batch)
+        return 0
+    workers, setup = {}, {}
+    for kind in KINDS:  # started one after the other: compilation does not overlap timing
+        workers[kind] = subprocess.Popen(
+            [sys.executable, __file__, "--worker", kind, "--width", str(args.width),
+             "--batch", str(args.batch)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        setup[kind] = json.loads(workers[kind].stdout.readline())
+    seconds: dict[str, list[float]] = {k: [] for k in KINDS}
     for block in range(args.blocks):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run(args.steps)
-            seconds[name].append((time.perf_counter() - t0) / args.steps)
-            print(f"block {block + 1}/{args.blocks} {name:12s} {seconds[name][-1]:.3f} s/step",
+        for kind, proc in workers.items():
+            time.sleep(1.0)  # let the previous worker's threads go idle
+            proc.stdin.write(f"{args.steps}\n")
+            proc.stdin.flush()
+            seconds[kind].append(float(proc.stdout.readline()) / args.steps)
+            print(f"block {block + 1}/{args.blocks} {kind:12s} {seconds[kind][-1]:.3f} s/step",
                   file=sys.stderr, flush=True)
+    for proc in workers.values():
+        proc.stdin.close()
+        proc.wait()
     img_s = {k: args.batch / statistics.median(v) for k, v in seconds.items()}
     result = {
         "bench": "train_step", "model": "resnet18_cifar", "width": args.width,
-        "batch": args.batch, "devices": jax.device_count(), "platform": jax.default_backend(),
-        "torch_threads": torch.get_num_threads(), "steps": args.steps, "blocks": args.blocks,
+        "batch": args.batch, "devices": setup["jax"]["devices"],
+        "platform": setup["jax"]["platform"], "torch_threads": setup["torch_ref"]["torch_threads"],
+        "steps": args.steps, "blocks": args.blocks,
         "jax_img_s": img_s["jax"], "jax_nostats_img_s": img_s["jax_nostats"],
         "torch_ref_img_s": img_s["torch_ref"],
         "ratio": img_s["jax"] / img_s["torch_ref"],
