@@ -246,3 +246,40 @@ def test_small_config_end_to_end(tmp_path):
     # a second run resumes from the stage checkpoints and reports the same
     _, again = runner.run(cfg)
     assert again["finetune"] == ft
+
+
+# DESIGN.md §6: the published keep-lists for MobileNetV2-1.4 on ImageNet
+PUBLISHED = {
+    "A": "0,1,0,0,1,1,0,1,0,1,0,1,1,0,1,1,1,1,1", "B": "1,0,0,0,1,1,0,0,0,0,0,1,1,0,1,1,1,1,1",
+    "C": "1,1,0,0,1,0,0,0,0,0,0,1,1,0,1,1,1,1,1", "D": "0,0,0,0,1,1,0,0,0,0,0,0,0,0,1,1,1,1,1",
+    "E": "0,1,0,0,1,0,0,0,0,0,0,0,0,0,1,1,1,1,1", "F": "1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1"}
+
+
+@pytest.mark.parametrize("name", ["mbv2-140", "mbv2-100", "mbv2-140-snl",
+                                  *[f"mbv2-140-{p}" for p in PUBLISHED]])
+def test_imagenet_configs_mirror_the_seed(name, tmp_path):
+    """The ImageNet configs: timm-layout MobileNetV2 from a weights file, the paper's recipe,
+    the published keep-lists and the released latency tables."""
+    from jaxprune.methods import depthshrinker, snl
+    cfg = config.load(ROOT / f"configs/depthshrinker/{name}.yaml", [f"out={tmp_path}"])
+    assert cfg.data.name == "imagenet2012" and cfg.data.batch_size == 256
+    assert cfg.model.options["layout"] == "timm" and cfg.model.pretrained.endswith(".pth")
+    assert cfg.model.options["width_mult"] == (1.0 if name == "mbv2-100" else 1.4)
+    if name.endswith("snl"):
+        snl._check(cfg.method)
+        assert cfg.method.relu_fraction == 0.4 and cfg.method.lam == 1e-5
+        return
+    depthshrinker._check(cfg, cfg.method)
+    t = cfg.train
+    assert (t.epochs, t.lr, t.min_lr, t.weight_decay, t.grad_clip, t.label_smoothing) == (
+        180, 0.1, 5e-6, 1e-5, 5.0, 0.1)
+    assert t.nesterov and t.schedule == "cosine" and not t.weight_decay_1d
+    pattern = name.rsplit("-", 1)[-1]
+    if pattern in PUBLISHED:
+        assert cfg.method.stage == "finetune" and cfg.method.distill
+        assert ",".join(map(str, cfg.method.act_list)) == PUBLISHED[pattern]
+    else:
+        assert cfg.method.stage == "search" and cfg.method.ratio == 0.4
+        if name == "mbv2-140":
+            assert cfg.method.lat_before == list(gates.LAT_BEFORE)
+            assert cfg.method.lat_after == list(gates.LAT_AFTER)

@@ -429,7 +429,7 @@ def _f(v, digits: int = 2) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
-        return f"{v:,.{digits}f}"
+        return f"{v:.2e}" if v and abs(v) < 10 ** -digits else f"{v:,.{digits}f}"
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
@@ -481,17 +481,19 @@ def markdown(results: dict) -> str:
     lines += [f"![pattern]({PATTERN_PLOT})", ""]
     merge = results.get("merge")
     if merge:
-        speed = merge["latency_ms_before"] / merge["latency_ms_after"]
         lines += ["## Fused model against the dense original", ""]
-        lines += _table(["", "dense", "fused", "ratio"], [
-            ["depth (weight layers)", merge["depth_before"], merge["depth_after"],
-             f"{merge['depth_after'] / merge['depth_before']:.2f}"],
-            ["parameters", merge["params_before"], merge["params_after"],
-             f"{merge['params_after'] / merge['params_before']:.2f}"],
-            ["MACs per image", merge["macs_before"], merge["macs_after"],
-             f"{merge['macs_after'] / merge['macs_before']:.2f}"],
-            [f"latency (ms; {merge['latency']})", merge["latency_ms_before"],
-             merge["latency_ms_after"], f"{speed:.2f}x faster"]])
+        rows = [[label, merge[f"{key}_before"], merge[f"{key}_after"],
+                 f"{merge[f'{key}_after'] / merge[f'{key}_before']:.2f}"]
+                for label, key in (("depth (weight layers)", "depth"), ("parameters", "params"),
+                                   ("MACs per image", "macs"))]
+        for runtime, ms in merge["latency_ms_before"].items():
+            after = merge["latency_ms_after"][runtime]
+            name, batch = runtime.split("@")
+            rows.append([f"latency, {name}, batch {batch} (ms)", ms, after,
+                         f"{after / ms:.2f} (speed-up {ms / after:.2f}x)"])
+        lines += _table(["", "dense", "fused", "fused / dense"], rows)
+        lines += ["", f"Latency measured on this machine ({merge['latency_device']}): JAX jit "
+                  f"and the exported torch module in eager mode, median of repeated runs."]
         lines += ["", f"Fused vs finetuned model: max |Δ logits| = {merge['max_abs_diff']:.2e} "
                   f"on random inputs; {len(merge['fused'])} layers fused, cost model "
                   f"`{merge['cost_model']}`.", ""]
