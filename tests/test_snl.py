@@ -55,10 +55,11 @@ def test_binarize_respects_the_budget():
     assert relu_count(masks, weights, 0.5) == 24
 
 
-def test_search_hooks_train_alpha_without_retrace(net):
+@pytest.mark.parametrize("granularity", ["channel", "pixel"])
+def test_search_hooks_train_alpha_without_retrace(net, granularity):
     m = nnx.clone(net)
     mesh = make_mesh()
-    shapes = mask_shapes(m, (16, 16), "channel")
+    shapes = mask_shapes(m, (16, 16), granularity)
     alphas = {s: np.ones(v, np.float32) for s, v in shapes.items()}
     set_masks(m, alphas)
     distill = Distillation(net, temperature=4.0, kd_weight=1.0, ce_weight=1.0)
@@ -77,12 +78,13 @@ def test_search_hooks_train_alpha_without_retrace(net):
         l1.append(trainer.finish_epoch()["terms"]["l1"])
     assert trainer.traces["train"] == 1
     assert l1[0] > l1[1] > l1[2]
-    # Adam moves each β by at most lr a step, so each α by at most scale * lr
+    # Adam moves each β by about lr a step (a little more when the gradient's size changes),
+    # so each α by about scale * lr
     alpha = np.concatenate([a.ravel() for a in hooks.alpha(fetch(trainer.extra)).values()])
-    assert np.abs(alpha - 1.0).max() <= 3 * 10 * 1e-3 + 1e-5
+    assert np.abs(alpha - 1.0).max() <= 1.02 * 3 * 10 * 1e-3
     assert alpha.min() == pytest.approx(1.0 - 3 * 10 * 1e-3, abs=1e-3)
     trainer.sync_model()
-    assert m.layers["relu"].mask.get_value().shape == (4,)
+    assert m.layers["relu"].mask.get_value().shape == shapes["relu"]
 
 
 def test_snl_reaches_a_budget(tmp_path):
