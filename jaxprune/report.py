@@ -106,7 +106,8 @@ def markdown(results: dict) -> str:
     if sel:
         lines += ["## Selected", "",
                   f"Round {sel['round']}: {sel['n_linear']} of {sel['n_sites']} sites linear, "
-                  f"validation {_fmt(sel['val_acc'])} % ({-sel['val_drop']:+.2f} points against "
+                  f"validation {_fmt(sel['val_acc'])} % "
+                  f"({sel['val_acc'] - rounds[0]['val_acc']:+.2f} points against "
                   f"round 0; budget: at most {_fmt(sel['acc_budget'])} lost), "
                   f"test {_fmt(sel['test_acc'])} %.",
                   f"Stopped: {sel['stop']}.", "",
@@ -114,13 +115,26 @@ def markdown(results: dict) -> str:
     merge = results.get("merge")
     if merge:
         lines += ["## Merge", ""]
-        keys = sorted({k[:-len("_before")] for k in merge if k.endswith("_before")})
-        if keys:
-            lines += _table(["", "before", "after"],
-                            [[k, merge.get(f"{k}_before"), merge.get(f"{k}_after")] for k in keys])
-            lines.append("")
-        lines += [f"{k}: {_fmt(v)}" for k, v in merge.items()
-                  if not k.endswith(("_before", "_after"))] + [""]
+        rows = [[k, merge[f"{k}_before"], merge[f"{k}_after"]]
+                for k in ("depth", "params", "macs") if f"{k}_before" in merge]
+        latency = merge.get("latency_ms_before")
+        if isinstance(latency, dict):  # {runtime@batch: ms}
+            rows += [[f"latency {r} (ms)", ms, merge["latency_ms_after"].get(r)]
+                     for r, ms in latency.items()]
+        if rows:
+            lines += _table(["", "before", "after"], rows) + [""]
+        fused, kept = merge.get("fused", []), merge.get("skipped", [])
+        if fused or kept:
+            lines += [f"<details><summary>{len(fused)} layers fused, {len(kept)} runs kept"
+                      f"</summary>", ""]
+            lines += [f"- fused `{f['layer']}` ({f['op']}) from {len(f['replaces'])} layers: "
+                      f"{', '.join(f['replaces'])}" for f in fused]
+            lines += [f"- kept {s['run'][0]} .. {s['run'][1]}: {s['reason']}" for s in kept]
+            lines += ["", "</details>"]
+        shown = {f"{k}_{w}" for k in ("depth", "params", "macs", "latency_ms")
+                 for w in ("before", "after")}
+        lines += ["", *(f"{k}: {_fmt(v)}" for k, v in merge.items()
+                        if k not in shown and not isinstance(v, (list, dict))), ""]
     export = results.get("export")
     if export:
         lines += ["## Export", ""] + [f"{k}: {_fmt(v)}" for k, v in export.items()] + [""]

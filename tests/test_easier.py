@@ -149,7 +149,9 @@ def test_stop_rules_and_round_selection():
 
 def test_bad_method_options_are_user_errors(tmp_path):
     with pytest.raises(jaxprune.UserError, match="method.acc_budget"):
-        runner.run(config.load(None, ["method.acc_budget=-1", f"out={tmp_path}"]))
+        runner.run(config.load(None, ["method.acc_budget=-1", f"out={tmp_path / 'a'}"]))
+    with pytest.raises(jaxprune.UserError, match="method.merge_cost"):
+        runner.run(config.load(None, ["method.merge_cost=fast", f"out={tmp_path / 'b'}"]))
     with pytest.raises(jaxprune.UserError, match="method.max_round"):
         config.load(None, ["method.max_round=3"])
 
@@ -212,7 +214,10 @@ def test_demo_config_end_to_end(tmp_path):
             assert 0.0 <= r[key] <= 100.0
     sel = on_disk["selected"]
     assert sel["round"] == 2 and "max_rounds" in sel["stop"]
-    assert "merge" in on_disk
+    merge, export = on_disk["merge"], on_disk["export"]
+    assert merge["depth_after"] <= merge["depth_before"] == 18
+    assert merge["max_abs_diff"] < 1e-3 and merge["cost_model"] == "none"
+    assert export["max_abs_diff"] < 1e-3 and (run_dir / "export").is_dir()
     for name in ("report.md", "entropy.png", "accuracy.png", "config.yaml"):
         assert (run_dir / name).stat().st_size > 0, name
     report = (run_dir / "report.md").read_text()

@@ -10,6 +10,7 @@ the one compiled train step.
       name: easier
       max_rounds: null     # linearization rounds after round 0; null: until a stop below
       acc_budget: 1.0      # largest allowed drop of validation accuracy vs round 0 (points)
+      merge_cost: macs     # how jaxprune.merge decides which linear runs to fuse
 
 Stops after `max_rounds`, after the first round whose validation accuracy
 drops more than `acc_budget` points below round 0, or when every site is
@@ -25,10 +26,11 @@ import time
 from pathlib import Path
 
 from jaxprune import report
+from jaxprune.activation_sites import linearize, linearized
 from jaxprune.config import Config, MethodConfig
 from jaxprune.errors import UserError
 from jaxprune.methods import register
-from jaxprune.activation_sites import linearize, linearized
+from jaxprune.methods.staged import fuse_and_export, image_size
 from jaxprune.train import Data, MetricsLog, Trainer, fit, make_mesh
 from jaxprune.train.checkpoint import Checkpoints
 
@@ -38,6 +40,7 @@ class EasierConfig(MethodConfig):
     name: str = "easier"
     max_rounds: int | None = None  # linearization rounds after the dense round 0; None: no limit
     acc_budget: float = 1.0        # points of validation accuracy that may be lost vs round 0
+    merge_cost: str = "macs"       # jaxprune.merge's cost model: macs | latency | none (fuse all)
 
 
 def select_sites(entropy: dict[str, float], done) -> list[str]:
@@ -71,44 +74,11 @@ def select_round(rounds: list[dict], budget: float) -> dict:
     return max(inside, key=lambda r: (r["n_linear"], r["round"]))
 
 
-def fuse_and_export(m, run_dir: Path, image_size) -> dict:
-    """The `merge` and `export` sections of results.json for the selected model `m`.
-
-    Fuses with `jaxprune.merge` where this installation has it (else the model
-    is reported as it is, linear sites as identities) and exports to PyTorch with
-    `converters.export`; each step is checked against `m` on the same inputs."""
-    import jax
-    import numpy as np
-
-    import converters
-    import jaxprune
-    x = np.asarray(jax.random.normal(jax.random.key(0), (4, *image_size, m.spec.in_channels)))
-    m.eval()
-    reference = np.asarray(m(x))
-    merge = getattr(jaxprune, "merge", None)
-    if merge is None:
-        small = m
-        out = {"merge": {"status": "not fused: this installation has no jaxprune.merge; "
-                                   "linear sites are identities in an unchanged graph"}}
-    else:
-        small = merge(m)
-        small.eval()
-        before, after = (jaxprune.profile(k, x.shape) for k in (m, small))
-        out = {"merge": {**{f"{k}_before": v for k, v in before.items()},
-                         **{f"{k}_after": v for k, v in after.items()},
-                         "max_abs_diff": float(np.max(np.abs(np.asarray(small(x)) - reference)))}}
-    export = getattr(converters, "export", None)
-    if export is not None:
-        path = export(small, run_dir / "export")
-        module = converters.to_torch(small)
-        import torch
-        with torch.no_grad():
-            got = module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-        out["export"] = {"path": str(path), "max_abs_diff": float(np.max(np.abs(got - reference)))}
-    return out
-
-
 def _check(opts: EasierConfig) -> None:
+    from jaxprune.merging import COST_MODELS
+    if opts.merge_cost not in COST_MODELS:
+        raise UserError(f"method.merge_cost must be one of {list(COST_MODELS)}, "
+                        f"got {opts.merge_cost!r}")
     if opts.max_rounds is not None and opts.max_rounds < 0:
         raise UserError(f"method.max_rounds must be >= 0 or null, got {opts.max_rounds}")
     if opts.acc_budget < 0:
@@ -167,7 +137,9 @@ def run(cfg: Config, run_dir) -> dict:
                      "acc_budget": opts.acc_budget, "stop": stop_reason(rounds, opts),
                      "checkpoint": str(ckpt.path(chosen["round"]))},
     }
-    results.update(fuse_and_export(m, run_dir, data.info.image_size))
+    # The masked model is its own "before": identities do not change its depth until fused.
+    merged, _ = fuse_and_export(m, m, run_dir, image_size(cfg, data), cost=opts.merge_cost)
+    results.update(merged)
     results["seconds"] = time.perf_counter() - started
     report.write(run_dir, results)
     return results
