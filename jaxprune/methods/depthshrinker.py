@@ -46,6 +46,7 @@ from flax import nnx
 from jaxprune import gates
 from jaxprune.config import Config, MethodConfig
 from jaxprune.errors import UserError
+from jaxprune.merging import COST_MODELS
 from jaxprune.methods import register
 from jaxprune.methods.staged import (Distillation, evaluate, fuse_and_export, image_size,
                                      original_model, stage_checkpoints, write_report)
@@ -93,12 +94,11 @@ class SearchHooks(Hooks):
     """Stage 1: gate scores are trained; masks from their hard top-k; the cost term."""
     metrics = ("cost",)
 
-    def __init__(self, gs: list[gates.Group], k: int, delta, weight: float, sign: str,
-                 seed: int, scores=None):
+    def __init__(self, gs: list[gates.Group], k: int, delta, weight: float, sign: str, seed: int):
         self.gs, self.k, self.weight, self.sign = gs, k, weight, sign
         self.delta = np.asarray(delta, np.float32)
         self.key = jax.random.PRNGKey(seed)
-        self.scores = np.zeros(len(gs), np.float32) if scores is None else np.asarray(scores, np.float32)
+        self.scores = np.zeros(len(gs), np.float32)  # the released initialisation
 
     def extra_params(self):
         return {"scores": jnp.asarray(self.scores)}
@@ -187,10 +187,10 @@ def _check(cfg: Config, opts: DepthShrinkerConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise UserError(f"method.{key} must be one of {list(allowed)}, got {value!r}")
-    from jaxprune.merging import COST_MODELS
     if opts.merge_cost not in COST_MODELS:
         raise UserError(f"method.merge_cost must be one of {list(COST_MODELS)}, got {opts.merge_cost!r}")
-    gates.keep_count(19, opts.ratio)  # the range check
+    if not 0.0 <= opts.ratio <= 1.0:
+        raise UserError(f"method.ratio is the kept fraction of the gates, in [0, 1]; got {opts.ratio}")
     if not 0.0 <= opts.distill_alpha <= 1.0:
         raise UserError(f"method.distill_alpha must be in [0, 1], got {opts.distill_alpha}")
     if opts.cost_weight < 0 or opts.gumbel_scale < 0 or opts.gumbel_epochs < 0:
