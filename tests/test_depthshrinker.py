@@ -205,6 +205,9 @@ def test_config_errors(tmp_path):
     from jaxprune.methods.depthshrinker import _check
     with pytest.raises(jaxprune.UserError, match="act_list"):
         _check(*(lambda c: (c, c.method))(_small_cfg(tmp_path, "method.act_list=[1,0]")))
+    c = _small_cfg(tmp_path, "model.name=resnet18_cifar", "model.options={}")
+    with pytest.raises(jaxprune.UserError, match="MobileNetV2"):
+        _check(c, c.method)
     c = _small_cfg(tmp_path, "method.stage=finetune")
     with pytest.raises(jaxprune.UserError, match="needs a keep-list"):
         _check(c, c.method)

@@ -55,6 +55,7 @@ from jaxprune.train.trainer import Hooks
 from models.layers import Act
 from models.net import Net
 
+MODELS = ("mobilenet_v2", "mobilenet_v2_cifar")
 STAGES = ("search", "finetune", "both")
 PROGRESSIVE_MODES = ("forward", "backward")
 KEEP_LISTS = "keep_lists.json"
@@ -181,6 +182,9 @@ def progressive_keep(keep, epoch: int, until: int, mode: str) -> np.ndarray:
 # -- stages ---------------------------------------------------------------------------------
 
 def _check(cfg: Config, opts: DepthShrinkerConfig) -> None:
+    if cfg.model.name not in MODELS:
+        raise UserError(f"depthshrinker's 19 gates are defined on MobileNetV2: model.name must be "
+                        f"one of {list(MODELS)}, got {cfg.model.name!r}")
     choices = {"stage": (opts.stage, STAGES), "cost": (opts.cost, gates.COST_KINDS),
                "cost_sign": (opts.cost_sign, gates.COST_SIGNS),
                "progressive_mode": (opts.progressive_mode, PROGRESSIVE_MODES)}
