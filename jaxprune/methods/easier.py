@@ -25,6 +25,8 @@ import dataclasses
 import time
 from pathlib import Path
 
+import jax
+
 from jaxprune import report
 from jaxprune.activation_sites import linearize, linearized
 from jaxprune.config import Config, MethodConfig
@@ -46,7 +48,8 @@ class EasierConfig(MethodConfig):
 def select_sites(entropy: dict[str, float], done) -> list[str]:
     """The reference rule: among the sites not yet linear, set the lowest entropy to 0
     (the first in forward order on a tie) and pick every site whose entropy is 0."""
-    remaining = [n for n in entropy if n not in set(done)]
+    done = set(done)
+    remaining = [n for n in entropy if n not in done]
     if not remaining:
         return []
     lowest = min(remaining, key=lambda n: entropy[n])
@@ -121,9 +124,10 @@ def run(cfg: Config, run_dir) -> dict:
                        "test_acc": test["acc"], "entropy": last["entropy"],
                        "seconds": time.perf_counter() - t0})
         ckpt.save(r, m, {"rounds": rounds})
-        print(f"round {r}: {len(done)}/{len(names)} sites linear, val {last['val_acc']:.2f} %, "
-              f"test {test['acc']:.2f} %" + (f", linearized {', '.join(new)}" if new else ""),
-              flush=True)
+        if jax.process_index() == 0:
+            print(f"round {r}: {len(done)}/{len(names)} sites linear, val {last['val_acc']:.2f} %, "
+                  f"test {test['acc']:.2f} %" + (f", linearized {', '.join(new)}" if new else ""),
+                  flush=True)
 
     chosen = select_round(rounds, opts.acc_budget)
     ckpt.load(chosen["round"], m)
