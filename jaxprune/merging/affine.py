@@ -229,19 +229,27 @@ class SpatialMap:
         Kh, Kw = self.rows.extent, self.cols.extent
         parts = {}
 
-        def part(x, y):
-            if (x, y) not in parts:
-                parts[(x, y)] = _compose_all_taps(self.kernels[(x, y)], self.groups, w,
-                                                  groups, mode, g)
-            return parts[(x, y)]
+        def part(x, y, b, d):
+            """This map's kernel of pair (x, y) times tap (b, d): all taps at once for the
+            interior pair (every tap needs it), one tap at a time for border pairs."""
+            if (x, y) == (0, 0):
+                if (0, 0) not in parts:
+                    parts[(0, 0)] = _compose_all_taps(self.kernels[(0, 0)], self.groups, w,
+                                                      groups, mode, g)
+                return parts[(0, 0)][:, :, :, b, d]
+            if (x, y, b, d) not in parts:
+                parts[(x, y, b, d)] = _compose_all_taps(self.kernels[(x, y)], self.groups,
+                                                        w[b:b + 1, d:d + 1], groups, mode,
+                                                        g)[:, :, :, 0, 0]
+            return parts[(x, y, b, d)]
 
         def shift_add(acc, p, b, d, sign):
-            acc[b * Sh:b * Sh + Kh, d * Sw:d * Sw + Kw] += sign * p[:, :, :, b, d]
+            acc[b * Sh:b * Sh + Kh, d * Sw:d * Sw + Kw] += sign * p
 
         interior = np.zeros((ext_h, ext_w, self.cin // g, w.shape[-1]))
         for b in range(w.shape[0]):
             for d in range(w.shape[1]):
-                shift_add(interior, part(0, 0), b, d, 1.0)
+                shift_add(interior, part(0, 0, b, d), b, d, 1.0)
         kernels = {}
         for r, rk in enumerate(rkeys):
             for c, ck in enumerate(ckeys):
@@ -253,9 +261,9 @@ class SpatialMap:
                     for d, cc in enumerate(ck):
                         if rr == cc == 0:
                             continue  # same as the interior
-                        shift_add(acc, part(0, 0), b, d, -1.0)
+                        shift_add(acc, part(0, 0, b, d), b, d, -1.0)
                         if rr != INVALID and cc != INVALID:
-                            shift_add(acc, part(rr, cc), b, d, 1.0)
+                            shift_add(acc, part(rr, cc, b, d), b, d, 1.0)
                 kernels[(r, c)] = acc
         return kernels
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -39,7 +38,7 @@ def op_kind(layer) -> str | None:
         return "add"
     if isinstance(layer, _EVAL_IDENTITY):
         return "identity"
-    if isinstance(layer, Act) and not bool(jnp.any(layer.mask.value != 0)):
+    if isinstance(layer, Act) and not np.any(np.asarray(layer.mask.value) != 0):
         return "identity"
     return None
 
@@ -74,6 +73,46 @@ def compose(kind: str, layer, maps: list, weights: bool):
         w = np.asarray(layer.kernel.value, np.float64) if weights else None
         return m.conv(w, layer.kernel_size, layer.stride, layer.padding, layer.groups, layer.cout)
     raise ValueError(f"not a linear kind: {kind}")
+
+
+def bn_shift(bn: BatchNorm) -> np.ndarray:
+    """The per-channel offset of an eval-mode BatchNorm, in float64."""
+    return np.asarray(bn.bias.value, np.float64) - np.asarray(bn.mean.value, np.float64) * bn_scale(bn)
+
+
+def _np_conv(x: np.ndarray, w: np.ndarray, stride, padding, groups: int) -> np.ndarray:
+    """A conv of one (H, W, C) image in float64: a sum over taps of strided slices."""
+    (plo, phi), (qlo, qhi) = padding
+    x = np.pad(x, ((max(plo, 0), max(phi, 0)), (max(qlo, 0), max(qhi, 0)), (0, 0)))
+    x = x[max(-plo, 0):x.shape[0] - max(-phi, 0), max(-qlo, 0):x.shape[1] - max(-qhi, 0)]
+    (kh, kw, ci, cout), (sh, sw) = w.shape, stride
+    ho, wo = (x.shape[0] - kh) // sh + 1, (x.shape[1] - kw) // sw + 1
+    out = np.zeros((ho, wo, cout))
+    for b in range(kh):
+        for d in range(kw):
+            xs = x[b:b + sh * (ho - 1) + 1:sh, d:d + sw * (wo - 1) + 1:sw]
+            if groups == 1:
+                out += xs @ w[b, d]
+            else:
+                out += np.einsum("hwgi,igo->hwgo", xs.reshape(ho, wo, groups, ci),
+                                 w[b, d].reshape(ci, groups, cout // groups)).reshape(ho, wo, cout)
+    return out
+
+
+def apply_numpy(kind: str, layer, xs: list[np.ndarray]) -> np.ndarray:
+    """The layer in eval mode on float64 arrays without the batch axis (exact reference
+    for a fused layer's bias: the run applied to zeros)."""
+    if kind == "identity":
+        return xs[0]
+    if kind == "add":
+        return sum(xs[1:], xs[0])
+    if kind == "channelwise":
+        return xs[0] * bn_scale(layer) + bn_shift(layer)
+    bias = 0.0 if layer.bias is None else np.asarray(layer.bias.value, np.float64)
+    w = np.asarray(layer.kernel.value, np.float64)
+    if kind == "linear":
+        return xs[0] @ w + bias
+    return _np_conv(xs[0], w, layer.stride, layer.padding, layer.groups) + bias
 
 
 @contextlib.contextmanager

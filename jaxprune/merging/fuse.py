@@ -36,7 +36,7 @@ from models.net import INPUT, Net
 
 from jaxprune.merging import profiling as prof
 from jaxprune.merging.affine import DenseMap, NotFusable, SpatialMap, _union
-from jaxprune.merging.fold import compose, eval_mode
+from jaxprune.merging.fold import apply_numpy, compose, eval_mode
 from jaxprune.merging.layers import FusedConv
 from jaxprune.merging.regions import Atom, GraphInfo
 
@@ -88,6 +88,14 @@ def _key(model: str, c: Cost) -> tuple:
 def _span(mask: np.ndarray) -> tuple[int, int]:
     idx = np.flatnonzero(mask)
     return int(idx[0]), int(idx[-1])
+
+
+_NO_RNGS = nnx.Rngs(0)  # fused layers get their weights from the composition, not an init
+
+
+def _given(value: np.ndarray):
+    """An initializer returning the composed weights (no random init to compile and discard)."""
+    return lambda key, shape, dtype=jnp.float32: jnp.asarray(np.asarray(value, dtype).reshape(shape))
 
 
 @dataclasses.dataclass
@@ -176,22 +184,21 @@ def _spatial_layer(M: SpatialMap, bias: np.ndarray | None) -> Conv | FusedConv:
     kernel_size = base.shape[:2]
     if constant and not border:
         layer = Conv(M.cin, M.cout, kernel_size, stride=M.stride, padding=lay.padding,
-                     groups=M.groups, bias=True, rngs=nnx.Rngs(0))
-        layer.kernel.value = jnp.asarray(base, jnp.float32)
-        layer.bias.value = jnp.asarray(flat.mean(0), jnp.float32)
+                     groups=M.groups, bias=True, rngs=_NO_RNGS, kernel_init=_given(base))
+        layer.bias.value = jnp.asarray(flat.mean(0).astype(np.float32))
         return layer
     layer = FusedConv(M.cin, M.cout, kernel_size, stride=M.stride, padding=lay.padding,
                       groups=M.groups, in_size=(rows.in_size, cols.in_size),
                       out_size=(rows.size, cols.size), bias_map=not constant,
                       border_at=[(r, c, uv) for r, c, uv, _ in border],
                       border_shapes=[d.shape[:2] for *_, d in border])
-    layer.kernel.value = jnp.asarray(base, jnp.float32)
+    layer.kernel.value = jnp.asarray(base.astype(np.float32))
     if constant:
-        layer.bias.value = jnp.asarray(flat.mean(0), jnp.float32)
+        layer.bias.value = jnp.asarray(flat.mean(0).astype(np.float32))
     elif bias is not None:
-        layer.bias_map.value = jnp.asarray(bias, jnp.float32)
+        layer.bias_map.value = jnp.asarray(bias.astype(np.float32))
     for var, (*_, d) in zip(layer.border, border):
-        var.value = jnp.asarray(d, jnp.float32)
+        var.value = jnp.asarray(d.astype(np.float32))
     return layer
 
 
@@ -219,6 +226,7 @@ class _Planner:
         self.shapes = prof.tensor_shapes(m, hw)
         self.built: dict = {}      # (src, dst) -> layer, None (identity) or NotFusable
         self.atom_plans: dict = {}
+        self.chain_spatial: dict = {}  # (src, dst) -> composed as convs (else as linears)
         self.timings: dict = {}
 
     # -- costs ---------------------------------------------------------------------------
@@ -248,19 +256,28 @@ class _Planner:
     def _ordered(self, nodes) -> list[str]:
         return sorted(nodes, key=self.g.pos.__getitem__)
 
-    def compose(self, src: str, dst: str, nodes, weights: bool):
-        kinds = {self.g.kind[n] for n in nodes}
+    def start_map(self, src: str, spatial: bool, weights: bool):
+        """The identity map at `src`: spatial (convs in the run) or dense (linears only)."""
         shape = self.shapes[src]
-        if "conv" in kinds:
+        if spatial:
             if len(shape) != 4:
                 raise NotFusable(f"a conv run whose input is not an NHWC map ({shape})")
-            maps = {src: SpatialMap.identity(shape[1], shape[2], shape[3], weights)}
-        else:
-            maps = {src: DenseMap.identity(shape[-1], weights)}
+            return SpatialMap.identity(shape[1], shape[2], shape[3], weights)
+        return DenseMap.identity(shape[-1], weights)
+
+    def extend(self, M, src: str, nodes, weights: bool):
+        """Map `M` (at `src`) carried through `nodes`; returns the map at the last node."""
+        maps = {src: M}
         for n in self._ordered(nodes):
             maps[n] = compose(self.g.kind[n], self.m.layers[n],
                               [maps[i] for i in self.g.inputs[n]], weights)
-        return maps[dst]
+        if M.peak_bytes > _COMPOSE_BYTES or maps[n].peak_bytes > _COMPOSE_BYTES:
+            raise NotFusable(f"composing it exactly would need "
+                             f"{maps[n].peak_bytes / 2**30:.1f} GiB for its kernels")
+        return maps[n]
+
+    def spatial(self, nodes) -> bool:
+        return any(self.g.kind[n] == "conv" for n in nodes)
 
     def build(self, src: str, dst: str, nodes):
         """The one layer computing region (src, dst) (None: an identity), or NotFusable."""
@@ -276,59 +293,61 @@ class _Planner:
         kinds = {self.g.kind[n] for n in nodes}
         if kinds == {"identity"}:
             return None
-        M = self.compose(src, dst, nodes, weights=True)
-        zeros = jnp.zeros((1, *self.shapes[src][1:]), jnp.float32)
-        bias = np.asarray(prof.run_nodes(self.m, {src: zeros}, self._ordered(nodes))[dst][0])
+        spatial = self.chain_spatial.get((src, dst), self.spatial(nodes))
+        M = self.extend(self.start_map(src, spatial, True), src, nodes, weights=True)
+        env = {src: np.zeros(self.shapes[src][1:])}  # the bias (map): the run applied to 0
+        for n in self._ordered(nodes):
+            env[n] = apply_numpy(self.g.kind[n], self.m.layers[n], [env[i] for i in self.g.inputs[n]])
+        bias = env[dst]
         if isinstance(M, DenseMap):
-            layer = Linear(M.cin, M.cout, bias=True, rngs=nnx.Rngs(0))
-            layer.kernel.value = jnp.asarray(M.dense(), jnp.float32)
-            layer.bias.value = jnp.asarray(bias.reshape(-1, M.cout)[0], jnp.float32)
-            return layer
+            return Linear(M.cin, M.cout, rngs=_NO_RNGS, kernel_init=_given(M.dense()),
+                          bias_init=_given(bias.reshape(-1, M.cout)[0]))
         return _spatial_layer(M, bias)
 
-    def geometry(self, src, dst, nodes):
-        """The fused map without weights, or NotFusable (also when too large to compose)."""
-        key = ("geometry", src, dst)
-        if key not in self.built:
+    def geometries(self, chain: list[Atom]) -> dict:
+        """The fused map (no weights) of every piece (i, j) of a chain that may be fused,
+        or why it cannot be; each piece extends the one before it by an atom."""
+        spatial = self.spatial(set().union(*(a.nodes for a in chain)))
+        out = {}
+        for i in range(len(chain)):
+            src = chain[i].src
             try:
-                M = self.compose(src, dst, nodes, weights=False)
-                if M.peak_bytes > _COMPOSE_BYTES:
-                    raise NotFusable(f"composing it exactly would need "
-                                     f"{M.peak_bytes / 2**30:.1f} GiB for its kernels")
-                self.built[key] = M
-            except NotFusable as e:
-                self.built[key] = e
-        return self.built[key]
+                M = self.start_map(src, spatial, False)
+                for j in range(i + 1, len(chain) + 1):
+                    if j - 1 > i and self.g.must_materialize(chain, j - 1):
+                        break
+                    M = self.extend(M, chain[j - 1].src, chain[j - 1].nodes, False)
+                    out[(i, j)] = M
+                    self.chain_spatial[(src, chain[j - 1].dst)] = spatial
+            except NotFusable as e:  # and so is every longer piece from i
+                out.update({(i, j): e for j in range(i + 1, len(chain) + 1) if (i, j) not in out})
+        return out
 
-    def estimate(self, src, dst, nodes) -> Cost | NotFusable:
+    def estimate(self, M, dst: str, nodes) -> Cost:
         """The fused layer's arithmetic from the geometry alone (no weights composed)."""
         if {self.g.kind[n] for n in nodes} == {"identity"}:
             return Cost()
-        M = self.geometry(src, dst, nodes)
-        if isinstance(M, NotFusable):
-            return M
         out = self._elementwise(dst)
         if isinstance(M, DenseMap):
             return Cost(out // M.cout * M.cin * M.cout + out, 1)
         return Cost(_layout(M).macs(M) + out, 1)
 
     # -- planning ------------------------------------------------------------------------
-    def fuse_plan(self, src, dst, nodes, bound: Cost) -> Plan | NotFusable | None:
-        """Fusing region (src, dst) into one layer; `bound`: its atoms' cost kept."""
+    def fuse_plan(self, src, dst, nodes, M, bound: Cost) -> Plan | NotFusable | None:
+        """Fusing region (src, dst) (geometry `M`) into one layer; `bound`: its atoms kept."""
         kinds = {self.g.kind[n] for n in nodes}
         if kinds != {"identity"} and not kinds & {"conv", "linear"}:
             return None  # only BatchNorms / sums: fusing would add a weight layer
-        est = self.estimate(src, dst, nodes)
-        if isinstance(est, NotFusable):
-            return est
+        if isinstance(M, NotFusable):
+            return M
+        est = self.estimate(M, dst, nodes)
         piece = Atom(src, dst, frozenset(nodes))
         if self.model != "latency" or est.layers == 0:
             return Plan(est, (piece,))
         if est.macs > _LATENCY_MAC_RATIO * bound.macs:
             return Plan(Cost(est.macs, 1, math.inf), (piece,))  # not worth timing
-        M = self.geometry(src, dst, nodes)
         layer = (_spatial_layer(M, None) if isinstance(M, SpatialMap)
-                 else Linear(M.cin, M.cout, rngs=nnx.Rngs(0)))
+                 else Linear(M.cin, M.cout, rngs=_NO_RNGS))
         ms = self._time(("fuse", src, dst), layer, [self.shapes[src]])
         return Plan(Cost(est.macs, 1, ms), (piece,))
 
@@ -363,6 +382,7 @@ class _Planner:
         k = len(chain)
         best: list[Plan | None] = [Plan(Cost())] + [None] * k
         whole = None
+        geometry = self.geometries(chain)
         for j in range(1, k + 1):
             nodes, decomposed = set(), Plan(Cost())
             for i in range(j - 1, -1, -1):
@@ -373,7 +393,8 @@ class _Planner:
                 options = []
                 if i == j - 1:
                     options.append(self.atom_plan(chain[i]))
-                fused = self.fuse_plan(chain[i].src, chain[j - 1].dst, nodes, decomposed.cost)
+                fused = self.fuse_plan(chain[i].src, chain[j - 1].dst, nodes, geometry[(i, j)],
+                                       decomposed.cost)
                 if i == 0 and j == k:
                     whole = fused
                 if isinstance(fused, Plan):
@@ -556,6 +577,6 @@ def _rebuild(m: Net, planner: _Planner, fused) -> Net:
 
 def _verify(m: Net, new: Net, hw) -> tuple[float, float]:
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, *hw, m.spec.in_channels)), jnp.float32)
-    ref = np.asarray(m(x))
-    out = np.asarray(new(x))
+    ref, out = (np.asarray(jax.jit(lambda s, x, g=g: nnx.merge(g, s)(x))(s, x))
+                for g, s in (nnx.split(m), nnx.split(new)))
     return float(np.max(np.abs(ref - out))), float(np.max(np.abs(ref)))

@@ -25,6 +25,10 @@ from models.layers import Layer, _check_shape
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
+def _zeros(shape):
+    return jnp.asarray(np.zeros(shape, np.float32))  # a transfer, not a compiled op per shape
+
+
 def _conv(x, k, stride, padding, groups):
     return jax.lax.conv_general_dilated(x, k, stride, padding, dimension_numbers=_DN,
                                         feature_group_count=groups)
@@ -53,13 +57,13 @@ class FusedConv(Layer):
         self.border_at = tuple((None if r is None else tuple(r), None if c is None else tuple(c),
                                 tuple(uv)) for r, c, uv in border_at)
         kh, kw = self.kernel_size
-        self.kernel = nnx.Param(jnp.zeros((kh, kw, cin // groups, cout), jnp.float32))
+        self.kernel = nnx.Param(_zeros((kh, kw, cin // groups, cout)))
         ho, wo = self.out_size
         if bias_map:
-            self.bias, self.bias_map = None, nnx.Param(jnp.zeros((ho, wo, cout), jnp.float32))
+            self.bias, self.bias_map = None, nnx.Param(_zeros((ho, wo, cout)))
         else:
-            self.bias, self.bias_map = nnx.Param(jnp.zeros((cout,), jnp.float32)), None
-        self.border = nnx.List([nnx.Param(jnp.zeros((dh, dw, cin // groups, cout), jnp.float32))
+            self.bias, self.bias_map = nnx.Param(_zeros((cout,))), None
+        self.border = nnx.List([nnx.Param(_zeros((dh, dw, cin // groups, cout)))
                                 for dh, dw in border_shapes])
         self.border_pad = self._border_pad()
 

@@ -1,0 +1,320 @@
+"""jaxprune.merge: the fused model computes the linearized one, at every position.
+
+Random weights and random BatchNorm statistics throughout (fresh BatchNorms are
+identities and would hide a wrong fold). Tolerance: 1e-4 of the logits' scale.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxprune
+import models
+from jaxprune.errors import UserError
+from jaxprune.merging import FusedConv, merge, profile
+from models.layers import Act, Add, BatchNorm, Conv, Dropout, GlobalAvgPool, Linear
+from models.net import GraphBuilder, ModelSpec
+
+TOL = 1e-4
+
+
+def randomize_bn(m, seed=0):
+    rng = np.random.default_rng(seed)
+    for _, layer in m.named_layers():
+        if isinstance(layer, BatchNorm):
+            c = layer.num_features
+            layer.mean.value = jnp.asarray(rng.normal(size=c) * 0.5, jnp.float32)
+            layer.var.value = jnp.asarray(rng.uniform(0.5, 2.0, size=c), jnp.float32)
+            layer.scale.value = jnp.asarray(rng.uniform(0.5, 1.5, size=c), jnp.float32)
+            layer.bias.value = jnp.asarray(rng.normal(size=c) * 0.3, jnp.float32)
+    return m
+
+
+def only(m, sites):
+    """`m` with exactly `sites` linearized (the fixture's models are shared)."""
+    for s in m.sites():
+        m.layers[s].mask.value = jnp.ones(())
+    return jaxprune.linearize(m, sites)
+
+
+def images(hw, n=2, seed=1, c=3):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(n, *hw, c)), jnp.float32)
+
+
+def logits(m, x):
+    graphdef, state = nnx.split(m)
+    return np.asarray(jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))(state, x))
+
+
+def check_exact(m, hw, cost="none"):
+    """Merge `m` at `hw`; return (fused model, report) after checking the logits."""
+    small, rep = merge(m, input_size=hw, cost=cost, verify=False, return_report=True)
+    m.eval()
+    x = images(hw)
+    ref, got = logits(m, x), logits(small, x)
+    scale = float(np.abs(ref).max())
+    assert np.abs(got - ref).max() <= TOL * scale, (np.abs(got - ref).max(), scale)
+    return small, rep
+
+
+# -- small graphs that isolate the border trap, strides and groups -----------------------
+
+def _net(build, hw=(13, 11), cin=3):
+    b = GraphBuilder()
+    build(b, nnx.Rngs(0))
+    b.add("pool", GlobalAvgPool())
+    b.add("fc", Linear(b_channels(b), 5, rngs=nnx.Rngs(1)))
+    return randomize_bn(b.build(ModelSpec("test", 5, (), hw, cin)))
+
+
+def b_channels(b):
+    for name, _ in reversed(b.graph):
+        layer = b.layers[name]
+        for attr in ("cout", "num_features", "dout"):
+            if hasattr(layer, attr):
+                return getattr(layer, attr)
+    raise AssertionError
+
+
+def _identity_act(kind="relu"):
+    a = Act(kind)
+    a.mask.value = jnp.zeros(())
+    return a
+
+
+def test_padded_conv_pair_is_exact_at_the_border_where_plain_composition_is_not():
+    # conv2 pads its input with zeros; a composed 5x5 kernel would instead see values
+    # computed from real input there (DESIGN.md §7, the 1-D example of the issue).
+    def build(b, rngs):
+        b.add("c1", Conv(3, 4, 3, padding=1, rngs=rngs))
+        b.add("bn1", BatchNorm(4))
+        b.add("a1", _identity_act())
+        b.add("c2", Conv(4, 4, 3, padding=1, rngs=rngs))
+        b.add("bn2", BatchNorm(4))
+        b.add("a2", Act("relu"))
+    m = _net(build)
+    small, rep = check_exact(m, (13, 11))
+    fused = small.layers["c1"]
+    assert isinstance(fused, FusedConv) and fused.kernel_size == (5, 5)
+    assert len(fused.border) > 0 and fused.bias_map is not None
+    assert rep.after.depth == rep.before.depth - 1
+    # the composed kernel alone (with the interior bias) is wrong on the border ring only
+    x = images((13, 11), c=3)
+    exact = np.asarray(fused(x))
+    naive = np.asarray(jax.lax.conv_general_dilated(
+        x, fused.kernel.value, fused.stride, fused.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC")) + fused.bias_map.value[6, 5])
+    err = np.abs(naive - exact).max(axis=(0, 3))
+    assert err[1:-1, 1:-1].max() < 1e-5 and err.max() > 1e-2
+
+
+def test_pointwise_then_depthwise_needs_only_a_bias_map():
+    # MobileNetV2: 1x1 expand (no padding) -> 3x3 depthwise -> 1x1 project. Only the BN
+    # shift is wrong at the border, so the linear part has no corrections.
+    def build(b, rngs):
+        b.add("e", Conv(3, 12, 1, rngs=rngs))
+        b.add("bn1", BatchNorm(12))
+        b.add("a1", _identity_act("relu6"))
+        b.add("dw", Conv(12, 12, 3, stride=2, padding=1, groups=12, rngs=rngs))
+        b.add("bn2", BatchNorm(12))
+        b.add("a2", _identity_act("relu6"))
+        b.add("p", Conv(12, 6, 1, rngs=rngs))
+        b.add("bn3", BatchNorm(6))
+        b.add("a3", Act("relu6"))
+    for hw in ((13, 11), (16, 16)):
+        small, _ = check_exact(_net(build, hw), hw)
+        fused = small.layers["e"]
+        assert isinstance(fused, FusedConv)
+        assert fused.kernel_size == (3, 3) and fused.stride == (2, 2) and fused.groups == 1
+        assert fused.bias_map is not None and len(fused.border) == 0
+
+
+def test_strided_grouped_chain_with_a_projected_residual():
+    def build(b, rngs):
+        b.add("stem", Conv(3, 8, 3, padding=1, rngs=rngs))
+        b.add("stem_act", Act("relu"))
+        b.add("c1", Conv(8, 8, 3, stride=2, padding=1, groups=2, rngs=rngs))
+        b.add("bn1", BatchNorm(8))
+        b.add("a1", _identity_act())
+        b.add("dw", Conv(8, 8, 5, padding=2, groups=8, rngs=rngs))
+        b.add("bn2", BatchNorm(8))
+        b.add("drop", Dropout(0.5, rngs=rngs))
+        main = b.add("pw", Conv(8, 8, 1, groups=4, rngs=rngs))
+        b.add("short", Conv(8, 8, 1, stride=2, rngs=rngs), inputs="stem_act")
+        short = b.add("short_bn", BatchNorm(8))
+        b.add("add", Add(), inputs=(main, short))
+        b.add("out_act", Act("relu"))
+    for hw in ((13, 11), (12, 17)):
+        small, rep = check_exact(_net(build, hw), hw)
+        fused = small.layers["c1"]
+        assert fused.stride == (2, 2) and fused.kernel_size == (11, 11)
+        assert "short" not in small.layers and "add" not in small.layers
+        assert (rep.before.depth, rep.after.depth) == (5, 3)  # stem, fused conv, fc
+
+
+def test_grouped_pair_stays_grouped():
+    def build(b, rngs):
+        b.add("c1", Conv(3, 6, 1, rngs=rngs))
+        b.add("a0", Act("relu"))
+        b.add("g1", Conv(6, 6, 3, padding=1, groups=3, rngs=rngs))
+        b.add("a1", _identity_act())
+        b.add("g2", Conv(6, 6, 3, padding=1, groups=3, rngs=rngs))
+        b.add("a2", Act("relu"))
+    small, _ = check_exact(_net(build), (13, 11))
+    assert small.layers["g1"].groups == 3
+
+
+def test_linear_pair_on_tokens_becomes_one_linear():
+    def build(b, rngs):
+        b.add("c", Conv(3, 8, 2, stride=2, bias=True, rngs=rngs))
+        b.add("norm", Act("gelu"))
+        b.add("fc1", Linear(8, 32, rngs=rngs))
+        b.add("gelu", _identity_act("gelu"))
+        b.add("drop", Dropout(0.1, rngs=rngs))
+        b.add("fc2", Linear(32, 8, rngs=rngs))
+        b.add("act", Act("gelu"))
+    small, rep = check_exact(_net(build, (8, 8)), (8, 8), cost="macs")
+    assert isinstance(small.layers["fc1"], Linear) and small.layers["fc1"].dout == 8
+    assert rep.after.macs < rep.before.macs
+
+
+def test_partial_masks_stay_nonlinear_and_bn_alone_is_not_fused():
+    def build(b, rngs):
+        b.add("c1", Conv(3, 4, 3, padding=1, rngs=rngs))
+        b.add("snl", Act("relu"))
+        b.add("bn", BatchNorm(4))
+        b.add("a", Act("relu"))
+    m = _net(build)
+    m.layers["snl"].mask.value = jnp.asarray([1.0, 0.0, 1.0, 0.0])  # per channel (SNL)
+    small, rep = check_exact(m, (13, 11))
+    assert isinstance(small.layers["snl"], Act) and isinstance(small.layers["bn"], BatchNorm)
+    assert rep.after.depth == rep.before.depth
+
+
+def test_wrong_input_size_is_refused_with_the_fix():
+    def build(b, rngs):
+        b.add("c1", Conv(3, 4, 3, padding=1, rngs=rngs))
+        b.add("a1", _identity_act())
+        b.add("c2", Conv(4, 4, 3, padding=1, rngs=rngs))
+    small = merge(_net(build), input_size=(13, 11), cost="none")
+    with pytest.raises(UserError, match=r"merge\(m, input_size=\(12, 12\)\)"):
+        small(images((12, 12)))
+
+
+# -- every model family ------------------------------------------------------------------
+
+def _blocks(m):
+    from models.mobilenet_v2 import depthshrinker_groups
+    g = depthshrinker_groups(m)
+    return g[2] + g[3] + g[9]
+
+
+FAMILIES = {
+    # arch, options, sizes (native first where cheap), patterns: single site, blocks, all
+    "resnet18_cifar": (dict(width=8), [(32, 32), (35, 33)],
+                       [["layer2.0.relu1"],
+                        lambda m: [s for s in m.sites() if s.startswith(("layer1.", "layer3.0."))],
+                        lambda m: m.sites()]),
+    "resnet18": (dict(width=8), [(67, 61)], [["layer1.1.relu1"], lambda m: m.sites()]),
+    "mobilenet_v2_cifar": (dict(width_mult=0.35), [(32, 32), (33, 35)],
+                           [["features.5.act_dw"], _blocks, lambda m: m.sites()]),
+    "mobilenet_v2": (dict(width_mult=0.35, layout="timm"), [(35, 37)],
+                     [["blocks.2.1.bn2.act"], lambda m: m.sites()]),
+    "vgg16_bn": ({}, [(33, 35)], [["features.2"], ["features.36", "classifier.1", "classifier.4"],
+                                  lambda m: m.sites()]),
+    "swin_t": ({}, [(61, 67)], [["features.1.0.mlp.gelu"], lambda m: m.sites()]),
+}
+# Fusing a whole network composes kernels as wide as the map with many border classes:
+# exact, but tens of seconds per case, so those run with the slow tests.
+CASES = [pytest.param(arch, hw, k, id=f"{arch}-{hw[0]}x{hw[1]}-p{k}",
+                      marks=[pytest.mark.slow] if k == len(pats) - 1 else [])
+         for arch, (_, sizes, pats) in FAMILIES.items() for hw in sizes for k in range(len(pats))]
+
+
+@pytest.fixture(scope="module")
+def built():
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = randomize_bn(models.create(arch, num_classes=10, **FAMILIES[arch][0]))
+        return cache[arch]
+    return get
+
+
+@pytest.mark.parametrize("arch,hw,k", CASES)
+def test_fused_equals_linearized(built, arch, hw, k):
+    m = built(arch)
+    pattern = FAMILIES[arch][2][k]
+    only(m, pattern(m) if callable(pattern) else pattern)
+    small, rep = check_exact(m, hw)
+    assert rep.after.depth < rep.before.depth  # every pattern here leaves a fusable run
+    assert rep.input_size == hw and small.spec.input_size == hw
+    assert dict(small.spec.options)["fused"] is True
+
+
+@pytest.mark.parametrize("arch", ["resnet18_cifar", "mobilenet_v2_cifar"])
+def test_default_cost_model_is_exact_and_never_adds_work(built, arch):
+    m = only(built(arch), built(arch).sites()[::2])
+    small, rep = check_exact(m, (32, 32), cost="macs")
+    assert rep.after.macs <= rep.before.macs
+
+
+def test_cost_model_skips_resnet_block_fusion_and_says_why(built):
+    m = only(built("resnet18_cifar"), ["layer1.0.relu1"])
+    small, rep = check_exact(m, (32, 32), cost="macs")
+    assert rep.after.depth == rep.before.depth  # a 5x5 conv: +39 % MACs, so kept
+    reasons = [s for s in rep.skipped if s["run"][0] == "layer1.0.conv1"]
+    assert reasons and "macs cost model" in reasons[0]["reason"]
+    assert "layer1.0.conv1" in str(rep)
+    forced, rep2 = check_exact(m, (32, 32), cost="none")
+    assert rep2.after.depth == rep.before.depth - 1
+    assert isinstance(forced.layers["layer1.0.conv1"], FusedConv)
+
+
+@pytest.mark.slow  # times every candidate layer: a compile each
+def test_latency_cost_model_times_candidates(built):
+    m = only(built("mobilenet_v2_cifar"), ["features.3.act_expand", "features.3.act_dw"])
+    small, rep = check_exact(m, (32, 32), cost="latency")
+    assert rep.cost_model == "latency"
+
+
+def test_report_dict_has_the_results_json_fields(built):
+    m = only(built("resnet18_cifar"), [])
+    _, rep = merge(m, cost="macs", return_report=True)
+    d = rep.as_dict()
+    assert 0 <= d["max_abs_diff"] <= TOL * d["logit_scale"]
+    for key in ("depth_before", "depth_after", "params_before", "params_after", "macs_before",
+                "macs_after", "max_abs_diff"):
+        assert key in d
+    # folding every BatchNorm: same depth, fewer parameters
+    assert d["depth_after"] == d["depth_before"] and d["params_after"] < d["params_before"]
+
+
+def test_bad_arguments(built):
+    m = built("resnet18_cifar")
+    with pytest.raises(UserError, match="cost model"):
+        merge(m, cost="fast")
+    with pytest.raises(UserError, match="input_shape"):
+        profile(m, (0, 32))
+
+
+# -- profile -----------------------------------------------------------------------------
+
+def test_profile_matches_published_counts():
+    p = profile(models.create("resnet18", num_classes=1000))
+    assert p.depth == 18 and p.params == 11_689_512
+    assert abs(p.macs - 1.814e9) / 1.814e9 < 0.01            # ResNet-18: 1.8 GMACs
+    q = profile(models.create("mobilenet_v2", num_classes=1000))
+    assert q.depth == 53 and q.params == 3_504_872
+    assert abs(q.macs - 300.8e6) / 300.8e6 < 0.01            # MobileNetV2: 300 MMACs
+    assert dict(q)["depth"] == 53                             # also a mapping
+
+
+def test_profile_latency_when_asked():
+    m = models.create("resnet18_cifar", num_classes=10, width=8)
+    p = profile(m, (1, 32, 32, 3), latency=["jax", "torch"], batch=2, repeats=2)
+    assert set(p.latency_ms) == {"jax@2", "torch@2"} and min(p.latency_ms.values()) > 0
+    with pytest.raises(UserError, match="runtime"):
+        profile(m, latency="tf")
