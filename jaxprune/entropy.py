@@ -38,8 +38,8 @@ def pop_entropies(m: Net, names: list[str]):
     sown = nnx.pop(m, nnx.Intermediate)
     if not names:
         return jnp.zeros((0,), jnp.float32)
-    layers = sown["layers"]
-    return jnp.stack([jnp.mean(binary_entropy(layers[n]["on_frac"].get_value()[0])) for n in names])
+    on = [sown["layers"][n]["on_frac"].get_value()[0] for n in names]  # sow keeps a tuple
+    return jnp.stack([jnp.mean(binary_entropy(p)) for p in on])
 
 
 def recording_graphdef(m: Net, *, train: bool, record: bool):
