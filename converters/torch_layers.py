@@ -66,13 +66,10 @@ class FusedConvT(nn.Module):
         (plo, phi), (qlo, qhi) = layer.border_pad
         self.border_pad = (qlo, qhi, plo, phi)
         self.windows = list(layer.windows())
-        self.in_size, self.out_size, self.stride = layer.in_size, layer.out_size, layer.stride
+        self.out_size, self.stride = layer.out_size, layer.stride
         self.groups = layer.groups
 
     def forward(self, x):
-        if tuple(x.shape[2:]) != self.in_size:
-            raise ValueError(f"this fused layer was made for {self.in_size[0]}x{self.in_size[1]} "
-                             f"inputs, got {x.shape[2]}x{x.shape[3]}: merge the model for this size")
         y = F.conv2d(F.pad(x, self.pre_pad) if self.pre_pad else x, self.weight, None,
                      self.stride, self.conv_pad, groups=self.groups)
         y = y + (self.bias_map if self.bias_map is not None else self.bias[:, None, None])

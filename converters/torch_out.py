@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from jaxprune.errors import UserError
+from jaxprune.merging.layers import FusedConv
 from models.net import INPUT, Net
 
 from converters.torch_arch import arch_dict
@@ -65,8 +66,16 @@ class TorchNet(nn.Module):
             _attach(self, name, module)
             self.steps.append((name, tuple(inputs), module))
         self.output = m.graph[-1][0]
+        # a merged model's border data hold for the input size it was merged at
+        fixed = any(isinstance(layer, FusedConv) for _, layer in m.named_layers())
+        self.fixed_size = tuple(m.spec.input_size) if fixed else None
 
     def forward(self, x):
+        if self.fixed_size is not None and tuple(x.shape[2:]) != self.fixed_size:
+            h, w = self.fixed_size
+            raise ValueError(f"this merged model was fused for {h}x{w} inputs, got "
+                             f"{x.shape[2]}x{x.shape[3]}: merge it again for that size "
+                             f"(jaxprune.merge(m, input_size=...)) and re-export")
         env = {INPUT: (x, True)}
         for name, inputs, module in self.steps:
             if module.layout == "same":
@@ -100,9 +109,9 @@ def export(m: Net, out_dir: str | os.PathLike, *, batch: int = 2) -> Path:
     dynamic batch dimension. Returns the folder.
     """
     from safetensors.numpy import save_file
+    arch = arch_dict(m)  # refuses layers it cannot describe before writing anything
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    arch = arch_dict(m)
     state = {k: np.ascontiguousarray(v) for k, v in torch_state_dict(m, with_counters=True).items()}
     save_file(state, str(out / "model.safetensors"))
     (out / "arch.json").write_text(json.dumps(arch, indent=1) + "\n")

@@ -198,7 +198,7 @@ def test_wrong_input_size_is_refused_with_the_fix():
         b.add("a1", _identity_act())
         b.add("c2", Conv(4, 4, 3, padding=1, rngs=rngs))
     small = merge(_net(build), input_size=(13, 11), cost="none")
-    with pytest.raises(UserError, match=r"merge\(m, input_size=\(12, 12\)\)"):
+    with pytest.raises(UserError, match=r"fused for 13x11 inputs.*input_size=\(H, W\)"):
         small(images((12, 12)))
 
 

@@ -153,7 +153,7 @@ def _layout(M: SpatialMap) -> _Layout:
     return _Layout((u0, u1, v0, v1), tuple(pads), corrections)
 
 
-def _spatial_layer(M: SpatialMap, bias: np.ndarray | None) -> Conv | FusedConv:
+def _spatial_layer(M: SpatialMap, bias: np.ndarray | None, model_size=None) -> Conv | FusedConv:
     """The layer computing `M` plus the measured bias map `bias` (Ho, Wo, cout), exactly.
     Without kernels or bias (geometry only) it has the right shapes and zero weights."""
     rows, cols, K = M.rows, M.cols, M.kernels
@@ -191,7 +191,7 @@ def _spatial_layer(M: SpatialMap, bias: np.ndarray | None) -> Conv | FusedConv:
                       groups=M.groups, in_size=(rows.in_size, cols.in_size),
                       out_size=(rows.size, cols.size), bias_map=not constant,
                       border_at=[(r, c, uv) for r, c, uv, _ in border],
-                      border_shapes=[d.shape[:2] for *_, d in border])
+                      border_shapes=[d.shape[:2] for *_, d in border], model_size=model_size)
     layer.kernel.value = jnp.asarray(base.astype(np.float32))
     if constant:
         layer.bias.value = jnp.asarray(flat.mean(0).astype(np.float32))
@@ -302,7 +302,7 @@ class _Planner:
         if isinstance(M, DenseMap):
             return Linear(M.cin, M.cout, rngs=_NO_RNGS, kernel_init=_given(M.dense()),
                           bias_init=_given(bias.reshape(-1, M.cout)[0]))
-        return _spatial_layer(M, bias)
+        return _spatial_layer(M, bias, self.hw)
 
     def geometries(self, chain: list[Atom]) -> dict:
         """The fused map (no weights) of every piece (i, j) of a chain that may be fused,

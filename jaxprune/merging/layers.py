@@ -48,12 +48,14 @@ class FusedConv(Layer):
 
     def __init__(self, cin: int, cout: int, kernel_size: tuple[int, int], *, stride, padding,
                  groups: int, in_size, out_size, bias_map: bool, border_at=(),
-                 border_shapes=()):
+                 border_shapes=(), model_size=None):
         self.cin, self.cout, self.groups = cin, cout, groups
         self.kernel_size = tuple(kernel_size)
         self.stride = tuple(stride)
         self.padding = tuple(tuple(p) for p in padding)
         self.in_size, self.out_size = tuple(in_size), tuple(out_size)
+        # the model input size the border data were made for (for the error message)
+        self.model_size = tuple(model_size) if model_size is not None else self.in_size
         self.border_at = tuple((None if r is None else tuple(r), None if c is None else tuple(c),
                                 tuple(uv)) for r, c, uv in border_at)
         kh, kw = self.kernel_size
@@ -72,7 +74,8 @@ class FusedConv(Layer):
         return {"cin": self.cin, "cout": self.cout, "kernel_size": list(self.kernel_size),
                 "stride": list(self.stride), "padding": [list(p) for p in self.padding],
                 "groups": self.groups, "in_size": list(self.in_size),
-                "out_size": list(self.out_size), "bias_map": self.bias_map is not None,
+                "out_size": list(self.out_size), "model_size": list(self.model_size),
+                "bias_map": self.bias_map is not None,
                 "border_at": [[None if r is None else list(r), None if c is None else list(c),
                                list(uv)] for r, c, uv in self.border_at],
                 "border_shapes": [list(b.value.shape[:2]) for b in self.border]}
@@ -107,10 +110,12 @@ class FusedConv(Layer):
 
     def check_size(self, h: int, w: int) -> None:
         if (h, w) != self.in_size:
+            mh, mw = self.model_size
             raise UserError(
-                f"this merged model was fused for {self.in_size[0]}x{self.in_size[1]} inputs "
-                f"(its border corrections depend on the size) but got {h}x{w}; merge the "
-                f"linearized model again with jaxprune.merge(m, input_size=({h}, {w}))")
+                f"this merged model was fused for {mh}x{mw} inputs (its border corrections "
+                f"depend on the size; a fused layer made for {self.in_size[0]}x"
+                f"{self.in_size[1]} maps got {h}x{w}); merge the linearized model again for "
+                f"your input size: jaxprune.merge(m, input_size=(H, W))")
 
     def macs(self) -> int:
         """Multiply-accumulates per image: the base conv plus the corrections."""

@@ -1,0 +1,183 @@
+"""converters.to_torch / export / to_torchvision: the torch side computes the JAX model.
+
+Dense, linearized (identity at removed sites) and fused models of every family;
+the export folder round-trips through `converters.from_torch`, and `model.pt2`
+runs in a fresh process that imports only torch.
+"""
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import converters
+import jaxprune
+import models
+from jaxprune.errors import UserError
+from jaxprune.merging import merge
+from models.layers import Act, BatchNorm, Layer
+
+TOL = 1e-4
+
+
+def randomize_bn(m, seed=0):
+    rng = np.random.default_rng(seed)
+    for _, layer in m.named_layers():
+        if isinstance(layer, BatchNorm):
+            c = layer.num_features
+            layer.mean.value = jnp.asarray(rng.normal(size=c) * 0.5, jnp.float32)
+            layer.var.value = jnp.asarray(rng.uniform(0.5, 2.0, size=c), jnp.float32)
+            layer.scale.value = jnp.asarray(rng.uniform(0.5, 1.5, size=c), jnp.float32)
+            layer.bias.value = jnp.asarray(rng.normal(size=c) * 0.3, jnp.float32)
+    return m
+
+
+def images(hw, n=2, seed=3):
+    return np.random.default_rng(seed).normal(size=(n, *hw, 3)).astype(np.float32)
+
+
+def jax_logits(m, x):
+    m.eval()
+    graphdef, state = nnx.split(m)
+    return np.asarray(jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))(state, jnp.asarray(x)))
+
+
+def torch_logits(module, x):
+    with torch.no_grad():
+        return module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+def assert_close(got, ref):
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= TOL * max(1.0, float(np.abs(ref).max()))
+
+
+FAMILIES = {  # arch: (options, input size, sites to linearize)
+    "resnet18_cifar": (dict(width=8), (32, 32),
+                       ["relu", "layer1.0.relu1", "layer2.0.relu1", "layer2.1.relu2"]),
+    "mobilenet_v2_cifar": (dict(width_mult=0.35), (32, 32),
+                           ["features.0.act", "features.2.act_expand", "features.2.act_dw"]),
+    "mobilenet_v2": (dict(width_mult=0.35, layout="timm"), (35, 33),
+                     ["bn1.act", "blocks.2.1.bn1.act", "blocks.2.1.bn2.act"]),
+    "vgg16_bn": ({}, (32, 32), ["features.2", "features.5", "classifier.4"]),
+    "swin_t": ({}, (64, 64), ["features.1.0.mlp.gelu", "features.5.3.mlp.gelu"]),
+}
+
+
+@pytest.fixture(scope="module")
+def built():
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            opts, _, sites = FAMILIES[arch]
+            dense = randomize_bn(models.create(arch, num_classes=10, **opts))
+            lin = randomize_bn(models.create(arch, num_classes=10, **opts))
+            jaxprune.linearize(lin, sites)
+            cache[arch] = dense, lin
+        return cache[arch]
+    return get
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_to_torch_dense_linearized_fused(built, arch):
+    dense, lin = built(arch)
+    hw = FAMILIES[arch][1]
+    x = images(hw)
+    for m in (dense, lin, merge(lin, input_size=hw, cost="none", verify=False)):
+        assert_close(torch_logits(converters.to_torch(m), x), jax_logits(m, x))
+
+
+@pytest.mark.parametrize("arch", ["resnet18_cifar", "mobilenet_v2_cifar", "mobilenet_v2",
+                                  "vgg16_bn", "swin_t"])
+def test_linearized_model_as_its_torchvision_architecture(built, tmp_path, arch):
+    _, lin = built(arch)
+    x = images(FAMILIES[arch][1])
+    tv = converters.to_torchvision(lin)  # loads with strict=True
+    assert_close(torch_logits(tv, x), jax_logits(lin, x))
+    n_identity = sum(isinstance(mod, torch.nn.Identity) for mod in tv.modules())
+    assert n_identity >= 1
+    # the exported weights load strictly into that module as well
+    from safetensors.torch import load_file
+    converters.export(lin, tmp_path)
+    tv.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
+
+
+def _fresh_process(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600, cwd="/")
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.mark.parametrize("arch", ["resnet18_cifar", "mobilenet_v2_cifar"])
+def test_export_round_trip_and_pt2_without_jaxprune(built, tmp_path, arch):
+    _, lin = built(arch)
+    hw = FAMILIES[arch][1]
+    small = merge(lin, input_size=hw, cost="none", verify=False)
+    path = converters.export(small, tmp_path / "out")
+    assert {p.name for p in path.iterdir()} >= {"model.safetensors", "arch.json", "model.pt2"}
+    x = images(hw, n=3)
+    ref = jax_logits(lin, x)
+    assert_close(jax_logits(converters.from_torch(path), x), ref)
+    np.save(tmp_path / "x.npy", x.transpose(0, 3, 1, 2))
+    np.save(tmp_path / "ref.npy", ref)
+    got = _fresh_process(f"""
+import sys, numpy as np, torch
+module = torch.export.load({str(path / 'model.pt2')!r}).module()
+x, ref = np.load({str(tmp_path / 'x.npy')!r}), np.load({str(tmp_path / 'ref.npy')!r})
+with torch.no_grad():
+    full = module(torch.from_numpy(x)).numpy()
+    one = module(torch.from_numpy(x[:1])).numpy()
+bad = [m for m in ("jaxprune", "jax", "models", "converters", "flax") if m in sys.modules]
+print(float(np.abs(full - ref).max()), float(np.abs(one - ref[:1]).max()), bad)
+""").split()
+    scale = TOL * max(1.0, float(np.abs(ref).max()))
+    assert float(got[0]) <= scale and float(got[1]) <= scale, got
+    assert got[2] == "[]"
+
+
+def test_arch_json_keeps_masks_and_edited_graphs(tmp_path):
+    m = randomize_bn(models.create("resnet18_cifar", num_classes=10, width=8))
+    m.layers["layer1.1.relu1"].mask.value = jnp.asarray([1.0, 0.0] * 4)  # per channel (SNL)
+    jaxprune.linearize(m, ["layer3.0.relu2"])
+    m.insert_after("layer2.1.add", "layer2.1.extra_act", Act("relu6"))  # an edited graph
+    path = converters.export(m, tmp_path)
+    arch = json.loads((path / "arch.json").read_text())
+    assert arch["masks"]["layer3.0.relu2"] == 0.0 and len(arch["masks"]["layer1.1.relu1"]) == 8
+    back = converters.from_torch(path)
+    assert [n for n, _ in back.graph] == [n for n, _ in m.graph]
+    x = images((32, 32))
+    ref = jax_logits(m, x)
+    assert_close(jax_logits(back, x), ref)
+    assert_close(torch_logits(converters.to_torch(m), x), ref)
+    with pytest.raises(UserError, match="graph differs"):
+        converters.to_torchvision(m)
+
+
+def test_refusals(built, tmp_path):
+    _, lin = built("resnet18_cifar")
+    small = merge(lin, input_size=(32, 32), cost="none", verify=False)
+    with pytest.raises(UserError, match="fused model"):
+        converters.to_torchvision(small)
+    tm = converters.to_torch(small)
+    with pytest.raises(ValueError, match="fused for 32x32 inputs, got 30x30"):
+        with torch.no_grad():
+            tm(torch.zeros(1, 3, 30, 30))
+
+    class Odd(Layer):
+        def __call__(self, x):
+            return x
+
+    m = models.create("resnet18_cifar", num_classes=10, width=8)
+    m.insert_after("layer1.0.add", "odd", Odd())
+    with pytest.raises(UserError, match="no torch counterpart"):
+        converters.to_torch(m)
+    with pytest.raises(UserError, match="cannot describe"):
+        converters.export(m, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
