@@ -4,9 +4,12 @@
     python run.py --config configs/x.yaml --set train.epochs=2 --set method.max_rounds=3
     python run.py --config configs/x.yaml --dry-run # print the resolved config and the plan
     python run.py --config configs/x.yaml --out /scratch/runs
+    python run.py --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # one per host
 
 Results go to <out>/<name>/ (config.yaml, results.json, report, checkpoints).
 Running the same config again resumes in that folder; a changed config is refused.
+A multi-process run (the flags above, or a detected Slurm / TPU pod / Open MPI launch)
+shares one run folder, which process 0 writes: put it on a file system all hosts see.
 """
 from __future__ import annotations
 
@@ -42,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and the plan; read no data, train nothing, "
                         "write nothing")
+    dist = p.add_argument_group(
+        "multi-process runs", "all three flags, the same coordinator and count on every process; "
+        "without them a Slurm, TPU pod or Open MPI launch is detected from its environment")
+    dist.add_argument("--coordinator", metavar="HOST:PORT",
+                      help="address of process 0, which listens on PORT")
+    dist.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    dist.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
     return p
 
 
@@ -50,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     _one_xla_device_per_core()
     import dataclasses
 
-    from jaxprune import config, runner
+    from jaxprune import config, distributed, runner
     from jaxprune.errors import UserError
     try:
+        if not args.dry_run:  # a dry run reads and writes nothing: it joins no run either
+            joined = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+            if joined:
+                print(f"multi-process run: {joined}", file=sys.stderr, flush=True)
         cfg = config.load(args.config, args.overrides)
         if args.out is not None:
             cfg = dataclasses.replace(cfg, out=args.out)

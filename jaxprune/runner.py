@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import yaml
 
-from jaxprune import config
+from jaxprune import config, distributed
 from jaxprune.config import Config
 from jaxprune.errors import UserError
 from models.net import Net
@@ -120,9 +120,10 @@ def prepare_run_dir(cfg: Config) -> Path:
     """Create `<out>/<name>/` with the resolved config in it, or reuse it for the same config."""
     state = check_run_dir(cfg)
     path = run_dir_of(cfg)
-    if state == "new":
+    if state == "new" and distributed.is_main():
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_FILE).write_text(config.dump(cfg))
+    distributed.barrier("run_dir")  # every process then finds the folder process 0 made
     return path
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxprune import distributed
 from jaxprune.config import Config
 from jaxprune.errors import UserError
 from jaxprune.train import Data, MetricsLog, Trainer, fit
@@ -148,7 +149,7 @@ def fuse_and_export(m: Net, dense: Net, run_dir: Path, hw, *, cost: str = "macs"
                      "latency_ms_before": before.latency_ms, "latency_ms_after": after.latency_ms,
                      "latency_device": jax.devices()[0].device_kind,
                      "max_abs_diff": float(np.max(np.abs(np.asarray(small(x)) - reference)))}}
-    if export:
+    if export and distributed.is_main():  # one process writes the run folder
         out["export"] = export_torch(small, run_dir, x, reference)
     return out, small
 

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from jaxprune import distributed
 from jaxprune.errors import UserError
 from models.layers import Mask
 from models.net import Net
@@ -55,8 +56,12 @@ class Checkpoints:
 
     def save(self, round_: int, m: Net, meta: dict) -> Path:
         final = self.path(round_)
-        if jax.process_index() != 0:
-            return final
+        if distributed.is_main():
+            self._write(final, m, meta)
+        distributed.barrier(f"checkpoint {final}")  # no process reads it before it is complete
+        return final
+
+    def _write(self, final: Path, m: Net, meta: dict) -> None:
         tensors = {k: np.array(v.get_value())  # a copy; keeps 0-d masks 0-d
                    for k, v in _flat(nnx.state(m, SAVED)).items()}
         tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
@@ -67,7 +72,6 @@ class Checkpoints:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        return final
 
     def load(self, round_: int, m: Net) -> dict:
         """Load round `round_` into `m` (in place); returns its meta record."""
