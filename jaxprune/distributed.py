@@ -25,17 +25,30 @@ from jaxprune.errors import UserError
 
 
 def cluster_environment() -> str | None:
-    """The multi-process launcher this process runs under, or None. Only environments that
-    launch several processes count: a one-task Slurm job or a single TPU VM is a normal run."""
+    """The multi-process launcher this process runs under, or None. A one-task Slurm job is
+    an ordinary run; a TPU VM always joins its slice (jax finds its hosts)."""
     env = os.environ
     if "SLURM_JOB_ID" in env and _count(env.get("SLURM_NTASKS")) > 1:
         return "slurm"
     hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-    if len([h for h in hosts.split(",") if h.strip()]) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env:
+    if (len([h for h in hosts.split(",") if h.strip()]) > 1
+            or "MEGASCALE_COORDINATOR_ADDRESS" in env or _tpu_chips() > 0):
+        # on a Cloud TPU VM jax reads the slice's hosts from the metadata server; a
+        # one-host slice initializes as one process
         return "tpu pod"
     if "OMPI_MCA_orte_hnp_uri" in env and _count(env.get("OMPI_COMM_WORLD_SIZE")) > 1:
         return "open mpi"
     return None
+
+
+def _tpu_chips() -> int:
+    """TPU chips on this host's PCI bus: the local check jax itself runs before it asks a
+    Cloud TPU VM's metadata server for the slice (jax-internal, hence the guard)."""
+    try:
+        from jax._src import hardware_utils
+        return int(hardware_utils.num_available_tpu_chips_and_device_id()[0])
+    except (ImportError, AttributeError, OSError, TypeError):
+        return 0
 
 
 def _count(value: str | None) -> int:
