@@ -24,26 +24,68 @@ class _Same(nn.Module):
     layout = "same"
 
 
+def _conv_plan(padding, stride):
+    """How torch runs a conv with jaxprune's ((lo, hi), (lo, hi)) padding without copying
+    the input when it can: (F.pad argument or None, conv padding, first output row/col to
+    keep). A larger symmetric padding computes a few extra output rows, sliced off."""
+    pads, starts = [], []
+    for (lo, hi), s in zip(padding, stride):
+        if lo >= hi:
+            pads.append(lo)
+            starts.append(0)
+        elif (hi - lo) % s == 0:
+            pads.append(hi)
+            starts.append((hi - lo) // s)
+        else:
+            (plo, phi), (qlo, qhi) = padding
+            return (qlo, qhi, plo, phi), (0, 0), (0, 0)
+    return None, tuple(pads), tuple(starts)
+
+
+def _conv(x, weight, bias, stride, padding, groups, plan):
+    """F.conv2d with jaxprune's padding (output cropped to the exact size)."""
+    pre_pad, conv_pad, (r0, c0) = plan
+    if pre_pad is not None:
+        return F.conv2d(F.pad(x, pre_pad), weight, bias, stride, 0, 1, groups)
+    y = F.conv2d(x, weight, bias, stride, conv_pad, 1, groups)
+    (plo, phi), (qlo, qhi) = padding
+    ho = (x.shape[2] + plo + phi - weight.shape[2]) // stride[0] + 1
+    wo = (x.shape[3] + qlo + qhi - weight.shape[3]) // stride[1] + 1
+    if (r0, c0, ho, wo) != (0, 0, y.shape[2], y.shape[3]):
+        y = y[:, :, r0:r0 + ho, c0:c0 + wo]
+    return y
+
+
 class Conv(nn.Conv2d):
-    """nn.Conv2d; an asymmetric or negative (cropping) padding is applied with F.pad first."""
     layout = "nchw"
 
     def __init__(self, layer: L.Conv):
-        pre_pad, conv_pad = _padding(layer.padding)
-        super().__init__(layer.cin, layer.cout, layer.kernel_size, layer.stride, conv_pad,
+        super().__init__(layer.cin, layer.cout, layer.kernel_size, layer.stride,
                          groups=layer.groups, bias=layer.bias is not None)
-        self.pre_pad = pre_pad
+        self.jax_padding = layer.padding
+        self.plan = _conv_plan(layer.padding, layer.stride)
 
     def forward(self, x):
-        return super().forward(F.pad(x, self.pre_pad) if self.pre_pad else x)
+        return _conv(x, self.weight, self.bias, self.stride, self.jax_padding, self.groups,
+                     self.plan)
 
 
-def _padding(padding):
-    """(F.pad argument or None, conv padding) for jaxprune's ((lo, hi), (lo, hi))."""
-    (plo, phi), (qlo, qhi) = padding
-    if plo == phi >= 0 and qlo == qhi >= 0:
-        return None, (plo, qlo)
-    return (qlo, qhi, plo, phi), (0, 0)
+def _window_conv(x, k, r0: int, c0: int, rows: int, cols: int, stride, groups: int):
+    """A conv of kernel `k` over input rows [r0, r0+rows) x cols [c0, c0+cols) of `x` (zero
+    outside), as one einsum over unfolded patches: border corrections are a few output
+    rows, far too small for F.conv2d's per-call cost."""
+    h, w = x.shape[2:]
+    a, b, c, d = max(r0, 0), min(r0 + rows, h), max(c0, 0), min(c0 + cols, w)
+    win = x[:, :, a:b, c:d]
+    pad = (c - c0, c0 + cols - d, a - r0, r0 + rows - b)
+    if any(pad):
+        win = F.pad(win, pad)
+    o, ci, kh, kw = k.shape
+    p = win.unfold(2, kh, stride[0]).unfold(3, kw, stride[1])   # N, C, oh, ow, kh, kw
+    n, _, oh, ow = p.shape[:4]
+    p = p.reshape(n, groups, ci, oh, ow, kh, kw)
+    out = torch.einsum("ngchwab,gocab->ngohw", p, k.reshape(groups, o // groups, ci, kh, kw))
+    return out.reshape(n, o, oh, ow)
 
 
 class FusedConvT(nn.Module):
@@ -62,28 +104,27 @@ class FusedConvT(nn.Module):
         self.border = nn.ParameterList(
             [nn.Parameter(torch.zeros(tuple(k.value.shape[i] for i in (3, 2, 0, 1))))
              for k in layer.border])
-        self.pre_pad, self.conv_pad = _padding(layer.padding)
-        (plo, phi), (qlo, qhi) = layer.border_pad
-        self.border_pad = (qlo, qhi, plo, phi)
-        self.windows = list(layer.windows())
-        self.out_size, self.stride = layer.out_size, layer.stride
-        self.groups = layer.groups
+        self.jax_padding, self.stride, self.groups = layer.padding, layer.stride, layer.groups
+        self.plan = _conv_plan(layer.padding, layer.stride)
+        (plo, _), (qlo, _) = layer.border_pad
+        # correction windows in unpadded input coordinates
+        self.windows = [(n, i, j, r0 - plo, c0 - qlo, stride)
+                        for n, i, j, r0, c0, stride in layer.windows()]
+        self.out_size = layer.out_size
 
     def forward(self, x):
-        y = F.conv2d(F.pad(x, self.pre_pad) if self.pre_pad else x, self.weight, None,
-                     self.stride, self.conv_pad, groups=self.groups)
-        y = y + (self.bias_map if self.bias_map is not None else self.bias[:, None, None])
-        if len(self.border):
-            xp = F.pad(x, self.border_pad)
-            (sh, sw), (ho, wo) = self.stride, self.out_size
-            for n, i, j, r0, c0, stride in self.windows:
-                k = self.border[n]
-                rows = k.shape[2] if i is not None else sh * (ho - 1) + k.shape[2]
-                cols = k.shape[3] if j is not None else sw * (wo - 1) + k.shape[3]
-                out = F.conv2d(xp[:, :, r0:r0 + rows, c0:c0 + cols], k, None, stride,
-                               groups=self.groups)
-                y[:, :, slice(None) if i is None else slice(i, i + 1),
-                  slice(None) if j is None else slice(j, j + 1)] += out
+        y = _conv(x, self.weight, self.bias, self.stride, self.jax_padding, self.groups,
+                  self.plan)
+        if self.bias_map is not None:
+            y = y + self.bias_map
+        (sh, sw), (ho, wo) = self.stride, self.out_size
+        for n, i, j, r0, c0, stride in self.windows:
+            k = self.border[n]
+            rows = k.shape[2] if i is not None else sh * (ho - 1) + k.shape[2]
+            cols = k.shape[3] if j is not None else sw * (wo - 1) + k.shape[3]
+            out = _window_conv(x, k, r0, c0, rows, cols, stride, self.groups)
+            y[:, :, slice(None) if i is None else slice(i, i + 1),
+              slice(None) if j is None else slice(j, j + 1)] += out
         return y
 
 

@@ -181,3 +181,21 @@ def test_refusals(built, tmp_path):
     with pytest.raises(UserError, match="cannot describe"):
         converters.export(m, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("padding,stride", [(((1, 0), (2, 2)), (1, 1)), (((2, -1), (0, 1)), (2, 2)),
+                                            (((0, 2), (1, 3)), (2, 3)), (((3, 1), (1, 1)), (3, 1))])
+def test_torch_conv_with_fused_paddings(padding, stride):
+    # fused convs have asymmetric or cropping (negative) padding; torch pads symmetrically
+    from converters.torch_layers import Conv as TorchConv
+    from models.layers import Conv
+    layer = Conv(4, 6, (3, 2), stride=stride, padding=padding, groups=2, bias=True,
+                 rngs=nnx.Rngs(0))
+    layer.bias.value = jnp.arange(6.0)
+    tconv = TorchConv(layer)
+    tconv.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in layer.torch_state().items()})
+    x = np.random.default_rng(0).normal(size=(2, 11, 10, 4)).astype(np.float32)
+    with torch.no_grad():
+        got = tconv(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
+    ref = np.asarray(layer(jnp.asarray(x)))
+    assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-5
