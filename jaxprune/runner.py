@@ -120,6 +120,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     """Create `<out>/<name>/` with the resolved config in it, or reuse it for the same config."""
     state = check_run_dir(cfg)
     path = run_dir_of(cfg)
+    distributed.barrier("run_dir checked")  # every process looked before process 0 writes
     if state == "new" and distributed.is_main():
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_FILE).write_text(config.dump(cfg))
