@@ -25,10 +25,13 @@ from jaxprune.errors import UserError
 
 
 def cluster_environment() -> str | None:
-    """The multi-process launcher this process runs under, or None. A one-task Slurm job is
+    """The multi-process launcher this process runs under, or None. A one-task Slurm step is
     an ordinary run; a TPU VM always joins its slice (jax finds its hosts)."""
     env = os.environ
-    if "SLURM_JOB_ID" in env and _count(env.get("SLURM_NTASKS")) > 1:
+    # inside an srun step of several tasks (a batch script's own shell has no step node list
+    # and is one process, whatever the job's task count)
+    if ("SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" in env
+            and _count(env.get("SLURM_NTASKS")) > 1):
         return "slurm"
     hosts = env.get("TPU_WORKER_HOSTNAMES", "")
     if (len([h for h in hosts.split(",") if h.strip()]) > 1

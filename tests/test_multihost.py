@@ -106,15 +106,19 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def test_initialize_without_a_cluster_is_a_no_op(monkeypatch):
-    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_NODELIST", "TPU_WORKER_HOSTNAMES",
                 "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_MCA_orte_hnp_uri"):
         monkeypatch.delenv(var, raising=False)
     assert distributed.cluster_environment() is None
     assert distributed.initialize() is None
     monkeypatch.setenv("SLURM_JOB_ID", "7")
-    monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task job is an ordinary run
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node1")
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task step is an ordinary run
     assert distributed.cluster_environment() is None
     monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.delenv("SLURM_STEP_NODELIST")  # a batch script's shell, outside srun
+    assert distributed.cluster_environment() is None
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node[1-2]")
     assert distributed.cluster_environment() == "slurm"
     monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-0,t1v-1")

@@ -1,0 +1,310 @@
+"""Every benchmark of the project in one command; writes BENCHMARKS.md.
+
+    python bench/run_all.py            # full settings (tens of minutes on a 2-core CPU)
+    python bench/run_all.py --quick    # short runs, same tables (a few minutes)
+    python bench/run_all.py --out /tmp/B.md
+
+For each benchmark: the jaxprune figure, the baseline figure and their ratio.
+
+* train step: EASIER's jitted train step (statistics on) against the reference
+  PyTorch step with entropy hooks (`bench/train_step.py`); target >= 1.25x on a
+  CPU, >= 2x on a GPU. On a GPU also the achieved FLOP/s of the step (XLA's
+  cost analysis of the compiled step) as a fraction of the device's peak.
+* fused vs dense latency: a ResNet-18 with every site linearized, fused by
+  `jaxprune.merge`, against the dense model, batch 1, JAX and torch.
+* data pipeline: images/s of each input pipeline against the train step it feeds
+  (`bench/data_pipeline.py`); above 1 the pipeline is not the bottleneck.
+* compile time: the first call of the jitted train step per model (resnet18_cifar,
+  vgg16_bn, mobilenet_v2_cifar, swin_t at 32 px); target < 30 s on a CPU.
+
+Each benchmark runs in its own process (its own XLA and torch thread pools), one
+after the other; the machine and versions head the report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from run import _one_xla_device_per_core  # noqa: E402  (the CLI's device setup, before jax)
+
+TRAIN_STEP_TARGET = {"cpu": 1.25, "gpu": 2.0}
+COMPILE_TARGET_S = 30.0
+COMPILE_MODELS = ("resnet18_cifar", "vgg16_bn", "mobilenet_v2_cifar", "swin_t")
+# Dense peak FLOP/s per device kind for float32 matmuls as XLA runs them on GPU (TF32
+# tensor cores); a device not listed gets no fraction.
+PEAK_FLOPS = {"H100": 494e12, "H200": 494e12, "A100": 156e12, "L4": 60e12, "V100": 15.7e12}
+
+
+def _json_lines(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def _run(args: list[str], timeout: float) -> list[dict]:
+    """A benchmark script or worker in its own process; its JSON result lines."""
+    t0 = time.perf_counter()
+    print(f"$ {' '.join(args)}", file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    print(f"  done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return _json_lines(proc.stdout)
+
+
+# -- workers (run in their own process through --worker) ----------------------------------
+
+def _train_step_parts(name: str, batch: int, size: int, width: int | None):
+    """(trainer, a global batch) for `name` at `size` px, data parallel over every device."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import models
+    from jaxprune.config import TrainConfig
+    from jaxprune.train import Trainer, make_mesh
+    mesh = make_mesh()
+    options = {"width": width} if width else {}
+    m = models.create(name, num_classes=10, seed=0, **options)
+    trainer = Trainer(m, TrainConfig(), steps_per_epoch=1000, mesh=mesh)
+    trainer.start_round()
+    rng = np.random.default_rng(0)
+    data = {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, batch).astype(np.int32),
+            "mask": np.ones(batch, np.float32)}
+    return trainer, jax.device_put(data, NamedSharding(mesh, P("data")))
+
+
+def worker_compile(name: str, batch: int) -> dict:
+    """Seconds of the first call of the jitted train step (trace + compile + one run)."""
+    import jax
+    trainer, data = _train_step_parts(name, batch, 32, None)
+    t0 = time.perf_counter()
+    trainer.train_step(data)
+    jax.block_until_ready(trainer.params)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trainer.train_step(data)
+    jax.block_until_ready(trainer.params)
+    return {"model": name, "image_size": 32, "batch": batch, "first_call_s": first,
+            "compile_s": first - (time.perf_counter() - t0), "devices": jax.device_count()}
+
+
+def worker_flops(batch: int, width: int, steps: int) -> dict:
+    """Images/s and achieved FLOP/s of the EASIER train step of resnet18_cifar."""
+    import jax
+    from jaxprune.train.mesh import replicate
+    trainer, data = _train_step_parts("resnet18_cifar", batch, 32, width)
+    args = (trainer.params, trainer.extra, trainer.rest, trainer.opt_state,
+            replicate(trainer._zero_train, trainer.mesh), trainer.step, trainer.aux, data)
+    cost = trainer._train.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    trainer.train_step(data)
+    trainer.finish_epoch()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(data)
+    trainer.finish_epoch()
+    step_s = (time.perf_counter() - t0) / steps
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+    return {"device_kind": kind, "platform": jax.default_backend(), "batch": batch,
+            "width": width, "img_s": batch / step_s, "flops_per_step": flops,
+            "flop_s": flops / step_s, "peak_flop_s": peak,
+            "fraction_of_peak": flops / step_s / peak if peak and flops else None}
+
+
+def worker_latency(repeats: int) -> dict:
+    """Batch-1 latency of a dense ResNet-18 (CIFAR) and of it fully linearized and fused."""
+    import jax
+    import models
+    from jaxprune import linearize, merge, profile
+    dense = models.create("resnet18_cifar", num_classes=10, seed=0)
+    dense.eval()
+    linear = models.create("resnet18_cifar", num_classes=10, seed=0)
+    linearize(linear, linear.sites())
+    linear.eval()
+    fused = merge(linear, input_size=(32, 32), cost="none")
+    runtimes = ("jax", "torch")
+    before = profile(dense, (32, 32), latency=runtimes, batch=1, repeats=repeats)
+    after = profile(fused, (32, 32), latency=runtimes, batch=1, repeats=repeats)
+    return {"device_kind": jax.devices()[0].device_kind, "repeats": repeats,
+            "depth_dense": before.depth, "depth_fused": after.depth,
+            "latency_ms_dense": before.latency_ms, "latency_ms_fused": after.latency_ms}
+
+
+WORKERS = {"compile": worker_compile, "flops": worker_flops, "latency": worker_latency}
+
+
+# -- the report ----------------------------------------------------------------------------
+
+def machine() -> dict:
+    import importlib.metadata as md
+
+    import jax
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "grain", "torch", "torchvision", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    devices = jax.devices()
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": jax.default_backend(),
+            "device_kind": devices[0].device_kind, "devices": len(devices),
+            "python": platform.python_version(), "os": platform.platform(), "versions": versions}
+
+
+def _f(v, digits=1) -> str:
+    return "–" if v is None else f"{v:,.{digits}f}"
+
+
+def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
+    gpu = mach["platform"] == "gpu"
+    lines = ["# Benchmarks", "",
+             f"Written by `{command}` in {seconds / 60:.1f} min "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Rerun it to refresh.", "",
+             "## Machine", "",
+             f"* CPU: {mach['cpu']}, {mach['cores']} cores",
+             f"* JAX platform: {mach['platform']}, {mach['devices']} x {mach['device_kind']}",
+             f"* Python {mach['python']} on {mach['os']}",
+             "* " + ", ".join(f"{k} {v}" for k, v in mach["versions"].items()), ""]
+    if not gpu:
+        lines += ["No GPU on this machine: the GPU table below is empty; run the same command "
+                  "on a GPU node to fill it.", ""]
+
+    ts = results.get("train_step")
+    target = TRAIN_STEP_TARGET["gpu" if gpu else "cpu"]
+    lines += ["## EASIER train step vs the PyTorch reference step", "",
+              "jaxprune: the jitted data-parallel step with per-site ON/OFF statistics on device. "
+              "Baseline: the reference's PyTorch eager step (a hook on every ReLU, per-layer "
+              "entropy read to the host each step). `bench/train_step.py`.", ""]
+    if ts:
+        ok = "meets" if ts["ratio"] >= target else "misses"
+        lines += ["| model | batch | devices | jaxprune img/s | no stats img/s | PyTorch ref img/s "
+                  "| ratio | target |", "|---|---|---|---|---|---|---|---|",
+                  f"| resnet18_cifar (width {ts['width']}) | {ts['batch']} | {ts['devices']} "
+                  f"{ts['platform']} | {_f(ts['jax_img_s'])} | {_f(ts['jax_nostats_img_s'])} | "
+                  f"{_f(ts['torch_ref_img_s'])} | **{ts['ratio']:.2f}x** | >= {target}x ({ok}) |",
+                  "", f"Statistics cost {100 * ts['stats_overhead']:.1f} % of the step.", ""]
+
+    fl = results.get("flops")
+    lines += ["## GPU: throughput and fraction of peak", "",
+              "Achieved FLOP/s = XLA's FLOP count of the compiled EASIER step / measured step "
+              "time; peak: dense TF32 FLOP/s of the device kind.", "",
+              "| device | batch | img/s | TFLOP/s | peak TFLOP/s | fraction of peak | "
+              "ratio vs PyTorch ref (target >= 2x) |", "|---|---|---|---|---|---|---|"]
+    if gpu and fl:
+        ratio = f"{ts['ratio']:.2f}x" if ts else "–"
+        peak = fl["peak_flop_s"]
+        lines.append(f"| {fl['device_kind']} | {fl['batch']} | {_f(fl['img_s'])} | "
+                     f"{_f(fl['flop_s'] / 1e12, 2)} | {_f(peak / 1e12 if peak else None, 0)} | "
+                     f"{_f(fl['fraction_of_peak'], 3)} | {ratio} |")
+    else:
+        lines.append("| (no GPU in this run) | | | | | | |")
+    if fl and not gpu:
+        lines += ["", f"On this CPU the same step reaches {fl['flop_s'] / 1e9:,.1f} GFLOP/s "
+                      f"({fl['img_s']:,.1f} img/s at batch {fl['batch']}, width {fl['width']})."]
+    lines.append("")
+
+    lat = results.get("latency")
+    lines += ["## Fused vs dense latency", "",
+              "ResNet-18 (CIFAR, width 64) with every site linearized and fused by "
+              "`jaxprune.merge` against the dense model; batch 1, 32 px, median.", ""]
+    if lat:
+        lines += [f"Depth {lat['depth_dense']} -> {lat['depth_fused']}.", "",
+                  "| runtime | dense ms | fused ms | speed-up |", "|---|---|---|---|"]
+        for key, dense_ms in lat["latency_ms_dense"].items():
+            fused_ms = lat["latency_ms_fused"][key]
+            lines.append(f"| {key} | {dense_ms:.3f} | {fused_ms:.3f} | "
+                         f"**{dense_ms / fused_ms:.2f}x** |")
+    lines.append("")
+
+    dp = results.get("data_pipeline")
+    lines += ["## Data pipeline vs the train step", "",
+              "Images/s of each input pipeline alone (one epoch, default workers) against the "
+              "ResNet-18 train step at the same size; ratio > 1: the pipeline keeps up. "
+              "`bench/data_pipeline.py`.", ""]
+    if dp:
+        lines += ["| case | px | workers | pipeline img/s | train step img/s | ratio |",
+                  "|---|---|---|---|---|---|"]
+        for r in dp:
+            lines.append(f"| {r['case']} | {r['image_size']} | {r['num_workers']} | "
+                         f"{_f(r['pipeline_images_per_s'])} | {_f(r['train_step_images_per_s'])} "
+                         f"| **{r['pipeline_over_step']:.1f}x** |")
+    lines.append("")
+
+    comp = results.get("compile")
+    lines += ["## Compile time of the train step", "",
+              f"First call of the jitted EASIER train step (trace, compile, one step) minus one "
+              f"later step, 32 px; target < {COMPILE_TARGET_S:.0f} s on a CPU.", ""]
+    if comp:
+        lines += ["| model | batch | compile s | first call s | target |", "|---|---|---|---|---|"]
+        for r in comp:
+            ok = "ok" if r["compile_s"] < COMPILE_TARGET_S else "over"
+            lines.append(f"| {r['model']} | {r['batch']} | **{r['compile_s']:.1f}** | "
+                         f"{r['first_call_s']:.1f} | {ok} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="short runs (narrower model, fewer steps)")
+    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--args", default="{}", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    _one_xla_device_per_core()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](**json.loads(args.args))))
+        return 0
+    t0 = time.perf_counter()
+    me = str(Path(__file__).relative_to(ROOT))
+
+    def worker(kind: str, **kw) -> dict:
+        return _run([me, "--worker", kind, "--args", json.dumps(kw)], timeout=1800)[-1]
+
+    q = args.quick
+    results: dict = {}
+    ts = ["bench/train_step.py"] + (["--width", "16", "--batch", "64", "--steps", "3",
+                                     "--blocks", "2"] if q else [])
+    results["train_step"] = _run(ts, timeout=3600)[-1]
+    results["flops"] = worker("flops", batch=64 if q else 128, width=16 if q else 64,
+                              steps=3 if q else 10)
+    results["latency"] = worker("latency", repeats=10 if q else 30)
+    results["data_pipeline"] = [r for r in _run(
+        ["bench/data_pipeline.py", "--max-steps", "2" if q else "3"], timeout=3600) if "case" in r]
+    results["compile"] = [worker("compile", name=name, batch=8 if q else 32)
+                          for name in COMPILE_MODELS]
+    command = "python bench/run_all.py" + (" --quick" if q else "")
+    text = markdown(machine(), results, command, time.perf_counter() - t0)
+    args.out.write_text(text)
+    print(json.dumps(results))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
