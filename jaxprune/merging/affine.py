@@ -10,15 +10,17 @@ position `i` reads input positions `stride*i - offset + u` for taps
 Borders. A later conv zero-pads an *intermediate* tensor; the composed kernel
 instead sees values computed from real input at those positions. So the exact
 kernel at output position `(i, j)` is the composed kernel without the paths
-through padded intermediate positions (the guide's 1-D example: a 3-tap conv
-after a padded 3-tap conv differs from the 5-tap composition at the border).
+through padded intermediate positions. In 1-D, with z[i] = sum_a w1[a] x[i-1+a]
+and y[0] = w2[1] z[0] + w2[2] z[1] (z[-1] is padding), the 5-tap composition
+adds w2[0] w1[2] x[0] at y[0], which the original never computes.
 Which paths drop depends only on *which* taps are out of range, per axis, so
 each axis has a few position classes: class 0 = every intermediate tap valid
 (the interior), others near the borders. A map keeps one kernel per pair
 (row class, column class). Out-of-range taps of a *pointwise* map (1x1 chains
 from the input, e.g. MobileNetV2's expand conv) read input padding, which is
 zero either way, so they do not create classes: there only the bias differs at
-the border, and that is measured separately as `f(0)`.
+the border. Biases are not tracked here: the fused bias (map) is the run
+applied to zeros, `f(0)` (`fold.apply_numpy`).
 
 `DenseMap` is the same for Linear layers on the last axis (no borders).
 Kernels compose in float64; `weights=False` computes only the geometry, which

@@ -32,7 +32,7 @@ from flax import nnx
 
 from jaxprune.errors import UserError
 from models.layers import Conv, Linear
-from models.net import INPUT, Net
+from models.net import Net
 
 from jaxprune.merging import profiling as prof
 from jaxprune.merging.affine import DenseMap, NotFusable, SpatialMap, _union
