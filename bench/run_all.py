@@ -11,7 +11,8 @@ For each benchmark: the jaxprune figure, the baseline figure and their ratio.
   CPU, >= 2x on a GPU. On a GPU also the achieved FLOP/s of the step (XLA's
   cost analysis of the compiled step) as a fraction of the device's peak.
 * fused vs dense latency: a ResNet-18 with every site linearized, fused by
-  `jaxprune.merge`, against the dense model, batch 1, JAX and torch.
+  `jaxprune.merge` (default cost model), against the dense model, batch 1, JAX
+  and torch.
 * data pipeline: images/s of each input pipeline against the train step it feeds
   (`bench/data_pipeline.py`); above 1 the pipeline is not the bottleneck.
 * compile time: the first call of the jitted train step per model (resnet18_cifar,
@@ -140,7 +141,7 @@ def worker_latency(repeats: int) -> dict:
     linear = models.create("resnet18_cifar", num_classes=10, seed=0)
     linearize(linear, linear.sites())
     linear.eval()
-    fused = merge(linear, input_size=(32, 32), cost="none")
+    fused = merge(linear, input_size=(32, 32))  # the default cost model: fuse where MACs drop
     runtimes = ("jax", "torch")
     before = profile(dense, (32, 32), latency=runtimes, batch=1, repeats=repeats)
     after = profile(fused, (32, 32), latency=runtimes, batch=1, repeats=repeats)
@@ -231,7 +232,8 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
     lat = results.get("latency")
     lines += ["## Fused vs dense latency", "",
               "ResNet-18 (CIFAR, width 64) with every site linearized and fused by "
-              "`jaxprune.merge` against the dense model; batch 1, 32 px, median.", ""]
+              "`jaxprune.merge` (default cost model: a linear run is fused where that lowers "
+              "its MACs) against the dense model; batch 1, 32 px, median.", ""]
     if lat:
         lines += [f"Depth {lat['depth_dense']} -> {lat['depth_fused']}.", "",
                   "| runtime | dense ms | fused ms | speed-up |", "|---|---|---|---|"]
