@@ -10,9 +10,9 @@ For each benchmark: the jaxprune figure, the baseline figure and their ratio.
   PyTorch step with entropy hooks (`bench/train_step.py`); target >= 1.25x on a
   CPU, >= 2x on a GPU. On a GPU also the achieved FLOP/s of the step (XLA's
   cost analysis of the compiled step) as a fraction of the device's peak.
-* fused vs dense latency: a ResNet-18 with every site linearized, fused by
-  `jaxprune.merge` (default cost model), against the dense model, batch 1, JAX
-  and torch.
+* fused vs dense latency: `bench/merge_speed.py` (MobileNetV2 with DepthShrinker's
+  patterns, Swin-T without MLP GELUs, EASIER's ResNet-18 without mid-block ReLUs),
+  JAX and torch.
 * data pipeline: images/s of each input pipeline against the train step it feeds
   (`bench/data_pipeline.py`); above 1 the pipeline is not the bottleneck.
 * compile time: the first call of the jitted train step per model (resnet18_cifar,
@@ -131,26 +131,7 @@ def worker_flops(batch: int, width: int, steps: int) -> dict:
             "fraction_of_peak": flops / step_s / peak if peak and flops else None}
 
 
-def worker_latency(repeats: int) -> dict:
-    """Batch-1 latency of a dense ResNet-18 (CIFAR) and of it fully linearized and fused."""
-    import jax
-    import models
-    from jaxprune import linearize, merge, profile
-    dense = models.create("resnet18_cifar", num_classes=10, seed=0)
-    dense.eval()
-    linear = models.create("resnet18_cifar", num_classes=10, seed=0)
-    linearize(linear, linear.sites())
-    linear.eval()
-    fused = merge(linear, input_size=(32, 32))  # the default cost model: fuse where MACs drop
-    runtimes = ("jax", "torch")
-    before = profile(dense, (32, 32), latency=runtimes, batch=1, repeats=repeats)
-    after = profile(fused, (32, 32), latency=runtimes, batch=1, repeats=repeats)
-    return {"device_kind": jax.devices()[0].device_kind, "repeats": repeats,
-            "depth_dense": before.depth, "depth_fused": after.depth,
-            "latency_ms_dense": before.latency_ms, "latency_ms_fused": after.latency_ms}
-
-
-WORKERS = {"compile": worker_compile, "flops": worker_flops, "latency": worker_latency}
+WORKERS = {"compile": worker_compile, "flops": worker_flops}
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -229,18 +210,17 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
                       f"({fl['img_s']:,.1f} img/s at batch {fl['batch']}, width {fl['width']})."]
     lines.append("")
 
-    lat = results.get("latency")
+    lat = results.get("merge_speed")
     lines += ["## Fused vs dense latency", "",
-              "ResNet-18 (CIFAR, width 64) with every site linearized and fused by "
-              "`jaxprune.merge` (default cost model: a linear run is fused where that lowers "
-              "its MACs) against the dense model; batch 1, 32 px, median.", ""]
+              "Dense network against the same network with sites linearized and fused by "
+              "`jaxprune.merge`; random weights, medians. `bench/merge_speed.py` (its docstring "
+              "describes the cases).", ""]
     if lat:
-        lines += [f"Depth {lat['depth_dense']} -> {lat['depth_fused']}.", "",
-                  "| runtime | dense ms | fused ms | speed-up |", "|---|---|---|---|"]
-        for key, dense_ms in lat["latency_ms_dense"].items():
-            fused_ms = lat["latency_ms_fused"][key]
-            lines.append(f"| {key} | {dense_ms:.3f} | {fused_ms:.3f} | "
-                         f"**{dense_ms / fused_ms:.2f}x** |")
+        lines += ["| case | batch | runtime | dense ms | fused ms | speed-up |",
+                  "|---|---|---|---|---|---|"]
+        for r in lat:
+            lines.append(f"| {r['case']} | {r['batch']} | {r['runtime']} | {r['dense_ms']:.2f} | "
+                         f"{r['fused_ms']:.2f} | **{r['speedup']:.2f}x** |")
     lines.append("")
 
     dp = results.get("data_pipeline")
@@ -295,7 +275,9 @@ def main(argv=None) -> int:
     results["train_step"] = _run(ts, timeout=3600)[-1]
     results["flops"] = worker("flops", batch=64 if q else 128, width=16 if q else 64,
                               steps=3 if q else 10)
-    results["latency"] = worker("latency", repeats=10 if q else 30)
+    ms = ["bench/merge_speed.py"] + (["--cases", "mbv2_A,resnet18_cifar_mid", "--batches", "1",
+                                      "--repeats", "3"] if q else [])
+    results["merge_speed"] = [r for r in _run(ms, timeout=3600) if "speedup" in r]
     results["data_pipeline"] = [r for r in _run(
         ["bench/data_pipeline.py", "--max-steps", "2" if q else "3"], timeout=3600) if "case" in r]
     results["compile"] = [worker("compile", name=name, batch=8 if q else 32)
