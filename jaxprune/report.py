@@ -20,17 +20,34 @@ RESULTS, REPORT = "results.json", "report.md"
 ENTROPY_PLOT, ACCURACY_PLOT = "entropy.png", "accuracy.png"
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot drawing to files only (no display on servers and CI)."""
     import matplotlib
-    matplotlib.use("Agg")  # files only: no display on servers and CI
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: a crash never leaves a half-written result."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_files(run_dir, results: dict, report_md: str) -> None:
+    """results.json and report.md, on process 0 only."""
+    if jax.process_index() != 0:
+        return
+    run_dir = Path(run_dir)
+    write_text_atomic(run_dir / RESULTS, json.dumps(results, indent=1))
+    write_text_atomic(run_dir / REPORT, report_md)
 
 
 def plot_entropy(results: dict, path: Path) -> None:
     """Heat map: sites (rows, forward order) x rounds (columns); cells of sites that are
     already linear in that round are blank, the sites a round picks are outlined."""
-    plt = _pyplot()
+    plt = pyplot()
     sites, rounds = results["sites"], results["rounds"]
     values = np.array([[r["entropy"].get(s, np.nan) for r in rounds] for s in sites])
     linear = np.array([[s in r["linearized"] for r in rounds] for s in sites])
@@ -54,7 +71,7 @@ def plot_entropy(results: dict, path: Path) -> None:
 
 def plot_accuracy(results: dict, path: Path) -> None:
     """Validation and test accuracy against the number of sites linearized."""
-    plt = _pyplot()
+    plt = pyplot()
     rounds = results["rounds"]
     n = [r["n_linear"] for r in rounds]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -148,8 +165,7 @@ def write(run_dir, results: dict) -> None:
     if jax.process_index() != 0:
         return
     run_dir = Path(run_dir)
-    (run_dir / RESULTS).write_text(json.dumps(results, indent=1))
     if results.get("rounds"):
         plot_entropy(results, run_dir / ENTROPY_PLOT)
         plot_accuracy(results, run_dir / ACCURACY_PLOT)
-    (run_dir / REPORT).write_text(markdown(results))
+    write_files(run_dir, results, markdown(results))

@@ -8,7 +8,6 @@ import pytest
 import torch
 from flax import nnx
 
-import jaxprune  # noqa: F401  (import order: jaxprune before models)
 from models.layers import Conv, MaxPool, conv_as_matmul
 
 

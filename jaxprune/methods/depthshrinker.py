@@ -49,7 +49,8 @@ from jaxprune.errors import UserError
 from jaxprune.merging import COST_MODELS
 from jaxprune.methods import register
 from jaxprune.methods.staged import (Distillation, evaluate, fuse_and_export, image_size,
-                                     original_model, stage_checkpoints, write_report)
+                                     original_model, stage_checkpoints)
+from jaxprune.report import pyplot, write_files
 from jaxprune.train import Data, MetricsLog, Trainer, fetch, fit, make_mesh
 from jaxprune.train.trainer import Hooks
 from models.layers import Act
@@ -369,18 +370,11 @@ def run(cfg: Config, run_dir) -> dict:
             plot_scores(search, run_dir / SCORES_PLOT)
         if "finetune" in results or search is not None:
             plot_pattern(results, run_dir / PATTERN_PLOT)
-    write_report(run_dir, results, markdown(results))
+    write_files(run_dir, results, markdown(results))
     return results
 
 
 # -- report ---------------------------------------------------------------------------------
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
 
 def _pattern(results: dict) -> list[int]:
     return results["finetune"]["keep"] if "finetune" in results else results["search"]["keep"]
@@ -388,7 +382,7 @@ def _pattern(results: dict) -> list[int]:
 
 def plot_scores(search: dict, path: Path) -> None:
     """Every gate's score over the search epochs; gates removed at the search ratio solid."""
-    plt = _pyplot()
+    plt = pyplot()
     history = np.asarray(search["history"])
     keep = search["keep"]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
@@ -413,7 +407,7 @@ def plot_scores(search: dict, path: Path) -> None:
 def plot_pattern(results: dict, path: Path) -> None:
     """The chosen pattern: one bar per gate (its cost saving when the search ran, else 1),
     kept gates blue, removed orange."""
-    plt = _pyplot()
+    plt = pyplot()
     keep = _pattern(results)
     search = results.get("search")
     values = search["cost"]["delta"] if search else [1.0] * len(keep)

@@ -36,8 +36,8 @@ from jaxprune.errors import UserError
 from jaxprune.merging.profiling import tensor_shapes
 from jaxprune.methods import register
 from jaxprune.methods.staged import (Distillation, DistillHooks, evaluate, export_torch,
-                                     image_size, original_model, stage_checkpoints,
-                                     write_report)
+                                     image_size, original_model, stage_checkpoints)
+from jaxprune.report import pyplot, write_files
 from jaxprune.train import Data, MetricsLog, Trainer, fetch, fit, make_mesh
 from jaxprune.train.trainer import Hooks
 from models.net import Net
@@ -264,22 +264,15 @@ def run(cfg: Config, run_dir) -> dict:
     if jax.process_index() == 0:
         plot_search(results, run_dir / SEARCH_PLOT)
         plot_sites(results, run_dir / SITES_PLOT)
-    write_report(run_dir, results, markdown(results))
+    write_files(run_dir, results, markdown(results))
     return results
 
 
 # -- report ---------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_search(results: dict, path: Path) -> None:
     """ReLU count per search epoch against the budget, and λ."""
-    plt = _pyplot()
+    plt = pyplot()
     h = results["search"]["history"]
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     ax.plot([r["epoch"] for r in h], [r["relus"] for r in h], marker="o", label="ReLUs kept")
@@ -299,7 +292,7 @@ def plot_search(results: dict, path: Path) -> None:
 
 def plot_sites(results: dict, path: Path) -> None:
     """Fraction of each site's ReLUs kept after binarization."""
-    plt = _pyplot()
+    plt = pyplot()
     kept = results["finetune"]["kept_fraction"]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(kept)), 3.6))
     ax.bar(range(len(kept)), list(kept.values()))

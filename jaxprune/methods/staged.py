@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -166,12 +165,3 @@ def export_torch(small: Net, run_dir: Path, x: np.ndarray, reference: np.ndarray
     with torch.no_grad():
         got = module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     return {"path": str(path), "max_abs_diff": float(np.max(np.abs(got - reference)))}
-
-
-def write_report(run_dir: Path, results: dict, markdown: str) -> None:
-    """results.json and report.md (process 0 only); plots are written by the method."""
-    if jax.process_index() != 0:
-        return
-    run_dir = Path(run_dir)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-    (run_dir / "report.md").write_text(markdown)
