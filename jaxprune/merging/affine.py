@@ -180,6 +180,8 @@ class SpatialMap:
     deltas: dict = dataclasses.field(default_factory=lambda: {(0, 0): None})
     # most bytes the exact composition up to here holds at once (kernels + temporaries)
     peak_bytes: int = 0
+    biased: bool = False          # some layer so far adds a bias (or BatchNorm shift)
+    bias_varies: bool = False     # ... which a padded conv then sees as zeros at the border
 
     @property
     def stride(self):
@@ -192,7 +194,7 @@ class SpatialMap:
         return SpatialMap(ax(h), ax(w), c, c, c, True, kernels)
 
     def conv(self, w: np.ndarray | None, kernel: tuple[int, int], stride, padding, groups: int,
-             cout: int) -> "SpatialMap":
+             cout: int, has_bias: bool = False) -> "SpatialMap":
         """This map followed by a conv. `w` (kh, kw, cmid/groups, cout) or None for geometry."""
         (kh, kw), (sh, sw) = kernel, stride
         (plo, phi), (qlo, qhi) = padding
@@ -221,6 +223,8 @@ class SpatialMap:
         temporaries = 8 * pairs * self.rows.extent * self.cols.extent * (self.cin // g) * kh * kw * cout
         new = SpatialMap(rows, cols, self.cin, cout, g, pointwise, kernels, deltas)
         new.peak_bytes = max(self.peak_bytes, self.kernel_bytes() + temporaries + new.kernel_bytes())
+        new.biased = self.biased or has_bias
+        new.bias_varies = self.bias_varies or (self.biased and max(plo, phi, qlo, qhi) > 0)
         return new
 
     def _conv_kernels(self, w, rkeys, ckeys, ext_h, ext_w, groups, mode, g) -> dict:
@@ -270,9 +274,9 @@ class SpatialMap:
         return kernels
 
     def channelwise(self, scale: np.ndarray | None) -> "SpatialMap":
-        """This map followed by a per-channel scale (a BatchNorm's linear part)."""
+        """This map followed by a per-channel scale and shift (an eval-mode BatchNorm)."""
         w = None if scale is None else np.asarray(scale, np.float64).reshape(1, 1, 1, -1)
-        return self.conv(w, (1, 1), (1, 1), ((0, 0), (0, 0)), self.cout, self.cout)
+        return self.conv(w, (1, 1), (1, 1), ((0, 0), (0, 0)), self.cout, self.cout, True)
 
     def add(self, other: "SpatialMap") -> "SpatialMap":
         if self.cout != other.cout or self.cin != other.cin:
@@ -298,6 +302,8 @@ class SpatialMap:
                          self.pointwise and other.pointwise, kernels, deltas)
         new.peak_bytes = max(self.peak_bytes, other.peak_bytes,
                              self.kernel_bytes() + other.kernel_bytes() + new.kernel_bytes())
+        new.biased = self.biased or other.biased
+        new.bias_varies = self.bias_varies or other.bias_varies
         return new
 
     def kernel_bytes(self) -> int:

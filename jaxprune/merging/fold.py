@@ -66,12 +66,13 @@ def compose(kind: str, layer, maps: list, weights: bool):
             return m.linear(w, layer.dout)
         # a Linear on an NHWC map inside a conv run is a 1x1 conv
         return m.conv(None if w is None else w[None, None], (1, 1), (1, 1), ((0, 0), (0, 0)),
-                      1, layer.dout)
+                      1, layer.dout, layer.bias is not None)
     if kind == "conv":
         if not isinstance(m, SpatialMap):
             raise TypeError("a conv in a run without spatial axes")
         w = np.asarray(layer.kernel.value, np.float64) if weights else None
-        return m.conv(w, layer.kernel_size, layer.stride, layer.padding, layer.groups, layer.cout)
+        return m.conv(w, layer.kernel_size, layer.stride, layer.padding, layer.groups, layer.cout,
+                      layer.bias is not None)
     raise ValueError(f"not a linear kind: {kind}")
 
 

@@ -182,8 +182,16 @@ def _spatial_layer(M: SpatialMap, bias: np.ndarray | None, model_size=None) -> C
         constant = (float(np.ptp(flat, axis=0).max())
                     <= _BIAS_TOL * max(float(np.abs(flat).max()), 1e-30))
     kernel_size = base.shape[:2]
-    if constant and not border:
-        layer = Conv(M.cin, M.cout, kernel_size, stride=M.stride, padding=lay.padding,
+    padding = lay.padding
+    if min(min(p) for p in padding) < 0:
+        # a crop (the run never reads the last rows): a plain Conv gets padding 0 there
+        # when that gives the same output size, else the layer keeps the crop
+        clamped = tuple((lo, max(hi, 0)) for lo, hi in padding)
+        fits = all((n + lo + hi - k) // s + 1 == out for n, (lo, hi), k, s, out in zip(
+            (rows.in_size, cols.in_size), clamped, kernel_size, M.stride, (rows.size, cols.size)))
+        padding = clamped if fits else padding
+    if constant and not border and min(min(p) for p in padding) >= 0:
+        layer = Conv(M.cin, M.cout, kernel_size, stride=M.stride, padding=padding,
                      groups=M.groups, bias=True, rngs=_NO_RNGS, kernel_init=_given(base))
         layer.bias.value = jnp.asarray(flat.mean(0).astype(np.float32))
         return layer
@@ -247,7 +255,7 @@ class _Planner:
             return Cost()
         ins = [self.shapes[i] for i in self.g.inputs[n]]
         work = prof.layer_macs(layer, ins, self.shapes[n])
-        if kind in ("channelwise", "add") or getattr(layer, "bias", None) is not None:
+        if kind in ("channelwise", "add"):  # a pass over the map (a conv's bias is not)
             work += self._elementwise(n) * max(len(ins) - 1, 1)
         ms = self._time(("keep", n), layer, ins) if self.model == "latency" else 0.0
         return Cost(work, 1, ms)
@@ -329,8 +337,9 @@ class _Planner:
             return Cost()
         out = self._elementwise(dst)
         if isinstance(M, DenseMap):
-            return Cost(out // M.cout * M.cin * M.cout + out, 1)
-        return Cost(_layout(M).macs(M) + out, 1)
+            return Cost(out // M.cout * M.cin * M.cout, 1)
+        # a bias map is a pass over the output; a per-channel bias rides along the conv
+        return Cost(_layout(M).macs(M) + (out if M.bias_varies else 0), 1)
 
     # -- planning ------------------------------------------------------------------------
     def fuse_plan(self, src, dst, nodes, M, bound: Cost) -> Plan | NotFusable | None:

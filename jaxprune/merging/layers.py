@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxprune.errors import UserError
-from models.layers import Layer, _check_shape
+from models.layers import Layer, _check_shape, conv_as_matmul
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -30,6 +30,19 @@ def _zeros(shape):
 
 
 def _conv(x, k, stride, padding, groups):
+    """A conv with explicit, possibly negative (cropping) padding. On maps smaller than the
+    kernel it is `models.layers.conv_as_matmul`: XLA CPU's slow path otherwise (see there);
+    that is also where the small border-correction windows run."""
+    if isinstance(padding, str):  # "VALID"
+        padding = ((0, 0), (0, 0))
+    (pt, pb), (pl, pr) = padding
+    x = x[:, max(-pt, 0):x.shape[1] - max(-pb, 0), max(-pl, 0):x.shape[2] - max(-pr, 0)]
+    padding = ((max(pt, 0), max(pb, 0)), (max(pl, 0), max(pr, 0)))
+    (kh, kw), (sh, sw) = k.shape[:2], stride
+    oh = (x.shape[1] + padding[0][0] + padding[0][1] - kh) // sh + 1
+    ow = (x.shape[2] + padding[1][0] + padding[1][1] - kw) // sw + 1
+    if min(x.shape[1], oh) < kh or min(x.shape[2], ow) < kw:
+        return conv_as_matmul(x, k, stride, padding, groups)
     return jax.lax.conv_general_dilated(x, k, stride, padding, dimension_numbers=_DN,
                                         feature_group_count=groups)
 
