@@ -78,9 +78,8 @@ class TorchNet(nn.Module):
                              f"(jaxprune.merge(m, input_size=...)) and re-export")
         env = {INPUT: (x, True)}
         for name, inputs, module in self.steps:
-            if module.layout == "same":
-                first = inputs[0] if inputs else INPUT
-                cf = env[first][1]
+            if module.layout == "same":  # elementwise: the layout its first input has
+                cf = env[inputs[0]][1]
                 args = [_layout(*env[i], cf) for i in inputs]
                 env[name] = (module(*args, channels_first=cf), cf)
             else:
@@ -191,8 +190,9 @@ def to_torchvision(m: Net) -> nn.Module:
     from converters.torch_reference import BUILDERS, build
     options = dict(m.spec.options)
     if options.get("fused") or m.spec.arch not in BUILDERS:
-        raise UserError(f"to_torchvision: {'a fused model' if options.get('fused') else m.spec.arch!r}"
-                        f" has no torchvision/timm form; use converters.to_torch")
+        what = "a fused model" if options.get("fused") else repr(m.spec.arch)
+        raise UserError(f"to_torchvision: {what} has no torchvision/timm form; "
+                        f"use converters.to_torch")
     reference = create(m.spec.arch, num_classes=m.spec.num_classes, **options)
     if tuple(reference.graph) != tuple(m.graph):
         extra = sorted(set(m.layers) - set(reference.layers))

@@ -111,7 +111,9 @@ class _Layout:
         u0, u1, v0, v1 = self.base
         total = ho * wo * (u1 - u0 + 1) * (v1 - v0 + 1) * per_tap
         for rows, cols, _, (a0, a1, b0, b1) in self.corrections:
-            n = len(rows) * wo if cols is None else len(cols) * ho if rows is None else len(rows) * len(cols)
+            # output positions the correction window visits: whole rows, whole cols, corners
+            n = (len(rows) * wo if cols is None else len(cols) * ho if rows is None
+                 else len(rows) * len(cols))
             total += n * (a1 - a0 + 1) * (b1 - b0 + 1) * per_tap
         return total
 
