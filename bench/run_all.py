@@ -213,7 +213,7 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
     lat = results.get("merge_speed")
     lines += ["## Fused vs dense latency", "",
               "Dense network against the same network with sites linearized and fused by "
-              "`jaxprune.merge`; random weights, medians. `bench/merge_speed.py` (its docstring "
+              "`jaxprune.merge`; random weights, the best of alternating dense/fused rounds. `bench/merge_speed.py` (its docstring "
               "describes the cases).", ""]
     if lat:
         lines += ["| case | batch | runtime | dense ms | fused ms | speed-up |",
