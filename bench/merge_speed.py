@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import converters  # noqa: E402
 import jaxprune  # noqa: E402
 import models  # noqa: E402
-from models.layers import Act, BatchNorm  # noqa: E402
+from models.layers import Act  # noqa: E402
+from models.net import randomize_bn  # noqa: E402
 
 # DESIGN.md §6: 1 = keep the gate group's activations
 PATTERNS = {
@@ -53,18 +54,6 @@ PATTERNS = {
 }
 PUBLISHED_V100 = {"A": 1.80, "B": 2.25, "C": 2.16, "D": 2.61, "E": 2.50, "F": 5.08}
 RANDOM_CONV_CPU = {"A": 2.2, "B": 2.3, "C": 2.5, "D": 2.5, "E": 3.0, "F": 4.0}
-
-
-def randomize_bn(m, seed=0):
-    rng = np.random.default_rng(seed)
-    for _, layer in m.named_layers():
-        if isinstance(layer, BatchNorm):
-            c = layer.num_features
-            layer.mean.value = jnp.asarray(rng.normal(size=c) * 0.5, jnp.float32)
-            layer.var.value = jnp.asarray(rng.uniform(0.5, 2.0, size=c), jnp.float32)
-            layer.scale.value = jnp.asarray(rng.uniform(0.5, 1.5, size=c), jnp.float32)
-            layer.bias.value = jnp.asarray(rng.normal(size=c) * 0.3, jnp.float32)
-    return m
 
 
 def mbv2_pattern(letter: str):

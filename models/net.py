@@ -20,9 +20,10 @@ import dataclasses
 from typing import Any, Iterator
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from models.layers import Act, Layer
+from models.layers import Act, BatchNorm, Layer
 
 INPUT = "input"
 
@@ -118,3 +119,20 @@ class GraphBuilder:
 
     def build(self, spec: ModelSpec) -> Net:
         return Net(self.layers, tuple(self.graph), spec)
+
+
+def randomize_bn(m: Net, seed: int = 0) -> Net:
+    """Random, non-trivial BatchNorm statistics and affine parameters, in place.
+
+    Fresh models have mean 0 / var 1 / scale 1 / bias 0, under which a wrong
+    BN fold or a wrong border bias goes unnoticed; parity tests and benchmarks
+    use this instead."""
+    rng = np.random.default_rng(seed)
+    for _, layer in m.named_layers():
+        if isinstance(layer, BatchNorm):
+            c = layer.num_features
+            layer.mean.value = jnp.asarray(rng.normal(size=c) * 0.5, jnp.float32)
+            layer.var.value = jnp.asarray(rng.uniform(0.5, 2.0, size=c), jnp.float32)
+            layer.scale.value = jnp.asarray(rng.uniform(0.5, 1.5, size=c), jnp.float32)
+            layer.bias.value = jnp.asarray(rng.normal(size=c) * 0.3, jnp.float32)
+    return m

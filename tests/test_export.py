@@ -20,21 +20,10 @@ import jaxprune
 import models
 from jaxprune.errors import UserError
 from jaxprune.merging import merge
-from models.layers import Act, BatchNorm, Layer
+from models.layers import Act, Layer
+from models.net import randomize_bn
 
 TOL = 1e-4
-
-
-def randomize_bn(m, seed=0):
-    rng = np.random.default_rng(seed)
-    for _, layer in m.named_layers():
-        if isinstance(layer, BatchNorm):
-            c = layer.num_features
-            layer.mean.value = jnp.asarray(rng.normal(size=c) * 0.5, jnp.float32)
-            layer.var.value = jnp.asarray(rng.uniform(0.5, 2.0, size=c), jnp.float32)
-            layer.scale.value = jnp.asarray(rng.uniform(0.5, 1.5, size=c), jnp.float32)
-            layer.bias.value = jnp.asarray(rng.normal(size=c) * 0.3, jnp.float32)
-    return m
 
 
 def images(hw, n=2, seed=3):
