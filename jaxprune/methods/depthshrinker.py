@@ -48,10 +48,10 @@ from jaxprune.config import Config, MethodConfig
 from jaxprune.errors import UserError
 from jaxprune.merging import COST_MODELS
 from jaxprune.methods import register
-from jaxprune.methods.staged import (Distillation, evaluate, fuse_and_export, image_size,
-                                     original_model, stage_checkpoints)
+from jaxprune.methods.staged import (Distillation, evaluate, fuse_and_export,
+                                     stage_checkpoints, start)
 from jaxprune.report import pyplot, write_files
-from jaxprune.train import Data, MetricsLog, Trainer, fetch, fit, make_mesh
+from jaxprune.train import Data, MetricsLog, Trainer, fetch, fit
 from jaxprune.train.trainer import Hooks
 from models.layers import Act
 from models.net import Net
@@ -344,11 +344,8 @@ def run(cfg: Config, run_dir) -> dict:
     _check(cfg, opts)
     run_dir = Path(run_dir)
     started = time.perf_counter()
-    mesh = make_mesh()
-    data = Data(cfg, mesh)
-    hw = image_size(cfg, data)
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    original = original_model(cfg, data, mesh, run_dir, log, opts.pretrain_epochs)
+    st = start(cfg, run_dir, opts.pretrain_epochs)
+    mesh, data, hw, log, original = st.mesh, st.data, st.hw, st.log, st.original
     gs = gates.groups(original)
     results = {"method": "depthshrinker", "model": cfg.model.name, "dataset": cfg.data.name,
                "image_size": list(hw),

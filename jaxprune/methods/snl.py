@@ -36,9 +36,9 @@ from jaxprune.errors import UserError
 from jaxprune.merging.profiling import tensor_shapes
 from jaxprune.methods import register
 from jaxprune.methods.staged import (Distillation, DistillHooks, evaluate, export_torch,
-                                     image_size, original_model, stage_checkpoints)
+                                     stage_checkpoints, start)
 from jaxprune.report import pyplot, write_files
-from jaxprune.train import Data, MetricsLog, Trainer, fetch, fit, make_mesh
+from jaxprune.train import Data, MetricsLog, Trainer, fetch, fit
 from jaxprune.train.trainer import Hooks
 from models.net import Net
 
@@ -236,11 +236,8 @@ def run(cfg: Config, run_dir) -> dict:
     _check(opts)
     run_dir = Path(run_dir)
     started = time.perf_counter()
-    mesh = make_mesh()
-    data = Data(cfg, mesh)
-    hw = image_size(cfg, data)
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    original = original_model(cfg, data, mesh, run_dir, log, opts.pretrain_epochs)
+    st = start(cfg, run_dir, opts.pretrain_epochs)
+    mesh, data, hw, log, original = st.mesh, st.data, st.hw, st.log, st.original
     dense = evaluate(original, cfg, data, mesh)
     shapes = mask_shapes(original, hw, opts.granularity)
     weights = relu_weights(original, hw, shapes)

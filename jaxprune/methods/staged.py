@@ -21,7 +21,7 @@ from flax import nnx
 from jaxprune import distributed
 from jaxprune.config import Config
 from jaxprune.errors import UserError
-from jaxprune.train import Data, MetricsLog, Trainer, fit
+from jaxprune.train import Data, MetricsLog, Trainer, fit, make_mesh
 from jaxprune.train.checkpoint import Checkpoints
 from jaxprune.train.trainer import Hooks
 from models.net import Net
@@ -123,6 +123,26 @@ def original_model(cfg: Config, data: Data, mesh, run_dir: Path, log: MetricsLog
     fit(trainer, data, pretrain_epochs, log=log, tag={"stage": "dense"})
     ckpt.save(0, m, {"stage": "dense", "epochs": pretrain_epochs})
     return m
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """What a staged method has before its first stage."""
+    mesh: object
+    data: Data
+    hw: tuple[int, int]
+    log: MetricsLog
+    original: Net
+
+
+def start(cfg: Config, run_dir: Path, pretrain_epochs: int) -> Start:
+    """The device mesh, the data, the input size, the metrics log and the original
+    network (trained first when `pretrain_epochs` asks for it)."""
+    mesh = make_mesh()
+    data = Data(cfg, mesh)
+    log = MetricsLog(Path(run_dir) / "metrics.jsonl")
+    original = original_model(cfg, data, mesh, Path(run_dir), log, pretrain_epochs)
+    return Start(mesh, data, image_size(cfg, data), log, original)
 
 
 LATENCY_RUNTIMES, LATENCY_REPEATS = ("jax", "torch"), 30
