@@ -11,6 +11,7 @@ dataclass (`jaxprune.methods.register(..., config=...)`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -157,6 +158,18 @@ def _build(cls, raw: Any, prefix: str):
     return cls(**values)
 
 
+# A run name is one folder under `out`: no separators, no '.'/'..', nothing hidden.
+_RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def _check_run_name(name: str) -> None:
+    """A UserError unless `name` is a plain folder name: `<out>/<name>` stays inside `out`."""
+    if not _RUN_NAME.fullmatch(name):
+        raise UserError(f"config key 'name' must be a plain folder name (letters, digits, '-', "
+                        f"'_', '.'), got {name!r}: the run folder is <out>/<name>; "
+                        f"put folders in 'out'")
+
+
 def from_dict(raw: dict) -> Config:
     """Validate a plain dict (as read from YAML) into a `Config`."""
     from jaxprune import methods
@@ -165,6 +178,7 @@ def from_dict(raw: dict) -> Config:
     if not isinstance(method_raw, dict):
         raise UserError(f"config key 'method' must be a mapping, got {method_raw!r}")
     cfg = _build(Config, raw, "")
+    _check_run_name(cfg.name)
     method_name = method_raw.get("name", MethodConfig.name)
     if not isinstance(method_name, str):
         raise UserError(f"config key 'method.name' must be str, got {method_name!r}")

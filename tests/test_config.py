@@ -1,4 +1,6 @@
 """Config validation: every bad key, type or value is a one-line UserError that says what to fix."""
+import re
+
 import pytest
 import yaml
 
@@ -58,6 +60,20 @@ def test_unknown_method_is_named():
                                          r"'parity'"):
         config.from_dict({"method": {"name": "parit"}})
 
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "/abs", "a\\b", "", ".", "..", ".hidden",
+                                  "two words", "x\n"])
+def test_run_name_must_be_a_plain_folder_name(name):
+    # <out>/<name> is the run folder: a name must not reach outside 'out' or hide there
+    with pytest.raises(UserError, match=r"config key 'name' must be a plain folder name .*got "
+                                         + re.escape(repr(name)) + r": the run folder is "
+                                         r"<out>/<name>; put folders in 'out'"):
+        config.from_dict({"name": name, "method": PARITY})
+
+
+@pytest.mark.parametrize("name", ["run", "ds-mbv2-140-A", "easier_resnet18_cifar10", "v1.2", "_x"])
+def test_plain_run_names_are_kept(name):
+    assert config.from_dict({"name": name, "method": PARITY}).name == name
 
 def test_set_overrides_are_read_as_yaml(tmp_path):
     path = tmp_path / "c.yaml"
