@@ -74,16 +74,24 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict | No
                             "it may be truncated: re-download or re-export it") from None
     if suffix in (".pth", ".pt", ".bin", ".ckpt"):
         import pickle
+        import re
+        import warnings
 
         import torch
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol": the error says it
+                warnings.simplefilter("ignore")
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise UserError(f"{path} holds more than tensors and was refused without being run "
-                            f"(weights_only=True: {str(e).splitlines()[0]}); save a plain "
-                            "state dict (torch.save(model.state_dict(), ...)) or safetensors") from None
+            # torch's own text advises weights_only=False, the opposite of what to do here
+            wanted = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            what = f" (it asks for {wanted.group(1)})" if wanted else ""
+            raise UserError(f"{path} holds Python objects besides tensors{what} and was refused "
+                            "without being run; save a plain state dict "
+                            "(torch.save(model.state_dict(), ...)) or safetensors") from None
         except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise UserError(f"{path} is not a readable torch file ({str(e).splitlines()[0]}); "
+            reason = str(e).splitlines()[0].split(". ")[0]
+            raise UserError(f"{path} is not a readable torch file ({reason}); "
                             "it may be truncated: re-download or re-save it") from None
         return _to_numpy(_unwrap(obj, str(path))), arch
     raise UserError(f"{path}: unsupported weights file type {suffix!r}; "
@@ -107,6 +115,13 @@ def load_state(m: Net, state: dict[str, np.ndarray], source: str = "torch weight
             parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
         raise UserError(f"{source} do not fit {m.spec.arch!r}: " + "; ".join(parts)
                         + " (wrong arch=, or weights of a modified model?)")
+    wrong = [k for k, shape in expected.items() if tuple(state[k].shape) != tuple(shape)]
+    if wrong:
+        k = wrong[0]
+        more = f"; {len(wrong) - 1} more keys differ" if len(wrong) > 1 else ""
+        raise UserError(f"{source} do not fit {m.spec.arch!r}: '{k}' has shape "
+                        f"{tuple(state[k].shape)}, the model expects {tuple(expected[k])}{more} "
+                        "(wrong architecture or width?)")
     for name, layer in m.named_layers():
         prefix = name + "."
         own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)
