@@ -141,8 +141,29 @@ def run(cfg: Config) -> tuple[Path, dict]:
     from jaxprune import methods
     method = methods.get(cfg.method.name)
     check_model(cfg)
+    from jaxprune import report
+    from jaxprune.train import Diverged
+    new = check_run_dir(cfg) == "new"
     path = prepare_run_dir(cfg)
-    return path, method.run(cfg, path)
+    try:
+        return path, method.run(cfg, path)
+    except Diverged as e:
+        report.write_stopped(path, str(e))
+        raise
+    except UserError:
+        if new:
+            _forget(path)
+        raise
+
+
+def _forget(path: Path) -> None:
+    """Remove a run folder that holds nothing but its config.yaml: the run was refused (bad
+    data path, weights that do not fit, ...) before it computed anything, and the same name
+    must stay free for the corrected config."""
+    distributed.barrier("run refused")
+    if distributed.is_main() and [p.name for p in path.iterdir()] == [CONFIG_FILE]:
+        (path / CONFIG_FILE).unlink()
+        path.rmdir()
 
 
 def _options(d: dict) -> str:
