@@ -129,6 +129,9 @@ def markdown(results: dict) -> str:
                   f"test {_fmt(sel['test_acc'])} %.",
                   f"Stopped: {sel['stop']}.", "",
                   "Linear sites: " + (", ".join(sel["linearized"]) or "none"), ""]
+    diverged = results.get("diverged")
+    if diverged:
+        lines += ["## Diverged", "", diverged["message"], ""]
     merge = results.get("merge")
     if merge:
         lines += ["## Merge", ""]
@@ -158,6 +161,14 @@ def markdown(results: dict) -> str:
     if "seconds" in results:
         lines += [f"Run time: {results['seconds'] / 60:.1f} min.", ""]
     return "\n".join(lines)
+
+
+def write_stopped(run_dir, message: str) -> None:
+    """report.md of a run that stopped before it had results (e.g. a diverged training)."""
+    if jax.process_index() == 0:
+        write_text_atomic(Path(run_dir) / REPORT,
+                          f"# Run stopped\n\n{message}\n\nThe epochs before it are in "
+                          f"metrics.jsonl; its checkpoints are in checkpoints/.\n")
 
 
 def write(run_dir, results: dict) -> None:

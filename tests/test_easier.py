@@ -183,9 +183,9 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
     m = models.create("resnet18_cifar", num_classes=10, width=4)
     ckpt = Checkpoints(tmp_path)
     ckpt.save(0, m, {"rounds": []})
-    (tmp_path / "round_001.tmp-123").mkdir()  # a crash while writing round 1
-    (tmp_path / "round_002").mkdir()           # a folder without its files
-    assert ckpt.latest() == 0
+    (tmp_path / "round_001.orbax-checkpoint-tmp").mkdir()  # a crash while writing round 1
+    (tmp_path / "round_002").mkdir()                        # a folder without its files
+    assert ckpt.latest() == 0 and ckpt.rounds() == [0]
 
 
 # -- end to end ------------------------------------------------------------------------------
@@ -224,11 +224,11 @@ def test_demo_config_end_to_end(tmp_path):
     assert "| 2 | 2/17 |" in report and rounds[2]["new"][0] in report
     log = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["epoch"]) for r in log] == [(0, 1), (1, 1), (2, 1)]
-    assert Checkpoints(run_dir / "checkpoints").rounds() == [0, 1, 2]
+    assert Checkpoints(run_dir / "checkpoints" / "rounds").rounds() == [0, 1, 2]
 
     # the selected round's weights are what the run reports on
     m = models.create("resnet18_cifar", num_classes=10, width=4)
-    Checkpoints(run_dir / "checkpoints").load(sel["round"], m)
+    Checkpoints(run_dir / "checkpoints" / "rounds").load(sel["round"], m)
     assert jaxprune.linearized(m) == [s for s in sites if s in sel["linearized"]]
 
     again_dir, again = runner.run(cfg)

@@ -204,7 +204,7 @@ def test_fit_logs_every_epoch(tmp_path):
     """`fit` on the embedded digits data: one metrics.jsonl line per epoch, the
     schedule's rate in it, and the model holds the trained state afterwards."""
     from jaxprune import config
-    from jaxprune.train import Data, MetricsLog, fit
+    from jaxprune.train import Data, Journal, fit
     cfg = config.load(None, ["data.batch_size=64", "data.image_size=16", "train.epochs=2",
                              "train.milestones=[1]", "train.lr=0.05"])
     mesh = make_mesh()
@@ -213,12 +213,12 @@ def test_fit_logs_every_epoch(tmp_path):
     before = np.asarray(m.layers["fc"].kernel.get_value()).copy()
     trainer = Trainer(m, cfg.train, steps_per_epoch=data.steps_per_epoch(), mesh=mesh)
     trainer.start_round()
-    log = MetricsLog(tmp_path / "metrics.jsonl")
-    last = fit(trainer, data, 2, log=log, tag={"round": 7})
+    records = fit(trainer, data, 2, journal=Journal(tmp_path), tag={"round": 7})
+    last = records[-1]
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["epoch"]) for r in lines] == [(7, 1), (7, 2)]
     assert [r["lr"] for r in lines] == pytest.approx([0.05, 0.005])
-    assert lines[-1] == json.loads(json.dumps(last))
+    assert lines == json.loads(json.dumps(records))
     assert set(lines[0]["entropy"]) == set(m.sites())
     assert 0 <= last["val_acc"] <= 100 and last["train_loss"] > 0
     assert not np.array_equal(np.asarray(m.layers["fc"].kernel.get_value()), before)

@@ -51,7 +51,7 @@ from jaxprune.methods import register
 from jaxprune.methods.staged import (Distillation, evaluate, fuse_and_export,
                                      stage_checkpoints, start)
 from jaxprune.report import pyplot, write_files
-from jaxprune.train import Data, MetricsLog, Trainer, fetch, fit
+from jaxprune.train import Data, Journal, Trainer, fetch, fit
 from jaxprune.train.trainer import Hooks
 from models.layers import Act
 from models.net import Net
@@ -218,7 +218,7 @@ def _progressive_until(cfg: Config, opts: DepthShrinkerConfig) -> int:
 
 
 def _search(cfg: Config, opts: DepthShrinkerConfig, original: Net, gs, data: Data, mesh,
-            run_dir: Path, log: MetricsLog, hw) -> dict:
+            run_dir: Path, journal: Journal, hw) -> dict:
     ckpt = stage_checkpoints(run_dir, "search")
     m = nnx.clone(original)
     if ckpt.latest() is not None:
@@ -235,11 +235,8 @@ def _search(cfg: Config, opts: DepthShrinkerConfig, original: Net, gs, data: Dat
         on = epoch < opts.gumbel_epochs
         return np.float32(opts.gumbel_scale * opts.gumbel_decay ** epoch if on else 0.0)
 
-    history = [hooks.scores.tolist()]
-
-    def on_epoch(epoch: int, record: dict) -> None:
+    def on_epoch(epoch: int, record: dict, earlier: list[dict]) -> None:
         scores = fetch(trainer.extra)["scores"]
-        history.append(scores.tolist())
         record["scores"] = scores.tolist()
         record["keep"] = [int(v) for v in np.asarray(gates.keep_smallest(scores, k))]
         trainer.set_aux(noise=noise(epoch + 1))
@@ -249,9 +246,11 @@ def _search(cfg: Config, opts: DepthShrinkerConfig, original: Net, gs, data: Dat
         else "λ Σ Δ s as released, keeps the gates that save most"
     print(f"depthshrinker search: keep {k} of {len(gs)} gates; cost {table.kind} ({table.unit}), "
           f"regularizer {form}, λ = {opts.cost_weight:g}", flush=True)
-    last = fit(trainer, data, cfg.train.epochs, log=log, tag={"stage": "search"},
-               on_epoch=on_epoch)
+    records = fit(trainer, data, cfg.train.epochs, journal=journal, tag={"stage": "search"},
+                  on_epoch=on_epoch)
+    last = records[-1]
     test = trainer.evaluate(data.eval_batches("test"))
+    history = [hooks.scores.tolist()] + [r["scores"] for r in records]
     scores = history[-1]
     ratios = sorted(set(gates.RATIOS) | {opts.ratio}, reverse=True)
     lists = gates.keep_lists(scores, ratios)
@@ -290,7 +289,7 @@ def _keep_list(opts: DepthShrinkerConfig, n: int, search: dict | None) -> tuple[
 
 
 def _finetune(cfg: Config, opts: DepthShrinkerConfig, original: Net, gs, keep: np.ndarray,
-              source: str, data: Data, mesh, run_dir: Path, log: MetricsLog):
+              source: str, data: Data, mesh, run_dir: Path, journal: Journal):
     student = nnx.clone(original)
     finals = {}
     if opts.final_act:
@@ -314,15 +313,15 @@ def _finetune(cfg: Config, opts: DepthShrinkerConfig, original: Net, gs, keep: n
                       stats=False, hooks=hooks)
     trainer.start_round()
 
-    def on_epoch(epoch: int, record: dict) -> None:
+    def on_epoch(epoch: int, record: dict, earlier: list[dict]) -> None:
         record["removed"] = int(np.sum(schedule(epoch) == 0))
         trainer.set_aux(keep=schedule(epoch + 1))
 
     removed = [g.index for g in gs if keep[g.index] == 0]
     print(f"depthshrinker finetune: {len(removed)} of {len(gs)} gates removed ({source}), "
           f"{len(finals)} ReLU6 added after removed blocks", flush=True)
-    last = fit(trainer, data, cfg.train.epochs, log=log, tag={"stage": "finetune"},
-               on_epoch=on_epoch)
+    last = fit(trainer, data, cfg.train.epochs, journal=journal, tag={"stage": "finetune"},
+               on_epoch=on_epoch)[-1]
     trainer.set_aux(keep=keep)
     test = trainer.evaluate(data.eval_batches("test"))
     apply_keep(student, gs, finals, keep)
@@ -345,7 +344,7 @@ def run(cfg: Config, run_dir) -> dict:
     run_dir = Path(run_dir)
     started = time.perf_counter()
     st = start(cfg, run_dir, opts.pretrain_epochs)
-    mesh, data, hw, log, original = st.mesh, st.data, st.hw, st.log, st.original
+    mesh, data, hw, journal, original = st.mesh, st.data, st.hw, st.journal, st.original
     gs = gates.groups(original)
     results = {"method": "depthshrinker", "model": cfg.model.name, "dataset": cfg.data.name,
                "image_size": list(hw),
@@ -353,11 +352,11 @@ def run(cfg: Config, run_dir) -> dict:
                "dense": evaluate(original, cfg, data, mesh)}
     search = None
     if opts.stage in ("search", "both"):
-        search = results["search"] = _search(cfg, opts, original, gs, data, mesh, run_dir, log, hw)
+        search = results["search"] = _search(cfg, opts, original, gs, data, mesh, run_dir, journal, hw)
     if opts.stage in ("finetune", "both"):
         keep, source = _keep_list(opts, len(gs), search)
         student, results["finetune"] = _finetune(cfg, opts, original, gs, keep, source, data,
-                                                 mesh, run_dir, log)
+                                                 mesh, run_dir, journal)
         fused, small = fuse_and_export(student, original, run_dir, hw, cost=opts.merge_cost)
         results.update(fused)
         results["fused"] = evaluate(small, cfg, data, mesh, splits=("test",))

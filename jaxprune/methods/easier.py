@@ -16,8 +16,10 @@ Stops after `max_rounds`, after the first round whose validation accuracy
 drops more than `acc_budget` points below round 0, or when every site is
 linear. The selected model is the round with the most sites linearized inside
 the budget; it is fused (`jaxprune.merge`), exported to PyTorch and reported
-(`results.json`, `report.md`, plots). Each round is checkpointed; running the
-same config again resumes after the last checkpointed round.
+(`results.json`, `report.md`, plots). Every epoch and every round is checkpointed;
+running the same config again continues from the last checkpoint. A round whose loss
+turns NaN or infinite ends the search: the rounds before it are selected from as
+usual, and the results record where it diverged.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from jaxprune.config import Config, MethodConfig
 from jaxprune.errors import UserError
 from jaxprune.methods import register
 from jaxprune.methods.staged import fuse_and_export, image_size
-from jaxprune.train import Data, MetricsLog, Trainer, fit, make_mesh
+from jaxprune.train import Data, Diverged, Journal, Trainer, fit, make_mesh
 from jaxprune.train.checkpoint import Checkpoints
 
 
@@ -56,8 +58,10 @@ def select_sites(entropy: dict[str, float], done) -> list[str]:
     return [n for n in remaining if n == lowest or entropy[n] == 0.0]
 
 
-def stop_reason(rounds: list[dict], opts: EasierConfig) -> str | None:
+def stop_reason(rounds: list[dict], opts: EasierConfig, diverged: str | None = None) -> str | None:
     """Why no further round should run after `rounds`, or None to continue."""
+    if diverged:
+        return diverged
     last = rounds[-1]
     if rounds[0]["val_acc"] - last["val_acc"] > opts.acc_budget:
         return (f"round {last['round']} lost {rounds[0]['val_acc'] - last['val_acc']:.2f} points "
@@ -100,12 +104,16 @@ def run(cfg: Config, run_dir) -> dict:
     data = Data(cfg, mesh)
     m = build_model(cfg, data.info.num_classes)
     names = m.sites()
-    ckpt = Checkpoints(run_dir / "checkpoints")
+    ckpt = Checkpoints(run_dir / "checkpoints" / "rounds")
     rounds: list[dict] = []
     if ckpt.latest() is not None:  # resume after the last finished round
         rounds = ckpt.load(ckpt.latest(), m)["rounds"]
+        if jax.process_index() == 0:
+            print(f"resuming after round {rounds[-1]['round']} from {ckpt.path(ckpt.latest())}",
+                  flush=True)
     trainer = Trainer(m, cfg.train, steps_per_epoch=data.steps_per_epoch(), mesh=mesh)
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    journal = Journal(run_dir)
+    diverged = None
 
     while not rounds or stop_reason(rounds, opts) is None:
         r = len(rounds)
@@ -113,8 +121,15 @@ def run(cfg: Config, run_dir) -> dict:
         linearize(m, new)
         t0 = time.perf_counter()
         trainer.start_round()
-        last = fit(trainer, data, cfg.train.epochs, log=log, tag={"round": r},
-                   epoch_offset=r * cfg.train.epochs)
+        try:
+            last = fit(trainer, data, cfg.train.epochs, journal=journal, tag={"round": r},
+                       epoch_offset=r * cfg.train.epochs)[-1]
+        except Diverged as e:
+            if not rounds:
+                raise  # no round to select from
+            diverged = {**e.record, "message": str(e)}
+            print(f"round {r}: {e}", flush=True)
+            break
         test = trainer.evaluate(data.eval_batches("test"))
         done = linearized(m)
         rounds.append({"round": r, "new": new, "linearized": done, "n_linear": len(done),
@@ -129,6 +144,9 @@ def run(cfg: Config, run_dir) -> dict:
                   f"test {test['acc']:.2f} %" + (f", linearized {', '.join(new)}" if new else ""),
                   flush=True)
 
+    stop = stop_reason(rounds, opts, diverged and (
+        f"round {len(rounds)} diverged (non-finite loss in epoch {diverged['epoch']}, "
+        f"step {diverged['step']})"))
     chosen = select_round(rounds, opts.acc_budget)
     ckpt.load(chosen["round"], m)
     results = {
@@ -138,9 +156,11 @@ def run(cfg: Config, run_dir) -> dict:
                      "n_linear": chosen["n_linear"], "n_sites": chosen["n_sites"],
                      "val_acc": chosen["val_acc"], "test_acc": chosen["test_acc"],
                      "val_drop": rounds[0]["val_acc"] - chosen["val_acc"],
-                     "acc_budget": opts.acc_budget, "stop": stop_reason(rounds, opts),
+                     "acc_budget": opts.acc_budget, "stop": stop,
                      "checkpoint": str(ckpt.path(chosen["round"]))},
     }
+    if diverged:
+        results["diverged"] = diverged
     # The masked model is its own "before": identities do not change its depth until fused.
     merged, _ = fuse_and_export(m, m, run_dir, image_size(cfg, data), cost=opts.merge_cost)
     results.update(merged)

@@ -38,7 +38,7 @@ from jaxprune.methods import register
 from jaxprune.methods.staged import (Distillation, DistillHooks, evaluate, export_torch,
                                      stage_checkpoints, start)
 from jaxprune.report import pyplot, write_files
-from jaxprune.train import Data, MetricsLog, Trainer, fetch, fit
+from jaxprune.train import Data, Journal, Trainer, fetch, fit
 from jaxprune.train.trainer import Hooks
 from models.net import Net
 
@@ -164,7 +164,7 @@ def _check(opts: SNLConfig) -> None:
 
 
 def _search(cfg: Config, opts: SNLConfig, original: Net, m: Net, data: Data, mesh,
-            run_dir: Path, log: MetricsLog, weights: dict, budget: int) -> dict:
+            run_dir: Path, journal: Journal, weights: dict, budget: int) -> dict:
     ckpt = stage_checkpoints(run_dir, "search")
     if ckpt.latest() is not None:
         return ckpt.load(0, m)["search"]
@@ -177,37 +177,37 @@ def _search(cfg: Config, opts: SNLConfig, original: Net, m: Net, data: Data, mes
                       hooks=hooks)
     trainer.start_round()
     total = relu_count(alphas, weights, opts.threshold)
-    state = {"lam": opts.lam, "previous": total}
-    history = [{"epoch": 0, "relus": total, "lam": opts.lam}]
 
-    def on_epoch(epoch: int, record: dict) -> bool:
+    def on_epoch(epoch: int, record: dict, earlier: list[dict]) -> bool:
+        # λ and the count to beat come from the records, which a resumed run gets back too
+        lam = earlier[-1]["lam_next"] if earlier else opts.lam
+        previous = earlier[-1]["relus"] if earlier else total
         count = relu_count(hooks.alpha(fetch(trainer.extra)), weights, opts.threshold)
-        record.update(relus=count, lam=state["lam"])
-        history.append({"epoch": epoch + 1, "relus": count, "lam": state["lam"],
-                        "val_acc": record["val_acc"]})
-        if count <= budget:
-            return True
-        if epoch + 1 >= opts.lam_from_epoch and count >= state["previous"]:
-            state["lam"] *= opts.lam_growth
-            trainer.set_aux(lam=np.float32(state["lam"]))
-        state["previous"] = count
-        return False
+        grow = count > budget and epoch + 1 >= opts.lam_from_epoch and count >= previous
+        record.update(relus=count, lam=lam, lam_next=lam * opts.lam_growth if grow else lam)
+        if grow:
+            trainer.set_aux(lam=np.float32(record["lam_next"]))
+        return count <= budget
 
     print(f"snl search: {total:,} ReLUs per image, budget {budget:,} "
           f"({opts.granularity}-wise α, at most {opts.search_epochs} epochs)", flush=True)
-    last = fit(trainer, data, opts.search_epochs, log=log, tag={"stage": "search"},
-               on_epoch=on_epoch)
+    records = fit(trainer, data, opts.search_epochs, journal=journal, tag={"stage": "search"},
+                  on_epoch=on_epoch)
+    last = records[-1]
+    history = [{"epoch": 0, "relus": total, "lam": opts.lam}] + [
+        {"epoch": r["epoch"], "relus": r["relus"], "lam": r["lam"], "val_acc": r["val_acc"]}
+        for r in records]
     set_masks(m, hooks.alpha(fetch(trainer.extra)))  # the masks lag the last update by one step
     test = trainer.evaluate(data.eval_batches("test"))
     result = {"history": history, "epochs": len(history) - 1, "relus": history[-1]["relus"],
-              "reached": history[-1]["relus"] <= budget, "lam": state["lam"],
+              "reached": history[-1]["relus"] <= budget, "lam": last["lam_next"],
               "val_acc": last["val_acc"], "test_acc": test["acc"]}
     ckpt.save(0, m, {"search": result})  # the masks hold α
     return result
 
 
 def _finetune(cfg: Config, opts: SNLConfig, original: Net, m: Net, data: Data, mesh,
-              run_dir: Path, log: MetricsLog, weights: dict, budget: int) -> dict:
+              run_dir: Path, journal: Journal, weights: dict, budget: int) -> dict:
     ckpt = stage_checkpoints(run_dir, "finetune")
     alphas = {s: np.asarray(m.layers[s].mask.get_value()) for s in weights}
     masks, forced = binarize(alphas, weights, opts.threshold, budget)
@@ -219,7 +219,7 @@ def _finetune(cfg: Config, opts: SNLConfig, original: Net, m: Net, data: Data, m
     trainer = Trainer(m, cfg.train, steps_per_epoch=data.steps_per_epoch(), mesh=mesh,
                       stats=False, hooks=DistillHooks(distill))
     trainer.start_round()
-    last = fit(trainer, data, cfg.train.epochs, log=log, tag={"stage": "finetune"})
+    last = fit(trainer, data, cfg.train.epochs, journal=journal, tag={"stage": "finetune"})[-1]
     test = trainer.evaluate(data.eval_batches("test"))
     kept = {s: float(np.mean(v)) for s, v in masks.items()}
     result = {"relus": relu_count(masks, weights, 0.5), "forced_to_budget": forced,
@@ -237,7 +237,7 @@ def run(cfg: Config, run_dir) -> dict:
     run_dir = Path(run_dir)
     started = time.perf_counter()
     st = start(cfg, run_dir, opts.pretrain_epochs)
-    mesh, data, hw, log, original = st.mesh, st.data, st.hw, st.log, st.original
+    mesh, data, hw, journal, original = st.mesh, st.data, st.hw, st.journal, st.original
     dense = evaluate(original, cfg, data, mesh)
     shapes = mask_shapes(original, hw, opts.granularity)
     weights = relu_weights(original, hw, shapes)
@@ -245,8 +245,8 @@ def run(cfg: Config, run_dir) -> dict:
     budget = opts.relu_budget if opts.relu_budget is not None else int(opts.relu_fraction * total)
     m = nnx.clone(original)
     set_masks(m, {s: np.ones(shape, np.float32) for s, shape in shapes.items()})  # α = 1
-    search = _search(cfg, opts, original, m, data, mesh, run_dir, log, weights, budget)
-    finetune = _finetune(cfg, opts, original, m, data, mesh, run_dir, log, weights, budget)
+    search = _search(cfg, opts, original, m, data, mesh, run_dir, journal, weights, budget)
+    finetune = _finetune(cfg, opts, original, m, data, mesh, run_dir, journal, weights, budget)
     results = {"method": "snl", "model": cfg.model.name, "dataset": cfg.data.name,
                "image_size": list(hw), "granularity": opts.granularity,
                "relus_total": total, "budget": budget, "threshold": opts.threshold,

@@ -21,7 +21,7 @@ from flax import nnx
 from jaxprune import distributed
 from jaxprune.config import Config
 from jaxprune.errors import UserError
-from jaxprune.train import Data, MetricsLog, Trainer, fit, make_mesh
+from jaxprune.train import Data, Journal, Trainer, fit, make_mesh
 from jaxprune.train.checkpoint import Checkpoints
 from jaxprune.train.trainer import Hooks
 from models.net import Net
@@ -102,7 +102,7 @@ def evaluate(m: Net, cfg: Config, data: Data, mesh, splits=("val", "test")) -> d
     return out
 
 
-def original_model(cfg: Config, data: Data, mesh, run_dir: Path, log: MetricsLog,
+def original_model(cfg: Config, data: Data, mesh, run_dir: Path, journal: Journal,
                    pretrain_epochs: int) -> Net:
     """The network the method starts from (see the module doc); checkpointed as stage
     `dense` when it was trained here."""
@@ -120,7 +120,7 @@ def original_model(cfg: Config, data: Data, mesh, run_dir: Path, log: MetricsLog
     train = dataclasses.replace(cfg.train, epochs=pretrain_epochs)
     trainer = Trainer(m, train, steps_per_epoch=data.steps_per_epoch(), mesh=mesh, stats=False)
     trainer.start_round()
-    fit(trainer, data, pretrain_epochs, log=log, tag={"stage": "dense"})
+    fit(trainer, data, pretrain_epochs, journal=journal, tag={"stage": "dense"})
     ckpt.save(0, m, {"stage": "dense", "epochs": pretrain_epochs})
     return m
 
@@ -131,18 +131,18 @@ class Start:
     mesh: object
     data: Data
     hw: tuple[int, int]
-    log: MetricsLog
+    journal: Journal
     original: Net
 
 
 def start(cfg: Config, run_dir: Path, pretrain_epochs: int) -> Start:
-    """The device mesh, the data, the input size, the metrics log and the original
+    """The device mesh, the data, the input size, the journal (metrics and epoch checkpoints) and the original
     network (trained first when `pretrain_epochs` asks for it)."""
     mesh = make_mesh()
     data = Data(cfg, mesh)
-    log = MetricsLog(Path(run_dir) / "metrics.jsonl")
-    original = original_model(cfg, data, mesh, Path(run_dir), log, pretrain_epochs)
-    return Start(mesh, data, image_size(cfg, data), log, original)
+    journal = Journal(run_dir)
+    original = original_model(cfg, data, mesh, Path(run_dir), journal, pretrain_epochs)
+    return Start(mesh, data, image_size(cfg, data), journal, original)
 
 
 LATENCY_RUNTIMES, LATENCY_REPEATS = ("jax", "torch"), 30

@@ -5,12 +5,13 @@
     data = Data(cfg, mesh)
     trainer = Trainer(m, cfg.train, steps_per_epoch=data.steps_per_epoch(), mesh=mesh)
     trainer.start_round()
-    last = fit(trainer, data, cfg.train.epochs)   # last epoch: losses, accuracies, entropies
+    records = fit(trainer, data, cfg.train.epochs, journal=Journal(run_dir))
+    records[-1]                                   # last epoch: losses, accuracies, entropies
 """
-from jaxprune.train.loop import Data, MetricsLog, fit, train_epoch
+from jaxprune.train.loop import Data, Diverged, Journal, fit, train_epoch
 from jaxprune.train.mesh import AXIS, fetch, make_mesh, replicate, replicated
 from jaxprune.train.optim import make_optimizer, make_schedule
 from jaxprune.train.trainer import Trainer
 
-__all__ = ["AXIS", "Data", "MetricsLog", "Trainer", "fetch", "fit", "make_mesh",
+__all__ = ["AXIS", "Data", "Diverged", "Journal", "Trainer", "fetch", "fit", "make_mesh",
            "make_optimizer", "make_schedule", "replicate", "replicated", "train_epoch"]

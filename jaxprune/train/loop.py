@@ -1,5 +1,6 @@
-"""Epoch loops over the data sets of `jaxprune.data`, with progress bars and a
-per-epoch metrics log (`runs/<name>/metrics.jsonl`, one JSON object per line)."""
+"""Epoch loops over the data sets of `jaxprune.data`, with progress bars, a per-epoch
+metrics log (`<run>/metrics.jsonl`, one JSON object per line) and a checkpoint of the whole
+training state after every epoch, from which a rerun of the same command continues."""
 from __future__ import annotations
 
 import json
@@ -10,19 +11,75 @@ import jax
 from tqdm import tqdm
 
 from jaxprune.config import Config
+from jaxprune.errors import UserError
+from jaxprune.report import write_text_atomic
+from jaxprune.train.checkpoint import TrainCheckpoints
 from jaxprune.train.trainer import Trainer
 
+METRICS = "metrics.jsonl"
 
-class MetricsLog:
-    """Appends one JSON line per record; only process 0 writes."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+class Diverged(UserError):
+    """A training loss became NaN or infinite. That epoch's state is not checkpointed: the
+    latest checkpoint is the last good one. `record` says where (for metrics and reports)."""
+
+    def __init__(self, record: dict, kept: Path | None):
+        self.record = record
+        where = " ".join(f"{k} {v}" for k, v in record["tag"].items())
+        kept_text = (f"the last good checkpoint {kept} is kept" if kept is not None
+                     else "no checkpoint of this training was written")
+        super().__init__(
+            f"non-finite training loss in {where + ', ' if where else ''}epoch "
+            f"{record['epoch']}/{record['epochs']}, step {record['step']}/{record['steps']} "
+            f"(loss {record['loss']}); the training stopped there and {kept_text}. Lower "
+            f"train.lr or set train.grad_clip, under another run name")
+
+
+class Journal:
+    """What a run keeps between epochs: `metrics.jsonl` (one JSON object per epoch) and the
+    latest epochs' training state (`checkpoints/train/`, see `TrainCheckpoints`).
+
+    Each epoch's record is logged first, then its checkpoint written, which remembers how
+    many lines the log had. Opening a journal drops the lines logged after the latest
+    checkpoint: those epochs never got one, so a resumed run trains them again and logs
+    them once. Only process 0 writes the log."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / METRICS
+        self.checkpoints = TrainCheckpoints(Path(run_dir) / "checkpoints" / "train")
+        latest = self.checkpoints.latest_meta()
+        self.lines = latest["log_lines"] if latest else 0
+        if jax.process_index() == 0 and self.path.is_file():
+            lines = self.path.read_text().splitlines(keepends=True)
+            if len(lines) > self.lines:
+                write_text_atomic(self.path, "".join(lines[:self.lines]))
 
     def write(self, record: dict) -> None:
         if jax.process_index() == 0:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        self.lines += 1
+
+    def save(self, trainer: Trainer, tag: dict, epochs: int, records: list[dict],
+             stopped: bool) -> Path:
+        return self.checkpoints.save(trainer, {"tag": tag, "epochs": epochs, "records": records,
+                                               "stopped": stopped, "log_lines": self.lines})
+
+    def resume(self, trainer: Trainer, tag: dict, epochs: int) -> tuple[list[dict], bool]:
+        """(records, stopped) of the training `tag` when the latest checkpoint belongs to it
+        (its state is then loaded into `trainer`), else ([], False)."""
+        latest = self.checkpoints.latest_meta()
+        if not latest or latest["tag"] != tag or latest["epochs"] != epochs:
+            return [], False
+        meta = self.checkpoints.restore(trainer)
+        if jax.process_index() == 0:
+            where = " ".join(f"{k} {v}" for k, v in tag.items())
+            print(f"resuming {where or 'training'} after epoch {len(meta['records'])}/{epochs} "
+                  f"from {self.checkpoints.folder}", flush=True)
+        return meta["records"], meta["stopped"]
+
+    def last_good(self) -> Path | None:
+        return self.checkpoints.latest_path()
 
 
 class Data:
@@ -61,41 +118,62 @@ class Data:
 
 def train_epoch(trainer: Trainer, data: Data, epoch: int, desc: str) -> dict:
     loader, batches = data.train_batches(epoch)
-    for batch in tqdm(batches, total=len(loader), desc=desc, leave=False,
-                      disable=jax.process_index() != 0):
-        trainer.train_step(batch)
+    # `with`: an error closes the bar before it is reported, not after
+    with tqdm(batches, total=len(loader), desc=desc, leave=False,
+              disable=jax.process_index() != 0) as bar:
+        for batch in bar:
+            trainer.train_step(batch)
     return trainer.finish_epoch()
 
 
-def fit(trainer: Trainer, data: Data, epochs: int, *, log: MetricsLog | None = None,
+def fit(trainer: Trainer, data: Data, epochs: int, *, journal: Journal | None = None,
         tag: dict | None = None, epoch_offset: int = 0,
-        on_epoch: Callable[[int, dict], bool | None] | None = None) -> dict:
+        on_epoch: Callable[[int, dict, list[dict]], bool | None] | None = None) -> list[dict]:
     """Train `epochs` epochs from the trainer's current state (call `start_round` first),
-    validating after each; returns the last epoch's record. `tag` (e.g. the round)
-    goes into every log record; `epoch_offset` varies the shuffling between calls.
-    `on_epoch(epoch, record)` runs after each epoch, before the record is logged: it
-    may add entries to the record, change the trainer's aux values for the next
-    epoch, and return True to stop early."""
+    validating after each; returns every epoch's record. `tag` (e.g. the round) names this
+    training in the log and its checkpoints; `epoch_offset` varies the shuffling between
+    calls. `on_epoch(epoch, record, earlier_records)` runs after each epoch, before the
+    record is logged: it may add entries to the record, change the trainer's aux values for
+    the next epoch, and return True to stop early.
+
+    With a `journal`, each epoch is logged and checkpointed, and a training with the tag of
+    the latest checkpoint continues after that checkpoint's epoch: same state, same data
+    order, so the same result as without the interruption. A NaN or infinite loss raises
+    `Diverged` before that epoch is checkpointed."""
     tag = dict(tag or {})
     steps = data.steps_per_epoch()
-    record: dict = {}
-    bar = tqdm(range(epochs), desc=" ".join(f"{k} {v}" for k, v in tag.items()) or "train",
-               disable=jax.process_index() != 0)
-    for epoch in bar:
-        lr = float(trainer.schedule(epoch * steps))
-        train = train_epoch(trainer, data, epoch_offset + epoch, desc=f"epoch {epoch + 1}/{epochs}")
-        val = trainer.evaluate(data.eval_batches("val"))
-        record = {**tag, "epoch": epoch + 1, "lr": lr,
-                  "train_loss": train["loss"], "train_acc": train["acc"],
-                  "val_loss": val["loss"], "val_acc": val["acc"],
-                  "seconds": train["seconds"], "img_s": train["img_s"],
-                  "entropy": train["entropy"], **train["terms"]}
-        bar.set_postfix(loss=f"{train['loss']:.3f}", acc=f"{train['acc']:.1f}",
-                        val=f"{val['acc']:.1f}")
-        stop = on_epoch is not None and on_epoch(epoch, record)
-        if log is not None:
-            log.write(record)
-        if stop:
-            break
+    records, stopped = journal.resume(trainer, tag, epochs) if journal is not None else ([], False)
+    with tqdm(total=epochs, initial=len(records), disable=jax.process_index() != 0,
+              desc=" ".join(f"{k} {v}" for k, v in tag.items()) or "train") as bar:
+        for epoch in range(len(records), epochs if not stopped else 0):
+            if _epoch(trainer, data, epoch, epochs, steps, records, bar, journal=journal,
+                      tag=tag, epoch_offset=epoch_offset, on_epoch=on_epoch):
+                break
     trainer.sync_model()
-    return record
+    return records
+
+
+def _epoch(trainer, data, epoch, epochs, steps, records, bar, *, journal, tag, epoch_offset,
+           on_epoch) -> bool:
+    """Train, validate, log and checkpoint epoch `epoch` of `fit`; True to stop early."""
+    lr = float(trainer.schedule(epoch * steps))
+    train = train_epoch(trainer, data, epoch_offset + epoch, desc=f"epoch {epoch + 1}/{epochs}")
+    if train["nonfinite_batch"]:
+        raise Diverged({"tag": tag, "epoch": epoch + 1, "epochs": epochs,
+                        "step": train["nonfinite_batch"], "steps": steps, "loss": train["loss"]},
+                       journal.last_good() if journal is not None else None)
+    val = trainer.evaluate(data.eval_batches("val"))
+    record = {**tag, "epoch": epoch + 1, "lr": lr,
+              "train_loss": train["loss"], "train_acc": train["acc"],
+              "val_loss": val["loss"], "val_acc": val["acc"],
+              "seconds": train["seconds"], "img_s": train["img_s"],
+              "entropy": train["entropy"], **train["terms"]}
+    bar.update()
+    bar.set_postfix(loss=f"{train['loss']:.3f}", acc=f"{train['acc']:.1f}",
+                    val=f"{val['acc']:.1f}")
+    stop = bool(on_epoch is not None and on_epoch(epoch, record, records))
+    records.append(record)
+    if journal is not None:
+        journal.write(record)
+        journal.save(trainer, tag, epochs, records, stop)
+    return stop

@@ -113,6 +113,7 @@ class Trainer:
         # float32 zeros, not Python floats: a weak-typed start would retrace the second step.
         zero = np.zeros((), np.float32)
         self._zero_train = {"loss": zero, "correct": zero, "n": zero, "batches": zero,
+                            "bad": zero,
                             "entropy": np.zeros((len(self.sites),), np.float32),
                             "terms": {k: zero for k in self.hooks.metrics}}
         self._zero_eval = {"loss": zero, "correct": zero, "n": zero}
@@ -148,9 +149,12 @@ class Trainer:
             updates, opt_state = self.tx.update(grads, opt_state, (params, extra))
             params, extra = optax.apply_updates((params, extra), updates)
             n = logits.shape[0]
-            acc = {"loss": acc["loss"] + loss * n,
+            batch_no = acc["batches"] + 1
+            # the epoch's first batch (1-based) whose loss was not finite; 0 while all were
+            bad = jnp.where((acc["bad"] == 0) & ~jnp.isfinite(loss), batch_no, acc["bad"])
+            acc = {"loss": acc["loss"] + loss * n, "bad": bad,
                    "correct": acc["correct"] + jnp.sum(_hits(logits, batch["label"])),
-                   "n": acc["n"] + n, "batches": acc["batches"] + 1,
+                   "n": acc["n"] + n, "batches": batch_no,
                    "entropy": acc["entropy"] + entropy,
                    "terms": {k: acc["terms"][k] + terms[k] for k in hooks.metrics}}
             return params, extra, rest, opt_state, acc, count + 1
@@ -192,6 +196,18 @@ class Trainer:
             raise KeyError(f"no aux entries {sorted(unknown)}; the hooks define {sorted(self.aux)}")
         self.aux = {**self.aux, **replicate(values, self.mesh)}
 
+    def state(self) -> dict:
+        """Everything the steps read and update: what a train checkpoint holds."""
+        return {"params": self.params, "rest": self.rest, "extra": self.extra,
+                "opt_state": self.opt_state, "step": self.step, "aux": self.aux}
+
+    def set_state(self, state: dict) -> None:
+        """Continue from `state()` of an earlier trainer of the same model and hooks."""
+        (self.params, self.rest, self.extra, self.opt_state, self.step, self.aux) = (
+            state["params"], state["rest"], state["extra"], state["opt_state"], state["step"],
+            state["aux"])
+        self._acc = None
+
     def sync_model(self) -> Net:
         """Write the device state back into the model (after training, before using it)."""
         nnx.update(self.model, self.params, self.rest)
@@ -212,14 +228,16 @@ class Trainer:
         """Fetch the epoch's training metrics and reset the accumulator.
 
         `entropy` maps each site to the mean of its per-batch entropies, `terms`
-        each of the hooks' metrics to its mean over the epoch's batches."""
+        each of the hooks' metrics to its mean over the epoch's batches; `nonfinite_batch`
+        the first batch (1-based) whose loss was NaN or infinite, 0 if none was."""
         if self._acc is None:
             raise RuntimeError("finish_epoch() before any train_step()")
         acc, self._acc = fetch(self._acc), None
         seconds = time.perf_counter() - self._t0
         n, batches = max(float(acc["n"]), 1.0), max(float(acc["batches"]), 1.0)
         return {"loss": float(acc["loss"]) / n, "acc": 100.0 * float(acc["correct"]) / n,
-                "examples": int(acc["n"]), "seconds": seconds, "img_s": float(acc["n"]) / seconds,
+                "examples": int(acc["n"]), "nonfinite_batch": int(acc["bad"]),
+                "seconds": seconds, "img_s": float(acc["n"]) / seconds,
                 "entropy": dict(zip(self.sites, (acc["entropy"] / batches).tolist())),
                 "terms": {k: float(v) / batches for k, v in acc["terms"].items()}}
 
