@@ -4,10 +4,12 @@
     python run.py --config configs/x.yaml --set train.epochs=2 --set method.max_rounds=3
     python run.py --config configs/x.yaml --dry-run # print the resolved config and the plan
     python run.py --config configs/x.yaml --out /scratch/runs
+    python run.py --resume runs/demo                 # continue a run from its own config.yaml
     python run.py --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # one per host
 
 Results go to <out>/<name>/ (config.yaml, results.json, report, checkpoints).
-Running the same config again resumes in that folder; a changed config is refused.
+Running the same command again (or --resume <out>/<name>) continues from the last epoch
+checkpoint in that folder; a changed config is refused.
 A multi-process run (the flags above, or a detected Slurm / TPU pod / Open MPI launch)
 shares one run folder, which process 0 writes: put it on a file system all hosts see.
 """
@@ -36,8 +38,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="run.py",
         description="Make a trained classifier shallower: run one experiment from a YAML config.",
         epilog="Errors in the config or the inputs print one line and exit with status 2.")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+    p.add_argument("--config", type=Path,
                    help="YAML config (default: configs/demo.yaml)")
+    p.add_argument("--resume", type=Path, metavar="RUN_FOLDER",
+                   help="continue the run in RUN_FOLDER with the config saved there "
+                        "(instead of --config/--set/--out)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, value read as YAML (repeatable), "
                         "e.g. --set train.epochs=2 --set model.options.width=16")
@@ -55,11 +60,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _resolve(args):
+    """The run's config: --resume's saved config.yaml, else --config with --set and --out."""
+    import dataclasses
+
+    from jaxprune import config
+    from jaxprune.errors import UserError
+    if args.resume is None:
+        cfg = config.load(args.config or DEFAULT_CONFIG, args.overrides)
+        return cfg if args.out is None else dataclasses.replace(cfg, out=args.out)
+    if args.config or args.overrides or args.out:
+        raise UserError("--resume takes the config saved in the run folder; leave out "
+                        "--config, --set and --out")
+    saved = args.resume / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"--resume {args.resume}: no {saved}; give the folder of an earlier run "
+                        f"(<out>/<name>)")
+    cfg = config.load(saved)
+    # the folder may have moved since: it is where the run continues
+    return dataclasses.replace(cfg, out=str(args.resume.parent), name=args.resume.name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _one_xla_device_per_core()
-    import dataclasses
-
     from jaxprune import config, distributed, runner
     from jaxprune.errors import UserError
     try:
@@ -67,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             joined = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
             if joined:
                 print(f"multi-process run: {joined}", file=sys.stderr, flush=True)
-        cfg = config.load(args.config, args.overrides)
-        if args.out is not None:
-            cfg = dataclasses.replace(cfg, out=args.out)
+        cfg = _resolve(args)
         if args.dry_run:
             print("# resolved config")
             print(config.dump(cfg))

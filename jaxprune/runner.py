@@ -28,7 +28,7 @@ from models.net import Net
 
 CONFIG_FILE = "config.yaml"
 # Keys that say where a run lives, not what it computes: they may differ on a resume.
-_LOCATION_KEYS = ("out",)
+_LOCATION_KEYS = ("out", "name")
 
 
 def build_model(cfg: Config, num_classes: int) -> Net:

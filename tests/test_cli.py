@@ -96,6 +96,34 @@ def test_same_config_calls_the_method_again_in_its_folder(tmp_path, monkeypatch)
     assert "exists with this config: the method resumes there" in runner.plan(cfg)
 
 
+def test_resume_continues_a_run_folder_from_its_own_config(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def probe(cfg, run_dir):
+        calls.append((cfg, run_dir))
+        return {}
+
+    monkeypatch.setitem(methods._METHODS, "probe",
+                        methods.Method("probe", probe, config.MethodConfig))
+    cfg = config.from_dict({"name": "r", "out": str(tmp_path / "old"), "seed": 7,
+                            "method": {"name": "probe"}})
+    run_dir, _ = runner.run(cfg)
+    moved = tmp_path / "moved"
+    run_dir.rename(moved)  # a run folder may move (another disk, another name): it still resumes
+    assert cli.main(["--resume", str(moved)]) == 0
+    resumed, where = calls[-1]
+    assert where == moved and resumed.seed == 7 and resumed.method.name == "probe"
+
+    assert cli.main(["--resume", str(tmp_path / "nothing")]) == 2
+    assert cli.main(["--resume", str(moved), "--set", "seed=1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2] == (f"error: --resume {tmp_path / 'nothing'}: no {tmp_path / 'nothing'}"
+                       f"/config.yaml; give the folder of an earlier run (<out>/<name>)")
+    assert err[-1] == ("error: --resume takes the config saved in the run folder; leave out "
+                       "--config, --set and --out")
+    assert len(calls) == 2
+
+
 def test_a_foreign_folder_is_not_taken_over(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "notes.txt").write_text("mine")
