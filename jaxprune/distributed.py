@@ -11,7 +11,8 @@ process_index, process_count)`), `data.to_global` assembles the shards into
 global arrays, and the compiled step runs over the mesh of all processes'
 devices. Parameters are replicated, so every process holds the same model and
 computes the same results; only process 0 writes the run folder (config,
-metrics, checkpoints, report, export), and the others wait at a barrier where
+metrics, report, export; checkpoints are orbax's collective writes, to which the
+others add their shards' metadata), and the others wait at a barrier where
 they read back what it wrote.
 
 `initialize` must run before anything touches a JAX device; a plain laptop run

@@ -102,7 +102,9 @@ def test_two_processes_match_one_process(tmp_path):
     for name in ("config.yaml", "results.json", "report.md", "metrics.jsonl", "checkpoints",
                  "export"):
         assert any(p.startswith(f"{run_dir}/{name}") for p in written), name
-    assert other == [], other[:5]
+    # Process 1 writes only its part of orbax's collective checkpoint writes (its shards'
+    # metadata), inside the run's checkpoints; everything else is process 0's.
+    assert all(w.split(" ", 1)[1].startswith(f"{run_dir}/checkpoints/") for w in other), other[:5]
 
 
 def test_initialize_without_a_cluster_is_a_no_op(monkeypatch):

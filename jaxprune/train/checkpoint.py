@@ -73,9 +73,6 @@ class _Store:
     @property
     def manager(self) -> ocp.CheckpointManager:
         if self._manager is None:  # created on first use: merely naming a store writes nothing
-            if distributed.is_main() and self.folder.is_dir():
-                for tmp in self.folder.glob(_TMP):  # what a crash or a full disk left behind
-                    shutil.rmtree(tmp, ignore_errors=True)  # never counted as a checkpoint
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=self._keep, step_prefix=self.prefix,
                 step_format_fixed_length=self.digits, enable_async_checkpointing=False,
@@ -103,6 +100,11 @@ class _Store:
     def save(self, step: int, tree: dict, meta: dict) -> Path:
         meta = {**meta, "shapes": {k: list(np.shape(v)) for k, v in tree.items()}}
         where = self.path(step)
+        if distributed.is_main() and self.folder.is_dir():
+            # What a crash or a full disk left behind (never counted as a checkpoint). Only the
+            # writer cleans, and only before it writes: a reader could catch a write mid-way.
+            for tmp in self.folder.glob(_TMP):
+                shutil.rmtree(tmp, ignore_errors=True)
         try:
             with _quiet_orbax():
                 self.manager.save(step, args=ocp.args.Composite(
