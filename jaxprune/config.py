@@ -219,6 +219,11 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise UserError(f"config file not found: {path}")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.constructor.ConstructorError as e:  # a tag asking to build an object: never built
+            raise UserError(f"{path} holds a YAML tag that would build a Python object "
+                            f"({' '.join(str(e).split())}); configs are plain data (numbers, "
+                            f"strings, lists, mappings) and are read with yaml.safe_load: "
+                            f"remove the tag") from None
         except yaml.YAMLError as e:
             raise UserError(f"{path} is not valid YAML: {e}".replace("\n", " ")) from None
         if not isinstance(raw, dict):

@@ -106,8 +106,10 @@ def test_yaml_python_tag_is_not_run(tmp_path, work):
                    "method: {name: parity}\n")
     before = _tree(tmp_path)
     msg = _error(_run("--config", cfg, "--out", out, cwd=cwd))
-    assert msg.startswith(f"{cfg} is not valid YAML: could not determine a constructor for the "
+    assert msg.startswith(f"{cfg} holds a YAML tag that would build a Python object (could "
+                          "not determine a constructor for the "
                           "tag 'tag:yaml.org,2002:python/object/apply:os.system'")
+    assert msg.endswith("read with yaml.safe_load: remove the tag")
     assert not marker.exists() and _tree(tmp_path) == before
 
 
