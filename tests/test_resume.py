@@ -72,15 +72,17 @@ def test_a_crash_between_log_and_checkpoint_resumes_exactly(setup, tmp_path, mon
 
     real_save = Journal.save
 
-    def dies_at_epoch_2(self, trainer, tag, epochs, records, stopped):
+    def dies_at_epoch_2(self, trainer, tag, epochs, records, stopped, data_position):
         if len(records) == 2:
             raise KeyboardInterrupt  # as abrupt as it gets in-process
-        return real_save(self, trainer, tag, epochs, records, stopped)
+        return real_save(self, trainer, tag, epochs, records, stopped, data_position)
     monkeypatch.setattr(Journal, "save", dies_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         fit(_trainer(setup), data, 3, journal=Journal(tmp_path / "b"), tag={"round": 1})
     monkeypatch.setattr(Journal, "save", real_save)
     assert [r["epoch"] for r in _log(tmp_path / "b")] == [1, 2]  # epoch 2 logged, not saved
+    meta = TrainCheckpoints(tmp_path / "b" / "checkpoints" / "train").latest_meta()
+    assert meta["data"] == {"epoch": 1, "batch": 0} and meta["log_lines"] == 1
 
     resumed = _trainer(setup)  # a fresh process would build this from scratch
     got = fit(resumed, data, 3, journal=Journal(tmp_path / "b"), tag={"round": 1})

@@ -61,16 +61,26 @@ class Journal:
         self.lines += 1
 
     def save(self, trainer: Trainer, tag: dict, epochs: int, records: list[dict],
-             stopped: bool) -> Path:
+             stopped: bool, data_position: dict) -> Path:
+        """Checkpoint the trainer after an epoch. `data_position` is where the data iterator
+        continues ({"epoch": the data epoch next, "batch": 0}): an epoch's order is a pure
+        function of (seed, data epoch), so that is the iterator's whole state."""
         return self.checkpoints.save(trainer, {"tag": tag, "epochs": epochs, "records": records,
-                                               "stopped": stopped, "log_lines": self.lines})
+                                               "stopped": stopped, "log_lines": self.lines,
+                                               "data": data_position})
 
-    def resume(self, trainer: Trainer, tag: dict, epochs: int) -> tuple[list[dict], bool]:
+    def resume(self, trainer: Trainer, tag: dict, epochs: int,
+               epoch_offset: int = 0) -> tuple[list[dict], bool]:
         """(records, stopped) of the training `tag` when the latest checkpoint belongs to it
         (its state is then loaded into `trainer`), else ([], False)."""
         latest = self.checkpoints.latest_meta()
         if not latest or latest["tag"] != tag or latest["epochs"] != epochs:
             return [], False
+        expected = {"epoch": epoch_offset + len(latest["records"]), "batch": 0}
+        if latest["data"] != expected:
+            raise UserError(f"{self.checkpoints.latest_path()} continues the data at "
+                            f"{latest['data']}, this training at {expected}: it was written by "
+                            f"another version or schedule; use another run name")
         meta = self.checkpoints.restore(trainer)
         if jax.process_index() == 0:
             where = " ".join(f"{k} {v}" for k, v in tag.items())
@@ -142,7 +152,8 @@ def fit(trainer: Trainer, data: Data, epochs: int, *, journal: Journal | None = 
     `Diverged` before that epoch is checkpointed."""
     tag = dict(tag or {})
     steps = data.steps_per_epoch()
-    records, stopped = journal.resume(trainer, tag, epochs) if journal is not None else ([], False)
+    records, stopped = (journal.resume(trainer, tag, epochs, epoch_offset) if journal is not None
+                        else ([], False))
     with tqdm(total=epochs, initial=len(records), disable=jax.process_index() != 0,
               desc=" ".join(f"{k} {v}" for k, v in tag.items()) or "train") as bar:
         for epoch in range(len(records), epochs if not stopped else 0):
@@ -175,5 +186,6 @@ def _epoch(trainer, data, epoch, epochs, steps, records, bar, *, journal, tag, e
     records.append(record)
     if journal is not None:
         journal.write(record)
-        journal.save(trainer, tag, epochs, records, stop)
+        journal.save(trainer, tag, epochs, records, stop,
+                     data_position={"epoch": epoch_offset + epoch + 1, "batch": 0})
     return stop
