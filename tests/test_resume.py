@@ -334,3 +334,38 @@ def test_sigkill_at_a_random_point_then_rerun_gives_the_same_results(tmp_path):
     log = _log(cut / "small")
     assert [(r["round"], r["epoch"]) for r in log] == [(r, e) for r in range(3) for e in (1, 2)]
     assert _untimed(log) == _untimed(_log(whole / "small"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path,overrides", [
+    ("configs/depthshrinker/digits-small.yaml",  # Gumbel noise and progressive removal: aux
+     ["method.pretrain_epochs=1", "train.epochs=2", "method.gumbel_epochs=2",
+      "method.progressive=true", "method.progressive_epochs=1"]),
+    ("configs/depthshrinker/digits-snl.yaml",  # α as extra parameters, λ growth from records
+     ["method.pretrain_epochs=1", "method.search_epochs=3", "method.lam_from_epoch=1",
+      "train.epochs=1"]),
+], ids=["depthshrinker", "snl"])
+def test_staged_methods_interrupted_mid_search_resume_exactly(tmp_path, monkeypatch, path,
+                                                              overrides):
+    """Killed between logging and checkpointing the search's second epoch (after the dense
+    stage and one search epoch were checkpointed), a rerun ends with the results and the
+    metrics of an uninterrupted run."""
+    whole = config.load(ROOT / path, [f"out={tmp_path / 'whole'}", *overrides])
+    _, expected = runner.run(whole)
+
+    real_save, saves = Journal.save, []
+
+    def dies_at_third_epoch(self, *args, **kwargs):
+        saves.append(args[1])
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+        return real_save(self, *args, **kwargs)
+    monkeypatch.setattr(Journal, "save", dies_at_third_epoch)
+    cut = config.load(ROOT / path, [f"out={tmp_path / 'cut'}", *overrides])
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cut)
+    assert saves == [{"stage": "dense"}, {"stage": "search"}, {"stage": "search"}]
+    monkeypatch.setattr(Journal, "save", real_save)
+    run_dir, got = runner.run(cut)
+    assert _comparable(got, tmp_path / "cut") == _comparable(expected, tmp_path / "whole")
+    assert _untimed(_log(run_dir)) == _untimed(_log(tmp_path / "whole" / whole.name))
