@@ -29,23 +29,8 @@ EASIER = {  # a method that reads data
 }
 
 
-_CACHE: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(tmp_path_factory):
-    """One XLA compilation cache for this file's runs. A run that reads weights first
-    initialises the whole model (about 10 s of compiling on CPU, the same each time)."""
-    _CACHE.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla-cache")),
-                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    yield
-    _CACHE.clear()
-
-
 def _run(*args, cwd):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # run.py sets its own
-    env.update(_CACHE)
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=600)
 

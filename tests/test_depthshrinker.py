@@ -221,15 +221,22 @@ def test_config_errors(tmp_path):
         gates.parse_keep_list([1, 0, 2] + [1] * 16, 19, "method.act_list")
 
 
+def _log(run_dir):
+    return [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+SHORT = ["method.pretrain_epochs=1", "train.epochs=2", "method.gumbel_epochs=1",
+         "method.progressive=true", "method.progressive_epochs=1"]
+
+
 @pytest.mark.slow
-def test_small_config_end_to_end(tmp_path):
+def test_small_config_end_to_end(tmp_path, untimed, dies_at_epoch_checkpoint):
     """digits-small, shortened, with Gumbel exploration and progressive removal: both stages
     run, the keep-lists are written, the fused model computes the finetuned one's function
-    with fewer layers, and the report is there."""
+    with fewer layers, and the report is there. The same config killed in the search, after
+    its first epoch's checkpoint, and run again, reports exactly the same."""
     from jaxprune import runner
-    cfg = _small_cfg(tmp_path, "method.pretrain_epochs=1", "train.epochs=2",
-                     "method.gumbel_epochs=1", "method.progressive=true",
-                     "method.progressive_epochs=1")
+    cfg = _small_cfg(tmp_path, *SHORT)
     run_dir, res = runner.run(cfg)
     lists = json.loads((run_dir / "keep_lists.json").read_text())["keep_lists"]
     assert {r: sum(v) for r, v in lists.items()} == {f"{r:g}": math.floor(19 * r)
@@ -244,11 +251,15 @@ def test_small_config_end_to_end(tmp_path):
     assert abs(res["fused"]["test_acc"] - ft["test_acc"]) <= 100.0 / n_test + 1e-9
     for f in ("report.md", "results.json", "gate_scores.png", "pattern.png", "metrics.jsonl"):
         assert (run_dir / f).is_file(), f
-    log = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    log = _log(run_dir)
     assert [r["removed"] for r in log if r["stage"] == "finetune"] == [1, 12]  # progressive
-    # a second run resumes from the stage checkpoints and reports the same
-    _, again = runner.run(cfg)
-    assert again["finetune"] == ft
+    cut = _small_cfg(tmp_path / "cut", *SHORT)
+    with dies_at_epoch_checkpoint(3) as tags, pytest.raises(KeyboardInterrupt):
+        runner.run(cut)
+    assert tags == [{"stage": "dense"}, {"stage": "search"}, {"stage": "search"}]
+    cut_dir, resumed = runner.run(cut)  # the search continues: scores, Gumbel noise, optimizer
+    assert untimed(resumed, tmp_path / "cut") == untimed(res, tmp_path)
+    assert untimed(_log(cut_dir)) == untimed(_log(run_dir))
 
 
 # DESIGN.md §6: the published keep-lists for MobileNetV2-1.4 on ImageNet

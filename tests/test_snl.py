@@ -87,16 +87,17 @@ def test_search_hooks_train_alpha_without_retrace(net, granularity):
     assert m.layers["relu"].mask.get_value().shape == shapes["relu"]
 
 
-def test_snl_reaches_a_budget(tmp_path):
+def test_snl_reaches_a_budget(tmp_path, untimed, dies_at_epoch_checkpoint):
     """The whole method on a narrow ResNet-18 at 16 px: λ grows until the ReLU count falls
-    within 60 % of the network's, then the binarized masks are finetuned."""
+    within 60 % of the network's, then the binarized masks are finetuned. Killed in the
+    search and run again, it reports exactly the same."""
     from jaxprune import runner
-    cfg = config.load(None, [
-        f"out={tmp_path}", "name=snl-test", "model.name=resnet18_cifar", "model.options={width: 4}",
+    overrides = [
+        "name=snl-test", "model.name=resnet18_cifar", "model.options={width: 4}",
         "data.batch_size=128", "data.image_size=16", "train.epochs=1", "train.lr=0.01",
         "method.name=snl", "method.relu_fraction=0.6", "method.lam=0.01",
-        "method.lam_from_epoch=1", "method.search_epochs=12", "method.alpha_lr_scale=50"])
-    _, res = runner.run(cfg)
+        "method.lam_from_epoch=1", "method.search_epochs=12", "method.alpha_lr_scale=50"]
+    _, res = runner.run(config.load(None, [f"out={tmp_path}", *overrides]))
     s, f = res["search"], res["finetune"]
     assert s["reached"] and s["relus"] <= res["budget"] == int(0.6 * res["relus_total"])
     assert f["relus"] <= res["budget"] and not f["forced_to_budget"]
@@ -106,3 +107,10 @@ def test_snl_reaches_a_budget(tmp_path):
         grew = lams[e + 1] > lams[e]
         assert grew == (counts[e] >= counts[e - 1]), (e, counts, lams)
     assert 0 <= f["test_acc"] <= 100
+
+    cut = config.load(None, [f"out={tmp_path / 'cut'}", *overrides])
+    with dies_at_epoch_checkpoint(4) as tags, pytest.raises(KeyboardInterrupt):
+        runner.run(cut)  # after 3 search epochs: λ has grown, α moved
+    assert tags == [{"stage": "search"}] * 4 and lams[3] > lams[1]
+    _, resumed = runner.run(cut)
+    assert untimed(resumed, tmp_path / "cut") == untimed(res, tmp_path)
