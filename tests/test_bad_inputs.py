@@ -106,30 +106,20 @@ def _missing_data(root: Path) -> str:
             f"python -m jaxprune.data prepare tiny_imagenet --root {root}")
 
 
-def test_missing_data_names_where_it_looked_and_the_prepare_command_dry_run(tmp_path, work):
+@pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "run"])
+def test_missing_data_names_where_it_looked_and_the_prepare_command(tmp_path, work, dry):
     _, out, cwd = work
     cfg = tmp_path / "easier.yaml"
     cfg.write_text(yaml.safe_dump(EASIER))
     root = tmp_path / "no-such-data"
     before = _tree(tmp_path)
-    r = _run("--config", cfg, "--out", out, "--dry-run", "--set", "data.name=tiny_imagenet",
-             "--set", f"data.root={root}", cwd=cwd)
-    assert _error(r) == _missing_data(root)
-    assert _tree(tmp_path) == before and not root.exists()
-
-
-def test_missing_data_in_a_real_run(tmp_path, work):
-    _, out, cwd = work
-    cfg = tmp_path / "easier.yaml"
-    cfg.write_text(yaml.safe_dump(EASIER))
-    root = tmp_path / "no-such-data"
-    before = _tree(tmp_path)
-    r = _run("--config", cfg, "--out", out, "--set", "data.name=tiny_imagenet",
-             "--set", f"data.root={root}", cwd=cwd)
+    r = _run("--config", cfg, "--out", out, *(["--dry-run"] if dry else []),
+             "--set", "data.name=tiny_imagenet", "--set", f"data.root={root}", cwd=cwd)
     assert _error(r) == _missing_data(root)
     assert not root.exists()
-    # the refused run's folder is gone: the corrected config may use the same name
-    assert _tree(tmp_path) == before | {"runs"}
+    # a dry run writes nothing; a refused run leaves no run folder behind, so the corrected
+    # config may use the same name
+    assert _tree(tmp_path) == (before if dry else before | {"runs"})
 
 
 # --- weights files (model.pretrained) ----------------------------------------------------------
