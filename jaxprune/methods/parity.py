@@ -8,11 +8,14 @@ results.json. Fails (exit status 2) when any size is outside the tolerance.
     method:
       name: parity
       source: random                  # or weights.pth / .safetensors / torchvision:IMAGENET1K_V1
+                                      # or an export folder (checked against its model.pt2)
       sizes: [32, 33]                 # empty: the model's native input size
 
 `source: random` checks the converter on a randomly initialised torch original
 of `model.name` with `model.options` (BatchNorm statistics randomised so that
-they matter); a path or `torchvision:<WEIGHTS>` checks those weights.
+they matter); a path or `torchvision:<WEIGHTS>` checks those weights. A
+`converters.export` folder (e.g. a run's `export/`, pruned and fused) is checked
+against its own `model.pt2`, loaded by torch alone.
 """
 from __future__ import annotations
 
@@ -70,6 +73,12 @@ def models_pair(cfg: Config):
                                   **cfg.model.options)
         torch_reference.randomize(t, cfg.seed)
         m = converters.from_torch(t, arch=arch)
+    elif (Path(source) / "arch.json").is_file():
+        # A jaxprune export (possibly pruned and fused): there is no torch original to rebuild,
+        # so the model is checked against its own torch.export program, loaded without jaxprune.
+        m = converters.from_torch(source)
+        m.eval()
+        return _exported_program(Path(source)), m
     else:
         state = _torch_state(source, arch)
         # A file goes in by path so that an export folder's arch.json is honoured.
@@ -83,14 +92,24 @@ def models_pair(cfg: Config):
     return t.eval(), m
 
 
+def _exported_program(folder: Path):
+    import torch
+    program = folder / "model.pt2"
+    if not program.is_file():
+        raise UserError(f"{folder} has arch.json but no model.pt2 to check it against; "
+                        f"export it again with converters.export")
+    return torch.export.load(str(program)).module()  # traced in eval mode
+
+
 def _max_abs_diff(t, m, x: np.ndarray) -> float:
     import jax
     import torch
     from flax import nnx
+    graphdef, state = nnx.split(m)
+    # jaxprune first: a fused model names the input size it was fused for
+    out = np.asarray(jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))(state, x))
     with torch.no_grad():
         ref = t(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    graphdef, state = nnx.split(m)
-    out = np.asarray(jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))(state, x))
     if out.shape != ref.shape:
         raise UserError(f"logits of shape {out.shape} (jaxprune) vs {ref.shape} (torch)")
     return float(np.max(np.abs(out - ref)))
