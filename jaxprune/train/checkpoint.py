@@ -44,9 +44,10 @@ def _key(path) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def flatten(tree) -> dict[str, object]:
-    """{dotted path: leaf} of a pytree (NNX states, optax states, dicts)."""
-    return {_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def _keyed(tree):
+    """({dotted path: leaf}, treedef) of a pytree (NNX states, optax states, dicts)."""
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return {_key(path): leaf for path, leaf in pairs}, treedef
 
 
 @contextlib.contextmanager
@@ -63,7 +64,8 @@ def _quiet_orbax():
 
 
 class _Store:
-    """Numbered orbax checkpoints in one folder: a flat {name: array} tree plus a JSON record."""
+    """Numbered orbax checkpoints in one folder: a pytree of arrays, stored flat under dotted
+    names, plus a JSON record."""
 
     def __init__(self, folder: str | Path, prefix: str, digits: int, keep: int | None):
         self.folder, self.prefix, self.digits = Path(folder), prefix, digits
@@ -97,7 +99,8 @@ class _Store:
         done = self.steps()
         return done[-1] if done else None
 
-    def save(self, step: int, tree: dict, meta: dict) -> Path:
+    def save(self, step: int, tree, meta: dict) -> Path:
+        tree, _ = _keyed(tree)
         meta = {**meta, "shapes": {k: list(np.shape(v)) for k, v in tree.items()}}
         where = self.path(step)
         if distributed.is_main() and self.folder.is_dir():
@@ -120,8 +123,10 @@ class _Store:
                             f"again to resume") from None
         return where
 
-    def restore(self, step: int, like: dict) -> tuple[dict, dict]:
-        """The arrays of `step` in the shapes, dtypes and shardings of `like`, and its record."""
+    def restore(self, step: int, like) -> tuple[object, dict]:
+        """The arrays of `step` as a pytree like `like` (same structure, shapes, dtypes and
+        shardings), and its record."""
+        like, treedef = _keyed(like)
         where = self.path(step)
         meta = self.meta(step)
         saved = meta.get("shapes", {})
@@ -145,7 +150,7 @@ class _Store:
         except Exception as e:  # noqa: BLE001 - orbax reports a bad chunk as a bare Exception
             e = e.__cause__ or e  # its cause names the file and the byte range
             raise self._damaged(where, e) from None
-        return dict(got["state"]), meta
+        return jax.tree.unflatten(treedef, [got["state"][k] for k in like]), meta
 
     def meta(self, step: int) -> dict:
         where = self.path(step)
@@ -166,6 +171,11 @@ class _Store:
                          f"before it")
 
 
+def _host_state(m: Net):
+    """What a model checkpoint holds, as host arrays (identical on every process)."""
+    return jax.tree.map(np.asarray, nnx.state(m, SAVED))
+
+
 class Checkpoints:
     """A model's state (parameters, BatchNorm statistics, site masks) per round or stage."""
 
@@ -184,16 +194,12 @@ class Checkpoints:
         return self._store.latest()
 
     def save(self, round_: int, m: Net, meta: dict) -> Path:
-        tree = {k: np.asarray(v) for k, v in flatten(nnx.state(m, SAVED)).items()}
-        return self._store.save(round_, tree, meta)
+        return self._store.save(round_, _host_state(m), meta)
 
     def load(self, round_: int, m: Net) -> dict:
         """Load round `round_` into `m` (in place); returns its meta record."""
-        state = nnx.state(m, SAVED)
-        leaves, treedef = jax.tree.flatten(state)
-        keys = list(flatten(state))
-        got, meta = self._store.restore(round_, dict(zip(keys, map(np.asarray, leaves))))
-        nnx.update(m, jax.tree.unflatten(treedef, [jax.numpy.asarray(got[k]) for k in keys]))
+        state, meta = self._store.restore(round_, _host_state(m))
+        nnx.update(m, jax.tree.map(jax.numpy.asarray, state))
         return meta
 
 
@@ -214,16 +220,13 @@ class TrainCheckpoints:
 
     def save(self, trainer, meta: dict) -> Path:
         step = (self._store.latest() or 0) + 1
-        return self._store.save(step, flatten(trainer.state()), meta)
+        return self._store.save(step, trainer.state(), meta)
 
     def restore(self, trainer) -> dict:
         """The latest epoch's state into `trainer`; returns its record."""
         step = self._store.latest()
         if step is None:
             raise UserError(f"no train checkpoint in {self.folder}")
-        state = trainer.state()
-        leaves, treedef = jax.tree.flatten(state)
-        keys = list(flatten(state))
-        got, meta = self._store.restore(step, dict(zip(keys, leaves)))
-        trainer.set_state(jax.tree.unflatten(treedef, [got[k] for k in keys]))
+        state, meta = self._store.restore(step, trainer.state())
+        trainer.set_state(state)
         return meta
