@@ -116,8 +116,9 @@ def check_run_dir(cfg: Config) -> str:
     return "resume"
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create `<out>/<name>/` with the resolved config in it, or reuse it for the same config."""
+def prepare_run_dir(cfg: Config) -> tuple[Path, str]:
+    """Create `<out>/<name>/` with the resolved config in it, or reuse it for the same config;
+    returns the folder and `check_run_dir`'s 'new' or 'resume'."""
     state = check_run_dir(cfg)
     path = run_dir_of(cfg)
     distributed.barrier("run_dir checked")  # every process looked before process 0 writes
@@ -125,7 +126,7 @@ def prepare_run_dir(cfg: Config) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_FILE).write_text(config.dump(cfg))
     distributed.barrier("run_dir")  # every process then finds the folder process 0 made
-    return path
+    return path, state
 
 
 def check_model(cfg: Config) -> None:
@@ -138,20 +139,18 @@ def check_model(cfg: Config) -> None:
 
 def run(cfg: Config) -> tuple[Path, dict]:
     """Run the config's method in its run folder; returns (run folder, the method's results)."""
-    from jaxprune import methods
+    from jaxprune import methods, report
+    from jaxprune.train import Diverged
     method = methods.get(cfg.method.name)
     check_model(cfg)
-    from jaxprune import report
-    from jaxprune.train import Diverged
-    new = check_run_dir(cfg) == "new"
-    path = prepare_run_dir(cfg)
+    path, state = prepare_run_dir(cfg)
     try:
         return path, method.run(cfg, path)
     except Diverged as e:
         report.write_stopped(path, str(e))
         raise
     except UserError:
-        if new:
+        if state == "new":
             _forget(path)
         raise
 

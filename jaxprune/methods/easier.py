@@ -58,10 +58,8 @@ def select_sites(entropy: dict[str, float], done) -> list[str]:
     return [n for n in remaining if n == lowest or entropy[n] == 0.0]
 
 
-def stop_reason(rounds: list[dict], opts: EasierConfig, diverged: str | None = None) -> str | None:
+def stop_reason(rounds: list[dict], opts: EasierConfig) -> str | None:
     """Why no further round should run after `rounds`, or None to continue."""
-    if diverged:
-        return diverged
     last = rounds[-1]
     if rounds[0]["val_acc"] - last["val_acc"] > opts.acc_budget:
         return (f"round {last['round']} lost {rounds[0]['val_acc'] - last['val_acc']:.2f} points "
@@ -144,9 +142,8 @@ def run(cfg: Config, run_dir) -> dict:
                   f"test {test['acc']:.2f} %" + (f", linearized {', '.join(new)}" if new else ""),
                   flush=True)
 
-    stop = stop_reason(rounds, opts, diverged and (
-        f"round {len(rounds)} diverged (non-finite loss in epoch {diverged['epoch']}, "
-        f"step {diverged['step']})"))
+    stop = (f"round {len(rounds)} diverged (non-finite loss in epoch {diverged['epoch']}, "
+            f"step {diverged['step']})" if diverged else stop_reason(rounds, opts))
     chosen = select_round(rounds, opts.acc_budget)
     ckpt.load(chosen["round"], m)
     results = {

@@ -88,9 +88,6 @@ class Journal:
                   f"from {self.checkpoints.folder}", flush=True)
         return meta["records"], meta["stopped"]
 
-    def last_good(self) -> Path | None:
-        return self.checkpoints.latest_path()
-
 
 class Data:
     """The config's data set as per-epoch loaders of global (sharded) batches."""
@@ -172,7 +169,7 @@ def _epoch(trainer, data, epoch, epochs, steps, records, bar, *, journal, tag, e
     if train["nonfinite_batch"]:
         raise Diverged({"tag": tag, "epoch": epoch + 1, "epochs": epochs,
                         "step": train["nonfinite_batch"], "steps": steps, "loss": train["loss"]},
-                       journal.last_good() if journal is not None else None)
+                       journal.checkpoints.latest_path() if journal is not None else None)
     val = trainer.evaluate(data.eval_batches("val"))
     record = {**tag, "epoch": epoch + 1, "lr": lr,
               "train_loss": train["loss"], "train_acc": train["acc"],
