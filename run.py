@@ -64,7 +64,7 @@ def _resolve(args):
     """The run's config: --resume's saved config.yaml, else --config with --set and --out."""
     import dataclasses
 
-    from jaxprune import config
+    from jaxprune import config, runner
     from jaxprune.errors import UserError
     if args.resume is None:
         cfg = config.load(args.config or DEFAULT_CONFIG, args.overrides)
@@ -72,13 +72,15 @@ def _resolve(args):
     if args.config or args.overrides or args.out:
         raise UserError("--resume takes the config saved in the run folder; leave out "
                         "--config, --set and --out")
-    saved = args.resume / "config.yaml"
+    saved = args.resume / runner.CONFIG_FILE
     if not saved.is_file():
         raise UserError(f"--resume {args.resume}: no {saved}; give the folder of an earlier run "
                         f"(<out>/<name>)")
     cfg = config.load(saved)
-    # the folder may have moved since: it is where the run continues
-    return dataclasses.replace(cfg, out=str(args.resume.parent), name=args.resume.name)
+    # the folder may have moved since: it is where the run continues (resolved, so that
+    # `--resume .` has a name too)
+    folder = args.resume.resolve()
+    return dataclasses.replace(cfg, out=str(folder.parent), name=folder.name)
 
 
 def main(argv: list[str] | None = None) -> int:
