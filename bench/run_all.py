@@ -162,6 +162,15 @@ def _f(v, digits=1) -> str:
     return "–" if v is None else f"{v:,.{digits}f}"
 
 
+def _section(title: str, intro: str, header: list[str], rows: list[list]) -> list[str]:
+    """Markdown lines of a `## title` section: the intro, then a table when there are rows."""
+    lines = [f"## {title}", "", intro, ""]
+    if rows:
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return lines + [""]
+
+
 def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
     gpu = mach["platform"] == "gpu"
     lines = ["# Benchmarks", "",
@@ -210,44 +219,31 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
                       f"({fl['img_s']:,.1f} img/s at batch {fl['batch']}, width {fl['width']})."]
     lines.append("")
 
-    lat = results.get("merge_speed")
-    lines += ["## Fused vs dense latency", "",
-              "Dense network against the same network with sites linearized and fused by "
-              "`jaxprune.merge`; random weights, the best of alternating dense/fused rounds. `bench/merge_speed.py` (its docstring "
-              "describes the cases).", ""]
-    if lat:
-        lines += ["| case | batch | runtime | dense ms | fused ms | speed-up |",
-                  "|---|---|---|---|---|---|"]
-        for r in lat:
-            lines.append(f"| {r['case']} | {r['batch']} | {r['runtime']} | {r['dense_ms']:.2f} | "
-                         f"{r['fused_ms']:.2f} | **{r['speedup']:.2f}x** |")
-    lines.append("")
-
-    dp = results.get("data_pipeline")
-    lines += ["## Data pipeline vs the train step", "",
-              "Images/s of each input pipeline alone (one epoch, default workers) against the "
-              "ResNet-18 train step at the same size; ratio > 1: the pipeline keeps up. "
-              "`bench/data_pipeline.py`.", ""]
-    if dp:
-        lines += ["| case | px | workers | pipeline img/s | train step img/s | ratio |",
-                  "|---|---|---|---|---|---|"]
-        for r in dp:
-            lines.append(f"| {r['case']} | {r['image_size']} | {r['num_workers']} | "
-                         f"{_f(r['pipeline_images_per_s'])} | {_f(r['train_step_images_per_s'])} "
-                         f"| **{r['pipeline_over_step']:.1f}x** |")
-    lines.append("")
-
-    comp = results.get("compile")
-    lines += ["## Compile time of the train step", "",
-              f"First call of the jitted EASIER train step (trace, compile, one step) minus one "
-              f"later step, 32 px; target < {COMPILE_TARGET_S:.0f} s on a CPU.", ""]
-    if comp:
-        lines += ["| model | batch | compile s | first call s | target |", "|---|---|---|---|---|"]
-        for r in comp:
-            ok = "ok" if r["compile_s"] < COMPILE_TARGET_S else "over"
-            lines.append(f"| {r['model']} | {r['batch']} | **{r['compile_s']:.1f}** | "
-                         f"{r['first_call_s']:.1f} | {ok} |")
-    lines.append("")
+    lines += _section(
+        "Fused vs dense latency",
+        "Dense network against the same network with sites linearized and fused by "
+        "`jaxprune.merge`; random weights, the best of alternating dense/fused rounds. "
+        "`bench/merge_speed.py` (its docstring describes the cases).",
+        ["case", "batch", "runtime", "dense ms", "fused ms", "speed-up"],
+        [[r["case"], r["batch"], r["runtime"], f"{r['dense_ms']:.2f}", f"{r['fused_ms']:.2f}",
+          f"**{r['speedup']:.2f}x**"] for r in results.get("merge_speed") or []])
+    lines += _section(
+        "Data pipeline vs the train step",
+        "Images/s of each input pipeline alone (one epoch, default workers) against the "
+        "ResNet-18 train step at the same size; ratio > 1: the pipeline keeps up. "
+        "`bench/data_pipeline.py`.",
+        ["case", "px", "workers", "pipeline img/s", "train step img/s", "ratio"],
+        [[r["case"], r["image_size"], r["num_workers"], _f(r["pipeline_images_per_s"]),
+          _f(r["train_step_images_per_s"]), f"**{r['pipeline_over_step']:.1f}x**"]
+         for r in results.get("data_pipeline") or []])
+    lines += _section(
+        "Compile time of the train step",
+        f"First call of the jitted EASIER train step (trace, compile, one step) minus one "
+        f"later step, 32 px; target < {COMPILE_TARGET_S:.0f} s on a CPU.",
+        ["model", "batch", "compile s", "first call s", "target"],
+        [[r["model"], r["batch"], f"**{r['compile_s']:.1f}**", f"{r['first_call_s']:.1f}",
+          "ok" if r["compile_s"] < COMPILE_TARGET_S else "over"]
+         for r in results.get("compile") or []])
     return "\n".join(lines)
 
 
