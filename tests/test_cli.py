@@ -113,6 +113,8 @@ def test_resume_continues_a_run_folder_from_its_own_config(tmp_path, monkeypatch
     assert cli.main(["--resume", str(moved)]) == 0
     resumed, where = calls[-1]
     assert where == moved and resumed.seed == 7 and resumed.method.name == "probe"
+    monkeypatch.chdir(moved)
+    assert cli.main(["--resume", "."]) == 0 and calls[-1][1] == moved  # '.' has a name too
 
     assert cli.main(["--resume", str(tmp_path / "nothing")]) == 2
     assert cli.main(["--resume", str(moved), "--set", "seed=1"]) == 2
@@ -121,7 +123,7 @@ def test_resume_continues_a_run_folder_from_its_own_config(tmp_path, monkeypatch
                        f"/config.yaml; give the folder of an earlier run (<out>/<name>)")
     assert err[-1] == ("error: --resume takes the config saved in the run folder; leave out "
                        "--config, --set and --out")
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 def test_a_foreign_folder_is_not_taken_over(tmp_path):
