@@ -1,4 +1,5 @@
-"""A torch module for every jaxprune layer type: the registry `converters.to_torch` uses.
+"""The torch counterpart of every jaxprune layer kind, named by the kind's
+`torch_counterpart` (models/layers/base.py): what `converters.to_torch` builds.
 
 Each torch counterpart computes what the jaxprune layer computes in eval mode
 and declares the layout it wants a 4-D input in: `"nchw"` (convs, BatchNorm,
@@ -15,9 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jaxprune.errors import UserError
-from jaxprune.merging.layers import FusedConv
 from models import layers as L
-from models import swin as S
 
 
 class _Same(nn.Module):
@@ -88,11 +87,11 @@ def _window_conv(x, k, r0: int, c0: int, rows: int, cols: int, stride, groups: i
     return out.reshape(n, o, oh, ow)
 
 
-class FusedConvT(nn.Module):
-    """`jaxprune.merging.FusedConv` in torch (NCHW): base conv + bias (map) + border corrections."""
+class FusedConv(nn.Module):
+    """`models.layers.FusedConv` in torch (NCHW): base conv + bias (map) + border corrections."""
     layout = "nchw"
 
-    def __init__(self, layer: FusedConv):
+    def __init__(self, layer: L.FusedConv):
         super().__init__()
         kh, kw = layer.kernel_size
         ho, wo = layer.out_size
@@ -247,7 +246,7 @@ class PatchMerging(nn.Module):
         return torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
 
 
-def _window_attention(layer: S.ShiftedWindowAttention) -> nn.Module:
+def ShiftedWindowAttention(layer: L.ShiftedWindowAttention) -> nn.Module:  # noqa: N802
     """torchvision's own ShiftedWindowAttention (NHWC), the module swin_t's weights come from."""
     from jaxprune.torch_compat import torchvision
     cls = torchvision().models.swin_transformer.ShiftedWindowAttention
@@ -256,19 +255,12 @@ def _window_attention(layer: S.ShiftedWindowAttention) -> nn.Module:
     return mod
 
 
-_BUILDERS = {
-    L.Conv: Conv, FusedConv: FusedConvT, L.BatchNorm: BatchNorm, L.Act: Act, L.Add: Add,
-    L.Linear: Linear, L.LayerNorm: LayerNorm, L.MaxPool: MaxPool,
-    L.GlobalAvgPool: GlobalAvgPool, L.AdaptiveAvgPool: AdaptiveAvgPool,
-    L.FlattenNCHW: FlattenNCHW, L.Dropout: Identity, S.StochasticDepth: Identity,
-    S.PatchMerging: PatchMerging, S.ShiftedWindowAttention: _window_attention,
-}
-
-
-def torch_layer(layer, name: str) -> nn.Module:
-    """The torch counterpart of one jaxprune layer (weights not loaded yet)."""
-    build = _BUILDERS.get(type(layer))
+def torch_layer(layer: L.Layer, name: str) -> nn.Module:
+    """The torch counterpart of one jaxprune layer (weights not loaded yet): the callable
+    of this module its kind names in `torch_counterpart`."""
+    build = globals().get(type(layer).torch_counterpart)
     if build is None:
-        raise UserError(f"to_torch: layer {name!r} is a {type(layer).__name__}, which has no "
-                        f"torch counterpart (known: {sorted(c.__name__ for c in _BUILDERS)})")
+        raise UserError(f"to_torch: layer {name!r} is a {type(layer).__name__}, whose torch "
+                        f"counterpart {type(layer).torch_counterpart!r} is not defined in "
+                        f"converters/torch_layers.py")
     return build(layer)

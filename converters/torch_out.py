@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from jaxprune.errors import UserError
-from jaxprune.merging.layers import FusedConv
+from models.layers import FusedConv
 from models.net import INPUT, Net
 
 from converters.torch_arch import arch_dict
@@ -108,13 +108,13 @@ def export(m: Net, out_dir: str | os.PathLike, *, batch: int = 2) -> Path:
     dynamic batch dimension. Returns the folder.
     """
     from safetensors.numpy import save_file
-    arch = arch_dict(m)  # refuses layers it cannot describe before writing anything
+    tm = to_torch(m)  # refuses a layer without a torch counterpart before writing anything
+    arch = arch_dict(m)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: np.ascontiguousarray(v) for k, v in torch_state_dict(m, with_counters=True).items()}
     save_file(state, str(out / "model.safetensors"))
     (out / "arch.json").write_text(json.dumps(arch, indent=1) + "\n")
-    tm = to_torch(m)
     h, w = m.spec.input_size
     example = torch.randn(batch, m.spec.in_channels, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -159,17 +159,44 @@ def test_refusals(built, tmp_path):
         with torch.no_grad():
             tm(torch.zeros(1, 3, 30, 30))
 
-    class Odd(Layer):
+    class NoTorchSide(Layer):  # a complete declaration naming a counterpart nobody wrote
+        torch_counterpart = "NoSuchModule"
+
         def __call__(self, x):
             return x
 
+        def config(self):
+            return {}
+
+        def macs(self, in_shapes, out_shape):
+            return 0
+
+        def linear_kind(self):
+            return "identity"
+
     m = models.create("resnet18_cifar", num_classes=10, width=8)
-    m.insert_after("layer1.0.add", "odd", Odd())
-    with pytest.raises(UserError, match="no torch counterpart"):
+    m.insert_after("layer1.0.add", "odd", NoTorchSide())
+    with pytest.raises(UserError, match=r"layer 'odd' is a NoTorchSide, whose torch counterpart "
+                                         r"'NoSuchModule' is not defined"):
         converters.to_torch(m)
-    with pytest.raises(UserError, match="cannot describe"):
+    with pytest.raises(UserError, match="NoSuchModule"):
         converters.export(m, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_every_layer_kind_declares_what_the_passes_need():
+    """One layer protocol: every kind has its torch counterpart; a kind that leaves out a
+    declaration is refused where it is defined, naming what is missing."""
+    from converters import torch_layers
+    vocabulary = {n: k for n, k in Layer.kinds().items() if k.__module__.startswith("models.")}
+    assert len(vocabulary) >= 15  # this test's own kinds aside
+    for name, kind in vocabulary.items():
+        assert callable(getattr(torch_layers, kind.torch_counterpart, None)), name
+    with pytest.raises(TypeError, match=r"layer kind Half must declare macs, linear_kind, "
+                                        r"torch_counterpart"):
+        class Half(Layer):
+            def config(self):
+                return {}
 
 
 @pytest.mark.parametrize("padding,stride", [(((1, 0), (2, 2)), (1, 1)), (((2, -1), (0, 1)), (2, 2)),

@@ -9,6 +9,7 @@ import torch
 from flax import nnx
 
 from models.layers import Conv, MaxPool, conv_as_matmul
+from models.layers.conv import small_map
 
 
 @pytest.mark.parametrize("hw,cin,cout,k,stride,pad,groups", [
@@ -29,11 +30,15 @@ def test_conv_as_matmul_is_lax_conv(hw, cin, cout, k, stride, pad, groups):
 
 
 def test_conv_picks_the_matmul_form_only_for_small_maps():
-    conv = Conv(4, 4, 3, padding=1, rngs=nnx.Rngs(0))
-    assert conv._small_map(jnp.zeros((1, 2, 2, 4)))
-    assert not conv._small_map(jnp.zeros((1, 8, 8, 4)))
-    strided = Conv(4, 4, 3, stride=2, padding=1, rngs=nnx.Rngs(0))
-    assert strided._small_map(jnp.zeros((1, 4, 4, 4)))  # 2x2 output: its gradient is small
+    pad = ((1, 1), (1, 1))
+    assert small_map((2, 2), (3, 3), (1, 1), pad)
+    assert not small_map((8, 8), (3, 3), (1, 1), pad)
+    assert small_map((4, 4), (3, 3), (2, 2), pad)  # 2x2 output: its gradient is small
+    conv = Conv(4, 4, 3, padding=1, rngs=nnx.Rngs(0))  # both forms give the same result
+    x = jax.random.normal(jax.random.key(1), (1, 2, 2, 4))
+    ref = jax.lax.conv_general_dilated(x, conv.kernel.value, (1, 1), pad,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(conv(x), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("k,stride,pad,hw", [(3, 2, 1, 9), (2, 2, 0, 8), (3, 1, 1, 5)])

@@ -15,7 +15,7 @@ from flax import nnx
 import converters
 import jaxprune
 import models
-from models.swin import PatchMerging, ShiftedWindowAttention, StochasticDepth
+from models.layers import PatchMerging, ShiftedWindowAttention, StochasticDepth
 from tests.torch_ref import images, jax_logits, max_diff, torch_logits, torchvision
 
 NUM_CLASSES = 7

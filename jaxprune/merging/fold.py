@@ -1,11 +1,12 @@
-"""Which layers are linear at merge time, and what each contributes to a fused layer.
+"""What each linear layer contributes to a fused layer, by its linear kind.
 
-Merging always uses inference semantics: BatchNorm with its running
-statistics (`scale = gamma / sqrt(var + eps)`, folded into the neighbouring
-conv; its shift reaches the fused bias through `f(0)`), dropout and
-stochastic depth as identities, an activation site as an identity only when
-its mask is exactly 0 everywhere (a partially masked SNL site stays
-nonlinear).
+Each layer kind declares its linear kind (`models.layers.Layer.linear_kind`):
+"conv", "linear", "channelwise", "add", "identity", or None (a boundary).
+Merging always uses inference semantics: a channelwise layer (BatchNorm, with
+its running statistics) is its per-channel scale, folded into the neighbouring
+conv, and its shift reaches the fused bias through `f(0)`; dropout and
+stochastic depth are identities; an activation site is an identity only while
+its mask is exactly 0 everywhere (a partially masked SNL site stays nonlinear).
 """
 from __future__ import annotations
 
@@ -14,39 +15,12 @@ import contextlib
 import numpy as np
 from flax import nnx
 
-from models.layers import Act, Add, BatchNorm, Conv, Dropout, Linear
 from models.net import Net
-from models.swin import StochasticDepth
 
 from jaxprune.merging.affine import DenseMap, SpatialMap
 
-# Layers that are identities in eval mode.
-_EVAL_IDENTITY = (Dropout, StochasticDepth)
 # Attributes that switch layers between train and eval behaviour.
 _MODE_FLAGS = ("use_running_average", "deterministic", "record")
-
-
-def op_kind(layer) -> str | None:
-    """'conv', 'linear', 'channelwise', 'add', 'identity', or None (a boundary)."""
-    if type(layer) is Conv:
-        return "conv"
-    if type(layer) is Linear:
-        return "linear"
-    if type(layer) is BatchNorm:
-        return "channelwise"
-    if type(layer) is Add:
-        return "add"
-    if isinstance(layer, _EVAL_IDENTITY):
-        return "identity"
-    if isinstance(layer, Act) and not np.any(np.asarray(layer.mask.value) != 0):
-        return "identity"
-    return None
-
-
-def bn_scale(bn: BatchNorm) -> np.ndarray:
-    """The per-channel factor of an eval-mode BatchNorm, in float64."""
-    var = np.asarray(bn.var.value, np.float64)
-    return np.asarray(bn.scale.value, np.float64) / np.sqrt(var + bn.epsilon)
 
 
 def compose(kind: str, layer, maps: list, weights: bool):
@@ -59,7 +33,7 @@ def compose(kind: str, layer, maps: list, weights: bool):
             m = m.add(other)
         return m
     if kind == "channelwise":
-        return m.channelwise(bn_scale(layer) if weights else None)
+        return m.channelwise(layer.channel_affine()[0] if weights else None)
     if kind == "linear":
         w = np.asarray(layer.kernel.value, np.float64) if weights else None
         if isinstance(m, DenseMap):
@@ -74,11 +48,6 @@ def compose(kind: str, layer, maps: list, weights: bool):
         return m.conv(w, layer.kernel_size, layer.stride, layer.padding, layer.groups, layer.cout,
                       layer.bias is not None)
     raise ValueError(f"not a linear kind: {kind}")
-
-
-def bn_shift(bn: BatchNorm) -> np.ndarray:
-    """The per-channel offset of an eval-mode BatchNorm, in float64."""
-    return np.asarray(bn.bias.value, np.float64) - np.asarray(bn.mean.value, np.float64) * bn_scale(bn)
 
 
 def _np_conv(x: np.ndarray, w: np.ndarray, stride, padding, groups: int) -> np.ndarray:
@@ -108,7 +77,8 @@ def apply_numpy(kind: str, layer, xs: list[np.ndarray]) -> np.ndarray:
     if kind == "add":
         return sum(xs[1:], xs[0])
     if kind == "channelwise":
-        return xs[0] * bn_scale(layer) + bn_shift(layer)
+        scale, shift = layer.channel_affine()
+        return xs[0] * scale + shift
     bias = 0.0 if layer.bias is None else np.asarray(layer.bias.value, np.float64)
     w = np.asarray(layer.kernel.value, np.float64)
     if kind == "linear":

@@ -14,7 +14,7 @@ The pass, on a `Net` whose linearized sites have mask 0:
    fuse everything fusable);
 3. compose each piece exactly (`affine.py`): the composed kernel, a bias or
    bias map `f(0)`, and border corrections where intermediate zero padding
-   makes the border kernel differ (`layers.FusedConv`);
+   makes the border kernel differ (`models.layers.FusedConv`);
 4. rebuild the graph and check it against the original on random inputs.
 
 The result is inference-only (BatchNorms folded, dropout gone) and, when a
@@ -31,16 +31,15 @@ import numpy as np
 from flax import nnx
 
 from jaxprune.errors import UserError
-from models.layers import Conv, Linear
+from jaxprune.merging import COST_MODELS
+from models.layers import Conv, FusedConv, Linear
 from models.net import Net
 
 from jaxprune.merging import profiling as prof
 from jaxprune.merging.affine import DenseMap, NotFusable, SpatialMap, _union
 from jaxprune.merging.fold import apply_numpy, compose, eval_mode
-from jaxprune.merging.layers import FusedConv
 from jaxprune.merging.regions import Atom, GraphInfo
 
-COST_MODELS = ("macs", "latency", "none")
 # Relative size below which a border correction is float64 rounding noise of the composition.
 _KERNEL_TOL = 1e-9
 # A bias map whose positions differ by less than this (relative) is one bias per channel.
@@ -256,7 +255,7 @@ class _Planner:
         if kind == "identity":
             return Cost()
         ins = [self.shapes[i] for i in self.g.inputs[n]]
-        work = prof.layer_macs(layer, ins, self.shapes[n])
+        work = layer.macs(ins, self.shapes[n])
         if kind in ("channelwise", "add"):  # a pass over the map (a conv's bias is not)
             work += self._elementwise(n) * max(len(ins) - 1, 1)
         ms = self._time(("keep", n), layer, ins) if self.model == "latency" else 0.0
@@ -527,10 +526,8 @@ def _merge(m: Net, hw, cost: str, batch: int, verify: bool):
             ins = lambda n: [planner.shapes[i] for i in g.inputs[n]]  # noqa: E731
             report_fused.append({
                 "layer": _fused_name(planner, piece), "replaces": names, "op": _describe(layer),
-                "macs_before": sum(prof.layer_macs(m.layers[n], ins(n), planner.shapes[n])
-                                   for n in names),
-                "macs_after": prof.layer_macs(layer, [planner.shapes[piece.src]],
-                                              planner.shapes[piece.dst])})
+                "macs_before": sum(m.layers[n].macs(ins(n), planner.shapes[n]) for n in names),
+                "macs_after": layer.macs([planner.shapes[piece.src]], planner.shapes[piece.dst])})
     diff = scale = None
     if verify:
         diff, scale = _verify(m, new, hw)

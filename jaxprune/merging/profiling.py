@@ -1,18 +1,19 @@
 """`profile(m, input_shape)`: depth, parameters, MACs and (when asked) latency.
 
-* depth: weight layers (convs, linears; a windowed attention counts its qkv and
-  output projections) on the longest input-to-output path of the graph;
+* depth: weight layers (`Layer.weight_layers`: convs, linears; a windowed
+  attention counts its qkv and output projections) on the longest
+  input-to-output path of the graph;
 * params: every parameter the model stores, border data of fused layers
   included (`border_params` says how many of them are that);
-* macs: multiply-accumulates of convs, linears and attention per image;
-  normalization, activations, pooling and sums are not counted;
+* macs: multiply-accumulates per image, as each layer kind declares them
+  (`Layer.macs`: convs, linears and attention; normalization, activations,
+  pooling and sums count 0);
 * latency (optional): median milliseconds per batch, JAX (jit, eval mode) and
   / or torch eager on `converters.to_torch(m)`.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Mapping
 from typing import Sequence
@@ -23,12 +24,10 @@ import numpy as np
 from flax import nnx
 
 from jaxprune.errors import UserError
-from models.layers import Conv, Linear
+from models.layers import FusedConv
 from models.net import INPUT, Net
-from models.swin import ShiftedWindowAttention
 
 from jaxprune.merging.fold import eval_mode
-from jaxprune.merging.layers import FusedConv
 
 
 def input_hw(m: Net, input_shape=None) -> tuple[int, int]:
@@ -62,36 +61,11 @@ def tensor_shapes(m: Net, hw: tuple[int, int], batch: int = 1) -> dict[str, tupl
     return {k: tuple(v.shape) for k, v in out.items()}
 
 
-def layer_macs(layer, in_shapes: Sequence[tuple], out_shape: tuple) -> int:
-    """Multiply-accumulates of one layer per image (leading batch axis excluded)."""
-    if isinstance(layer, FusedConv):
-        return layer.macs()
-    if type(layer) is Conv:
-        kh, kw = layer.kernel_size
-        return math.prod(out_shape[1:]) * kh * kw * layer.cin // layer.groups
-    if type(layer) is Linear:
-        return math.prod(out_shape[1:]) * layer.din
-    if isinstance(layer, ShiftedWindowAttention):
-        _, h, w, c = in_shapes[0]
-        ws = layer.window
-        tokens = (-(-h // ws) * ws) * (-(-w // ws) * ws)  # padded to whole windows
-        # qkv and output projections, then q k^T and attn v inside each window
-        return tokens * c * 3 * c + tokens * c * c + 2 * tokens * ws * ws * c
-    return 0
-
-
-def weight_depth(layer) -> int:
-    """Weight layers one call of `layer` puts on a path."""
-    if isinstance(layer, (Conv, Linear, FusedConv)):
-        return 1
-    return sum(isinstance(m, (Conv, Linear)) for _, m in nnx.iter_modules(layer) if m is not layer)
-
-
 def depth(m: Net) -> int:
     """Weight layers on the longest input-to-output path."""
     longest = {INPUT: 0}
     for n, inputs in m.graph:
-        longest[n] = max(longest[i] for i in inputs) + weight_depth(m.layers[n])
+        longest[n] = max(longest[i] for i in inputs) + m.layers[n].weight_layers()
     return longest[m.graph[-1][0]]
 
 
@@ -112,7 +86,7 @@ def border_params(m: Net) -> int:
 
 def macs(m: Net, hw: tuple[int, int]) -> int:
     shapes = tensor_shapes(m, hw)
-    return sum(layer_macs(m.layers[n], [shapes[i] for i in ins], shapes[n]) for n, ins in m.graph)
+    return sum(m.layers[n].macs([shapes[i] for i in ins], shapes[n]) for n, ins in m.graph)
 
 
 def _median_ms(fn, repeats: int, warmup: int = 2) -> float:

@@ -16,8 +16,6 @@ import dataclasses
 
 from models.net import INPUT, Net
 
-from jaxprune.merging.fold import op_kind
-
 
 @dataclasses.dataclass(frozen=True)
 class Atom:
@@ -32,7 +30,7 @@ class GraphInfo:
         self.inputs = {n: tuple(ins) for n, ins in net.graph}
         self.pos = {INPUT: -1, **{n: i for i, n in enumerate(self.order)}}
         self.output = self.order[-1]
-        self.kind = {n: op_kind(net.layers[n]) for n in self.order}
+        self.kind = {n: net.layers[n].linear_kind() for n in self.order}
         self.consumers: dict[str, list[str]] = {t: [] for t in (INPUT, *self.order)}
         for n in self.order:
             for i in dict.fromkeys(self.inputs[n]):

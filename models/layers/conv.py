@@ -1,4 +1,5 @@
-"""The layer a fused run of convolutions becomes when its borders need care.
+"""Convolutions: `Conv`, and `FusedConv`, the layer a fused run of convolutions becomes
+when its borders need care (DESIGN.md §7).
 
 `FusedConv` = one conv (the composed kernel, cropped to the taps that ever read
 real input) + a bias or a position-dependent bias map + sparse border
@@ -7,12 +8,13 @@ positions, a small kernel (the difference between the exact kernel there and
 the interior one, cropped to its non-zero taps) applied to the same input, so
 every output is still one affine function of the input window: depth 1.
 The border data are fixed for one input size (`in_size`); another size is
-refused with the way to merge for it.
-
-A fused run whose result needs none of this is a plain `models.layers.Conv`
-(or `Linear`).
+refused with the way to merge for it. A fused run whose result needs none of
+this is a plain `Conv` (or `Linear`).
 """
 from __future__ import annotations
+
+import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,31 +22,114 @@ import numpy as np
 from flax import nnx
 
 from jaxprune.errors import UserError
-from models.layers import Layer, _check_shape, conv_as_matmul
+from models.layers.base import Layer, Pad, check_shape, pair, set_from_torch, sym_pad, windows
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
-def _zeros(shape):
-    return jnp.asarray(np.zeros(shape, np.float32))  # a transfer, not a compiled op per shape
+def conv_as_matmul(x, kernel, stride: tuple[int, int], padding: Pad, groups: int = 1):
+    """`lax.conv_general_dilated` (NHWC, HWIO, explicit padding, groups) as one
+    contraction of the kh*kw shifted windows of the padded input.
+
+    XLA's CPU backend leaves its fast convolution path when a convolution's input
+    map is smaller than its kernel (ResNet-18's 2x2 stage-4 maps at 32 px: a 3x3
+    512->512 conv runs ~50x slower than on a 4x4 map), and the gradient of a
+    convolution with a small output is such a convolution. `Conv` uses this form
+    for those layers, where the windows are few and the contraction is one GEMM
+    per group.
+    """
+    kh, kw, cin_g, cout = kernel.shape
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    stacked = jnp.stack(windows(x, (kh, kw), stride), axis=3)
+    n, oh, ow = stacked.shape[:3]
+    stacked = stacked.reshape(n, oh, ow, kh * kw, groups, cin_g)
+    k = kernel.reshape(kh * kw, cin_g, groups, cout // groups)
+    return jnp.einsum("nhwpgc,pcgo->nhwgo", stacked, k).reshape(n, oh, ow, cout)
 
 
-def _conv(x, k, stride, padding, groups):
-    """A conv with explicit, possibly negative (cropping) padding. On maps smaller than the
-    kernel it is `models.layers.conv_as_matmul`: XLA CPU's slow path otherwise (see there);
-    that is also where the small border-correction windows run."""
+def small_map(in_hw, kernel_size, stride, padding) -> bool:
+    """Input or output map smaller than the kernel: forward or gradient convolutions
+    would leave XLA CPU's fast path (see `conv_as_matmul`)."""
+    (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = kernel_size, stride, padding
+    h, w = in_hw
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    return min(h, oh) < kh or min(w, ow) < kw
+
+
+def conv2d(x, kernel, stride, padding, groups: int):
+    """A conv with explicit, possibly negative (cropping) padding, NHWC/HWIO; on maps
+    smaller than the kernel it is `conv_as_matmul`."""
     if isinstance(padding, str):  # "VALID"
         padding = ((0, 0), (0, 0))
     (pt, pb), (pl, pr) = padding
     x = x[:, max(-pt, 0):x.shape[1] - max(-pb, 0), max(-pl, 0):x.shape[2] - max(-pr, 0)]
     padding = ((max(pt, 0), max(pb, 0)), (max(pl, 0), max(pr, 0)))
-    (kh, kw), (sh, sw) = k.shape[:2], stride
-    oh = (x.shape[1] + padding[0][0] + padding[0][1] - kh) // sh + 1
-    ow = (x.shape[2] + padding[1][0] + padding[1][1] - kw) // sw + 1
-    if min(x.shape[1], oh) < kh or min(x.shape[2], ow) < kw:
-        return conv_as_matmul(x, k, stride, padding, groups)
-    return jax.lax.conv_general_dilated(x, k, stride, padding, dimension_numbers=_DN,
+    if small_map(x.shape[1:3], kernel.shape[:2], stride, padding):
+        return conv_as_matmul(x, kernel, stride, padding, groups)
+    return jax.lax.conv_general_dilated(x, kernel, stride, padding, dimension_numbers=_DN,
                                         feature_group_count=groups)
+
+
+def _conv_macs(out_shape: tuple, kernel_shape: tuple) -> int:
+    """MACs of a conv: every output value reads kh * kw * cin/groups inputs."""
+    kh, kw, cin_g, _ = kernel_shape
+    return math.prod(out_shape[1:]) * kh * kw * cin_g
+
+
+class Conv(Layer):
+    """2-D convolution, NHWC, kernel HWIO, explicit symmetric padding, optional groups."""
+    torch_counterpart = "Conv"
+
+    def __init__(self, cin: int, cout: int, kernel: int | Sequence[int], *, stride=1, padding=0,
+                 groups: int = 1, bias: bool = False, rngs: nnx.Rngs, kernel_init=None):
+        kh, kw = pair(kernel)
+        if cin % groups or cout % groups:
+            raise ValueError(f"channels {cin}->{cout} not divisible by groups={groups}")
+        self.cin, self.cout, self.groups = cin, cout, groups
+        self.kernel_size = (kh, kw)
+        self.stride = pair(stride)
+        self.padding = sym_pad(padding)
+        # torchvision's default for conv layers: kaiming normal, fan_out, relu gain
+        init = kernel_init or jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        self.kernel = nnx.Param(init(rngs.params(), (kh, kw, cin // groups, cout), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((cout,), jnp.float32)) if bias else None
+
+    def __call__(self, x):
+        y = conv2d(x, self.kernel.value, self.stride, self.padding, self.groups)
+        if self.bias is not None:
+            y = y + self.bias.value
+        return y
+
+    def config(self):
+        return dict(cin=self.cin, cout=self.cout, kernel=list(self.kernel_size),
+                    stride=list(self.stride), padding=[list(p) for p in self.padding],
+                    groups=self.groups, bias=self.bias is not None)
+
+    def macs(self, in_shapes, out_shape):
+        return _conv_macs(out_shape, self.kernel.value.shape)
+
+    def linear_kind(self):
+        return "conv"
+
+    def weight_layers(self):
+        return 1
+
+    def torch_state(self):
+        out = {"weight": np.asarray(self.kernel.value).transpose(3, 2, 0, 1)}
+        if self.bias is not None:
+            out["bias"] = np.asarray(self.bias.value)
+        return out
+
+    def load_torch_state(self, state, name):
+        kh, kw, ci, co = self.kernel.value.shape
+        set_from_torch(self.kernel, state["weight"], f"{name}.weight", (co, ci, kh, kw),
+                       lambda w: w.transpose(2, 3, 1, 0))
+        if self.bias is not None:
+            set_from_torch(self.bias, state["bias"], f"{name}.bias", (co,), lambda b: b)
+
+
+def _zeros(shape):
+    return jnp.asarray(np.zeros(shape, np.float32))  # a transfer, not a compiled op per shape
 
 
 class FusedConv(Layer):
@@ -57,7 +142,11 @@ class FusedConv(Layer):
     input rows `stride_h*i + u + a`, cols `stride_w*j + v + b` (zero outside).
     Parameters: `kernel` (kh, kw, cin/groups, cout), `bias` (cout) or
     `bias_map` (Ho, Wo, cout), `border[k]` (dh, dw, cin/groups, cout).
+
+    Merging treats it as a boundary (linear kind None): it is the output of a merge,
+    and its border data would not compose with a neighbour's.
     """
+    torch_counterpart = "FusedConv"
 
     def __init__(self, cin: int, cout: int, kernel_size: tuple[int, int], *, stride, padding,
                  groups: int, in_size, out_size, bias_map: bool, border_at=(),
@@ -83,7 +172,6 @@ class FusedConv(Layer):
         self.border_pad = self._border_pad()
 
     def config(self) -> dict:
-        """The constructor's arguments (JSON-able): what `arch.json` stores."""
         return {"cin": self.cin, "cout": self.cout, "kernel_size": list(self.kernel_size),
                 "stride": list(self.stride), "padding": [list(p) for p in self.padding],
                 "groups": self.groups, "in_size": list(self.in_size),
@@ -92,6 +180,12 @@ class FusedConv(Layer):
                 "border_at": [[None if r is None else list(r), None if c is None else list(c),
                                list(uv)] for r, c, uv in self.border_at],
                 "border_shapes": [list(b.value.shape[:2]) for b in self.border]}
+
+    def linear_kind(self):
+        return None
+
+    def weight_layers(self):
+        return 1
 
     def _border_pad(self):
         """Input padding that makes every correction's window an in-bounds slice."""
@@ -130,18 +224,18 @@ class FusedConv(Layer):
                 f"{self.in_size[1]} maps got {h}x{w}); merge the linearized model again for "
                 f"your input size: jaxprune.merge(m, input_size=(H, W))")
 
-    def macs(self) -> int:
-        """Multiply-accumulates per image: the base conv plus the corrections."""
+    def macs(self, in_shapes=None, out_shape=None) -> int:
+        """The base conv plus the corrections (the layer's own sizes; the shapes are its)."""
         ho, wo = self.out_size
-        per = lambda k: int(np.prod(k.shape))  # noqa: E731  (taps * cin/groups * cout)
-        total = ho * wo * per(self.kernel.value)
+        total = _conv_macs((1, ho, wo, self.cout), self.kernel.value.shape)
         for n, i, j, *_ in self.windows():
-            total += (wo if j is None else ho if i is None else 1) * per(self.border[n].value)
+            positions = wo if j is None else ho if i is None else 1
+            total += _conv_macs((1, positions, 1, self.cout), self.border[n].value.shape)
         return total
 
     def __call__(self, x):
         self.check_size(*x.shape[1:3])
-        y = _conv(x, self.kernel.value, self.stride, self.padding, self.groups)
+        y = conv2d(x, self.kernel.value, self.stride, self.padding, self.groups)
         y = y + (self.bias_map.value if self.bias_map is not None else self.bias.value)
         if len(self.border):
             (plo, phi), (qlo, qhi) = self.border_pad
@@ -153,7 +247,7 @@ class FusedConv(Layer):
                 dh, dw = k.shape[:2]
                 rows = dh if i is not None else sh * (ho - 1) + dh
                 cols = dw if j is not None else sw * (wo - 1) + dw
-                out = _conv(xp[:, r0:r0 + rows, c0:c0 + cols], k, stride, "VALID", self.groups)
+                out = conv2d(xp[:, r0:r0 + rows, c0:c0 + cols], k, stride, "VALID", self.groups)
                 y = y.at[:, slice(None) if i is None else slice(i, i + 1),
                          slice(None) if j is None else slice(j, j + 1)].add(out)
         return y
@@ -179,5 +273,5 @@ class FusedConv(Layer):
         targets.update({f"border.{n}": (k, oihw) for n, k in enumerate(self.border)})
         for key, (var, to_jax) in targets.items():
             value = np.asarray(state[key], np.float32)
-            _check_shape(f"{name}.{key}", value.shape, expected[key].shape)
+            check_shape(f"{name}.{key}", value.shape, expected[key].shape)
             var.value = jnp.asarray(to_jax(value))

@@ -1,0 +1,53 @@
+"""`Linear`: a dense layer over the last axis."""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.layers.base import Layer, set_from_torch
+from models.layers.initializers import uniform
+
+
+class Linear(Layer):
+    """Dense layer over the last axis; kernel (in, out), torch weight (out, in)."""
+    torch_counterpart = "Linear"
+
+    def __init__(self, din: int, dout: int, *, bias: bool = True, rngs: nnx.Rngs,
+                 kernel_init=None, bias_init=None):
+        self.din, self.dout = din, dout
+        bound = 1.0 / math.sqrt(din)  # torch's nn.Linear default for both
+        kinit = kernel_init or uniform(bound)
+        binit = bias_init or uniform(bound)
+        self.kernel = nnx.Param(kinit(rngs.params(), (din, dout), jnp.float32))
+        self.bias = nnx.Param(binit(rngs.params(), (dout,), jnp.float32)) if bias else None
+
+    def __call__(self, x):
+        y = x @ self.kernel.value
+        return y + self.bias.value if self.bias is not None else y
+
+    def config(self):
+        return dict(din=self.din, dout=self.dout, bias=self.bias is not None)
+
+    def macs(self, in_shapes, out_shape):
+        return math.prod(out_shape[1:]) * self.din
+
+    def linear_kind(self):
+        return "linear"
+
+    def weight_layers(self):
+        return 1
+
+    def torch_state(self):
+        out = {"weight": np.asarray(self.kernel.value).T}
+        if self.bias is not None:
+            out["bias"] = np.asarray(self.bias.value)
+        return out
+
+    def load_torch_state(self, state, name):
+        set_from_torch(self.kernel, state["weight"], f"{name}.weight", (self.dout, self.din),
+                       lambda w: w.T)
+        if self.bias is not None:
+            set_from_torch(self.bias, state["bias"], f"{name}.bias", (self.dout,), lambda b: b)
