@@ -15,6 +15,7 @@ parity tests both use it, so there is one definition of "the torch original":
 | `vgg16_bn` | torchvision `vgg16_bn` |
 | `mobilenet_v2` | torchvision `mobilenet_v2`, or timm `mobilenetv2_<width*100>` with `layout="timm"` |
 | `mobilenet_v2_cifar` | the same with stem and stage-2 stride 1 |
+| `efficientnet_lite0` | timm `efficientnet_lite0` |
 | `swin_t` | torchvision `SwinTransformer` with `swin_t`'s hyperparameters |
 """
 from __future__ import annotations
@@ -115,6 +116,10 @@ def mobilenet_v2_cifar(num_classes: int = 10, width_mult: float = 1.0,
     return _mobilenet_v2(num_classes, width_mult, layout, dropout, cifar=True)
 
 
+def efficientnet_lite0(num_classes: int = 1000, dropout: float = 0.2) -> torch.nn.Module:
+    return timm().create_model("efficientnet_lite0", num_classes=num_classes, drop_rate=dropout)
+
+
 def swin_t(num_classes: int = 1000, window_size: int = 7, stochastic_depth_prob: float = 0.2,
            dropout: float = 0.0) -> torch.nn.Module:
     # torchvision's swin_t() fixes window_size=[7, 7]; its class takes any window.
@@ -125,7 +130,7 @@ def swin_t(num_classes: int = 1000, window_size: int = 7, stochastic_depth_prob:
 
 
 BUILDERS = {f.__name__: f for f in (resnet18, resnet18_cifar, vgg16_bn, mobilenet_v2,
-                                    mobilenet_v2_cifar, swin_t)}
+                                    mobilenet_v2_cifar, efficientnet_lite0, swin_t)}
 
 
 def build(arch: str, num_classes: int | None = None, seed: int = 0, **options) -> torch.nn.Module:

@@ -4,7 +4,8 @@
     m = models.create("resnet18_cifar", num_classes=10, seed=0)
     models.available()
 """
-from models.net import GraphBuilder, ModelSpec, Net
-from models.registry import available, create, detect, entry, register
+from models.net import Block, GraphBuilder, ModelSpec, Net
+from models.registry import available, blocks, create, detect, entry, register
 
-__all__ = ["GraphBuilder", "ModelSpec", "Net", "available", "create", "detect", "entry", "register"]
+__all__ = ["Block", "GraphBuilder", "ModelSpec", "Net", "available", "blocks", "create", "detect",
+           "entry", "register"]

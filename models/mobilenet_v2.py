@@ -19,22 +19,27 @@ depthwise conv of each of the 16 other blocks, and the head. Torchvision names
 them `features.0.act`, `features.1.act_dw`, `features.5.act_expand`,
 `features.5.act_dw`, ..., `features.18.act`; timm the module path of the
 activation inside its BatchNormAct2d (`bn1.act`, `blocks.1.0.bn2.act`, ...).
+
+The builder takes the table of stages (`build_inverted_residual`), and
+`register_family` declares a network's blocks (`ir_blocks`), so other
+inverted-residual networks reuse both (`models/efficientnet_lite.py`).
 """
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 from flax import nnx
 
 from jaxprune.errors import UserError
 from models.layers import Act, Add, BatchNorm, Conv, Dropout, GlobalAvgPool, Linear
-from models.net import GraphBuilder, ModelSpec, Net
+from models.net import Block, GraphBuilder, ModelSpec, Net
 from models.registry import register
 
-# torchvision's inverted_residual_setting: expansion t, channels c, repeats n, stride s
-_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-            (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
-_N_BLOCKS = sum(n for _, _, n, _ in _SETTING)
+# torchvision's inverted_residual_setting: expansion t, channels c, repeats n, stride s;
+# and the depthwise kernel k (3 throughout MobileNetV2)
+SETTING = ((1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 32, 3, 2, 3), (6, 64, 4, 2, 3),
+           (6, 96, 3, 1, 3), (6, 160, 3, 2, 3), (6, 320, 1, 1, 3))
 _STEM, _HEAD = 32, 1280
 _LAYOUTS = ("torchvision", "timm")
 # Widths tried, in this order, when reading a width from weights: the published
@@ -54,27 +59,28 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> 
 
 @dataclasses.dataclass(frozen=True)
 class _BlockPlan:
-    index: int   # torchvision's features index (1..17)
-    stage: int   # timm's blocks.S (row of _SETTING)
+    index: int   # torchvision's features index (1..)
+    stage: int   # timm's blocks.S (row of the table)
     pos: int     # timm's blocks.S.I
     cin: int
     cout: int
     expand: int
     stride: int
+    kernel: int  # of the depthwise conv
 
 
-def _plan(width_mult: float, cifar: bool) -> tuple[int, list[_BlockPlan], int]:
-    """(stem channels, the 17 blocks, head channels), as torchvision computes them."""
+def _plan(setting, width_mult: float, cifar: bool) -> tuple[int, list[_BlockPlan], int]:
+    """(stem channels, the blocks, head channels), as torchvision computes them."""
     stem = make_divisible(_STEM * width_mult)
     head = make_divisible(_HEAD * max(1.0, width_mult))
     blocks, cin, index = [], stem, 1
-    for stage, (t, c, n, s) in enumerate(_SETTING):
+    for stage, (t, c, n, s, k) in enumerate(setting):
         cout = make_divisible(c * width_mult)
         for pos in range(n):
             stride = s if pos == 0 else 1
             if cifar and stage == 1:  # EASIER's CIFAR model keeps 32 px through stage 2
                 stride = 1
-            blocks.append(_BlockPlan(index, stage, pos, cin, cout, t, stride))
+            blocks.append(_BlockPlan(index, stage, pos, cin, cout, t, stride, k))
             cin, index = cout, index + 1
     return stem, blocks, head
 
@@ -89,11 +95,11 @@ class _Names:
     classifier: str
 
 
-def _names(layout: str) -> _Names:
+def _names(layout: str, n_blocks: int) -> _Names:
     if layout == "timm":
         return _Names(("conv_stem", "bn1", "bn1.act"), ("conv_head", "bn2", "bn2.act"),
                       "global_pool", "drop", "classifier")
-    h = f"features.{_N_BLOCKS + 1}"
+    h = f"features.{n_blocks + 1}"
     return _Names(("features.0.0", "features.0.1", "features.0.act"),
                   (f"{h}.0", f"{h}.1", f"{h}.act"), "avgpool", "classifier.0", "classifier.1")
 
@@ -128,15 +134,20 @@ def _conv_bn(b: GraphBuilder, names: tuple, cin: int, cout: int, kernel: int, st
     return out
 
 
-def _build(arch: str, num_classes: int, seed: int, width_mult: float, layout: str,
-           dropout: float, cifar: bool) -> Net:
+def build_inverted_residual(arch: str, setting, *, num_classes: int, seed: int,
+                            width_mult: float, layout: str, dropout: float, cifar: bool,
+                            options: tuple) -> Net:
+    """An inverted-residual network from its table of stages `setting` (rows of
+    expansion, channels, repeats, stride, depthwise kernel): stem conv 3x3/2, the
+    blocks, 1x1 head conv, global pool, dropout, linear classifier; ReLU6 throughout.
+    `options` become the spec's options (what `models.create` takes back)."""
     if layout not in _LAYOUTS:
-        raise UserError(f"unknown MobileNetV2 layout {layout!r}; use one of {list(_LAYOUTS)}")
+        raise UserError(f"unknown {arch} layout {layout!r}; use one of {list(_LAYOUTS)}")
     if not width_mult > 0:
         raise UserError(f"width_mult must be positive, got {width_mult}")
     rngs = nnx.Rngs(seed)
-    stem, blocks, head = _plan(width_mult, cifar)
-    names = _names(layout)
+    stem, blocks, head = _plan(setting, width_mult, cifar)
+    names = _names(layout, len(blocks))
     b = GraphBuilder()
     _conv_bn(b, names.stem, 3, stem, 3, 1 if cifar else 2, 1, rngs)
     for blk in blocks:
@@ -144,7 +155,7 @@ def _build(arch: str, num_classes: int, seed: int, width_mult: float, layout: st
         x, hidden = b.last, int(round(blk.cin * blk.expand))
         if bn["expand"]:
             _conv_bn(b, bn["expand"], blk.cin, hidden, 1, 1, 1, rngs)
-        _conv_bn(b, bn["dw"], hidden, hidden, 3, blk.stride, hidden, rngs)
+        _conv_bn(b, bn["dw"], hidden, hidden, blk.kernel, blk.stride, hidden, rngs)
         out = _conv_bn(b, bn["project"], hidden, blk.cout, 1, 1, 1, rngs)
         if blk.stride == 1 and blk.cin == blk.cout:  # torchvision's use_res_connect
             b.add(bn["add"], Add(), inputs=(x, out))
@@ -155,26 +166,37 @@ def _build(arch: str, num_classes: int, seed: int, width_mult: float, layout: st
     b.add(names.classifier, Linear(head, num_classes, rngs=rngs,
                                    kernel_init=jax.nn.initializers.normal(0.01),
                                    bias_init=jax.nn.initializers.zeros))
-    options = (("dropout", dropout), ("layout", layout), ("width_mult", width_mult))
     return b.build(ModelSpec(arch, num_classes, options, (32, 32) if cifar else (224, 224)))
+
+
+def plan_matches(sd: dict, setting, width_mult: float, layout: str) -> bool:
+    """Whether state dict `sd` has exactly the blocks of `setting` at `width_mult` in
+    `layout`: every block's depthwise conv (channels, kernel) and projection (channels),
+    the stem and head channels, and no block beyond the table."""
+    stem, blocks, head = _plan(setting, width_mult, cifar=False)  # strides change no shape
+    names = _names(layout, len(blocks))
+    expected = {names.stem[0]: (stem, 3), names.head[0]: (head, 1)}
+    for blk in blocks:
+        bn = _block_names(layout, blk)
+        expected[bn["project"][0]] = (blk.cout, 1)
+        expected[bn["dw"][0]] = (int(round(blk.cin * blk.expand)), blk.kernel)
+    for name, (channels, kernel) in expected.items():
+        w = sd.get(f"{name}.weight")
+        if w is None or w.shape[0] != channels or tuple(w.shape[2:]) != (kernel, kernel):
+            return False
+    beyond = dataclasses.replace(blocks[-1], index=blocks[-1].index + 1, pos=blocks[-1].pos + 1)
+    return f"{_block_names(layout, beyond)['project'][0]}.weight" not in sd
 
 
 def _width_of(sd: dict, layout: str) -> float | None:
     """The width multiplier whose channel plan matches every conv of `sd`, else None."""
-    for w in _WIDTHS:
-        stem, blocks, head = _plan(w, cifar=False)  # strides do not change channels
-        names = _names(layout)
-        expected = {names.stem[0]: stem, names.head[0]: head}
-        expected.update({_block_names(layout, blk)["project"][0]: blk.cout for blk in blocks})
-        if all(f"{k}.weight" in sd and sd[f"{k}.weight"].shape[0] == c for k, c in expected.items()):
-            return w
-    return None
+    return next((w for w in _WIDTHS if plan_matches(sd, SETTING, w, layout)), None)
 
 
 def _detect(cifar: bool):
     def detect(sd, module):
         layout = "timm" if "conv_stem.weight" in sd else "torchvision"
-        names = _names(layout)
+        names = _names(layout, sum(row[2] for row in SETTING))
         if f"{names.classifier}.weight" not in sd:
             return None
         width = _width_of(sd, layout)
@@ -190,44 +212,20 @@ def _detect(cifar: bool):
     return detect
 
 
-@register("mobilenet_v2", sites=35, detect=_detect(cifar=False))
-def mobilenet_v2(num_classes: int = 1000, seed: int = 0, width_mult: float = 1.0,
-                 layout: str = "torchvision", dropout: float = 0.2) -> Net:
-    """MobileNetV2, torchvision layout (or timm's names with layout="timm"); width_mult 1.0, 1.4, ..."""
-    return _build("mobilenet_v2", num_classes, seed, width_mult, layout, dropout, cifar=False)
-
-
-# Its weights have exactly mobilenet_v2's shapes: only arch= or a torch module's stem stride picks it.
-@register("mobilenet_v2_cifar", sites=35, detect=_detect(cifar=True), auto=False)
-def mobilenet_v2_cifar(num_classes: int = 10, seed: int = 0, width_mult: float = 1.0,
-                       layout: str = "torchvision", dropout: float = 0.2) -> Net:
-    """MobileNetV2 for 32 px inputs (stem and stage-2 stride 1), EASIER's CIFAR model."""
-    return _build("mobilenet_v2_cifar", num_classes, seed, width_mult, layout, dropout, cifar=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class Block:
-    """One block of a built MobileNetV2, as the merge and DepthShrinker see it."""
-    prefix: str                # features.5 / blocks.2.1
-    sites: tuple[str, ...]     # (expand, dw) sites, or (dw,) for the depthwise-separable block
-    add: str | None            # the residual Add layer, None without a residual
-    input: str                 # the layer that feeds the block
-    output: str                # the block's last layer (the Add, or the projection's BN)
-
-
-def _spec_of(m: Net) -> tuple[str, bool]:
-    if m.spec.arch not in ("mobilenet_v2", "mobilenet_v2_cifar"):
-        raise UserError(f"expected a MobileNetV2 model, got {m.spec.arch!r}")
-    return dict(m.spec.options)["layout"], m.spec.arch == "mobilenet_v2_cifar"
+# arch -> (table of stages, CIFAR strides): what `ir_blocks` rebuilds a model's plan from
+_FAMILIES: dict[str, tuple] = {}
 
 
 def ir_blocks(m: Net) -> list[Block]:
-    """The 17 blocks of `m` in order: block 0 is the depthwise-separable one
-    (torchvision's InvertedResidual with expansion 1), then 16 inverted residuals."""
-    layout, cifar = _spec_of(m)
+    """The blocks of an inverted-residual network, in order: block 0 is the
+    depthwise-separable one (torchvision's InvertedResidual with expansion 1), then the
+    inverted residuals."""
+    opts = dict(m.spec.options)
+    setting, cifar = _FAMILIES[m.spec.arch]
+    layout = opts.get("layout", "timm")
     graph = dict(m.graph)
     out = []
-    for blk in _plan(dict(m.spec.options)["width_mult"], cifar)[1]:
+    for blk in _plan(setting, opts.get("width_mult", 1.0), cifar)[1]:
         bn = _block_names(layout, blk)
         sites = tuple(p[2] for p in (bn["expand"], bn["dw"]) if p)
         first = (bn["expand"] or bn["dw"])[0]
@@ -236,10 +234,34 @@ def ir_blocks(m: Net) -> list[Block]:
     return out
 
 
-def depthshrinker_groups(m: Net) -> list[list[str]]:
-    """DepthShrinker's 19 gate groups (DESIGN.md §6): [stem], [DS block's act],
-    one group per inverted residual (both its sites share a gate), [head]."""
-    layout, _ = _spec_of(m)
-    blocks = ir_blocks(m)
-    names = _names(layout)
-    return [[names.stem[2]]] + [list(b.sites) for b in blocks] + [[names.head[2]]]
+def register_family(arch: str, setting, *, sites: int, detect, cifar: bool = False,
+                    auto: bool = True):
+    """`models.register` for an inverted-residual network built from `setting`, with
+    its blocks declared (`ir_blocks`)."""
+    _FAMILIES[arch] = (setting, cifar)
+    return register(arch, sites=sites, detect=detect, auto=auto, blocks=ir_blocks)
+
+
+def _options(dropout: float, layout: str, width_mult: float) -> tuple:
+    return (("dropout", dropout), ("layout", layout), ("width_mult", width_mult))
+
+
+@register_family("mobilenet_v2", SETTING, sites=35, detect=_detect(cifar=False))
+def mobilenet_v2(num_classes: int = 1000, seed: int = 0, width_mult: float = 1.0,
+                 layout: str = "torchvision", dropout: float = 0.2) -> Net:
+    """MobileNetV2, torchvision layout (or timm's names with layout="timm"); width_mult 1.0, 1.4, ..."""
+    return build_inverted_residual("mobilenet_v2", SETTING, num_classes=num_classes, seed=seed,
+                                   width_mult=width_mult, layout=layout, dropout=dropout,
+                                   cifar=False, options=_options(dropout, layout, width_mult))
+
+
+# Its weights have exactly mobilenet_v2's shapes: only arch= or a torch module's stem stride picks it.
+@register_family("mobilenet_v2_cifar", SETTING, sites=35, detect=_detect(cifar=True),
+                 cifar=True, auto=False)
+def mobilenet_v2_cifar(num_classes: int = 10, seed: int = 0, width_mult: float = 1.0,
+                       layout: str = "torchvision", dropout: float = 0.2) -> Net:
+    """MobileNetV2 for 32 px inputs (stem and stage-2 stride 1), EASIER's CIFAR model."""
+    return build_inverted_residual("mobilenet_v2_cifar", SETTING, num_classes=num_classes,
+                                   seed=seed, width_mult=width_mult, layout=layout,
+                                   dropout=dropout, cifar=True,
+                                   options=_options(dropout, layout, width_mult))

@@ -47,6 +47,17 @@ class ModelSpec:
                 "in_channels": self.in_channels}
 
 
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One residual block of a built model, as block-wise methods see it."""
+    prefix: str                # torch module path of the block (features.5, blocks.2.1)
+    sites: tuple[str, ...]     # its activation sites in order: (expand, depthwise) of an
+                               # inverted residual, (depthwise,) of a depthwise-separable block
+    add: str | None            # the residual Add layer, None without a residual
+    input: str                 # the layer that feeds the block
+    output: str                # the block's last layer (the Add, or the projection's BN)
+
+
 class Net(nnx.Module):
     """A model: `layers[name]` executed in `graph` order. NHWC in, logits out."""
 

@@ -1,6 +1,7 @@
 """One entry point for every architecture: `create(name, num_classes=..., seed=..., **options)`.
 
-Each family module registers its builders with `@register(name, detect=...)`.
+Each family module registers its builders with `@register(name, sites=..., detect=...,
+blocks=...)`.
 `detect(state_dict, module)` returns the `create` keyword arguments
 (`num_classes` and options such as `width`) when the torch state dict (and the
 torch module, when one was given, else None) is of this architecture, else
@@ -8,17 +9,20 @@ None. `converters.from_torch` uses it to size the model, and to find the
 architecture when no `arch` is given (entries registered with `auto=False`
 match a state dict only by name, as their weights look like another entry's;
 given a torch module, their detect may still claim it from what the module
-shows, e.g. a stride).
+shows, e.g. a stride). `blocks(m)` (optional) lists a built model's residual
+blocks (`models.net.Block`), for methods that work block by block (DepthShrinker).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
+import pkgutil
 from typing import Callable
 
 from jaxprune.errors import UserError, closest
 
-from models.net import Net
+from models.net import Block, Net
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,22 +33,27 @@ class Entry:
     auto: bool
     sites: int  # the documented site count (DESIGN.md §4), checked by the tests
     doc: str
+    blocks: Callable[[Net], list[Block]] | None = None
 
 
 _REGISTRY: dict[str, Entry] = {}
 
 
-def register(name: str, *, sites: int, detect=None, auto: bool = True):
+def register(name: str, *, sites: int, detect=None, auto: bool = True, blocks=None):
     def deco(fn):
         doc = (fn.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = Entry(name, fn, detect, auto, sites, doc)
+        _REGISTRY[name] = Entry(name, fn, detect, auto, sites, doc, blocks)
         return fn
     return deco
 
 
 def _load_families() -> None:
-    # Importing the family modules runs their @register decorators.
-    from models import mobilenet_v2, resnet, swin, vgg  # noqa: F401
+    """Import every module of the `models` package: the family modules' @register
+    decorators fill the registry."""
+    import models
+    for info in pkgutil.iter_modules(models.__path__):
+        if not info.ispkg:
+            importlib.import_module(f"models.{info.name}")
 
 
 def available() -> list[str]:
@@ -89,3 +98,13 @@ def detect(state: dict, module=None, arch: str | None = None) -> tuple[str, dict
                 return name, kwargs
     raise UserError("could not recognise the architecture of these torch weights; "
                     f"pass arch=... (one of {sorted(_REGISTRY)})")
+
+
+def blocks(m: Net) -> list[Block]:
+    """The residual blocks of a built model, in order; a UserError for an architecture
+    that declares none (see `register(blocks=...)`)."""
+    e = entry(m.spec.arch)
+    if e.blocks is None:
+        with_blocks = sorted(n for n, x in _REGISTRY.items() if x.blocks is not None)
+        raise UserError(f"model {m.spec.arch!r} declares no blocks; models that do: {with_blocks}")
+    return e.blocks(m)

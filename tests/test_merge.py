@@ -12,7 +12,8 @@ from flax import nnx
 import jaxprune
 import models
 from jaxprune.errors import UserError
-from jaxprune.merging import FusedConv, merge, profile
+from jaxprune.merging import merge, profile
+from models.layers import FusedConv
 from models.layers import Act, Add, BatchNorm, Conv, Dropout, GlobalAvgPool, Linear
 from models.net import GraphBuilder, ModelSpec, randomize_bn
 
@@ -192,10 +193,13 @@ def test_wrong_input_size_is_refused_with_the_fix():
 
 # -- every model family ------------------------------------------------------------------
 
-def _blocks(m):
-    from models.mobilenet_v2 import depthshrinker_groups
-    g = depthshrinker_groups(m)
-    return g[2] + g[3] + g[9]
+def _gates(*indices):
+    """The sites of these DepthShrinker gates (whole inverted residuals, linearized)."""
+    def sites(m):
+        from jaxprune.methods.depthshrinker.groups import groups
+        g = groups(m)
+        return [s for i in indices for s in g[i].sites]
+    return sites
 
 
 FAMILIES = {
@@ -206,9 +210,11 @@ FAMILIES = {
                         lambda m: m.sites()]),
     "resnet18": (dict(width=8), [(67, 61)], [["layer1.1.relu1"], lambda m: m.sites()]),
     "mobilenet_v2_cifar": (dict(width_mult=0.35), [(32, 32), (33, 35)],
-                           [["features.5.act_dw"], _blocks, lambda m: m.sites()]),
+                           [["features.5.act_dw"], _gates(2, 3, 9), lambda m: m.sites()]),
     "mobilenet_v2": (dict(width_mult=0.35, layout="timm"), [(35, 37)],
                      [["blocks.2.1.bn2.act"], lambda m: m.sites()]),
+    # 5x5 depthwise blocks (gates 4, 5: blocks.2.x; 9: blocks.4.0) and a stride-2 one
+    "efficientnet_lite0": ({}, [(65, 67)], [["blocks.2.0.bn2.act"], _gates(2, 4, 5, 9)]),
     "vgg16_bn": ({}, [(33, 35)], [["features.2"], ["features.36", "classifier.1", "classifier.4"],
                                   lambda m: m.sites()]),
     "swin_t": ({}, [(61, 67)], [["features.1.0.mlp.gelu"], lambda m: m.sites()]),

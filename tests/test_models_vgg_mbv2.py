@@ -1,4 +1,5 @@
-"""VGG-16-BN and MobileNetV2 (torchvision, timm layout, CIFAR) against their torch originals."""
+"""VGG-16-BN, MobileNetV2 (torchvision, timm layout, CIFAR) and EfficientNet-Lite0 (timm)
+against their torch originals."""
 import functools
 
 import numpy as np
@@ -9,7 +10,7 @@ import converters
 import jaxprune
 import models
 from jaxprune.errors import UserError
-from models.mobilenet_v2 import depthshrinker_groups, ir_blocks
+from jaxprune.methods.depthshrinker.groups import groups
 from tests.torch_ref import images, jax_logits, max_diff, randomize, timm, torch_logits, torchvision
 
 TOL = 1e-4
@@ -65,6 +66,8 @@ CASES = {
                    "mobilenet_v2_cifar", {"width_mult": 1.0, "layout": "torchvision"}, (32, 33)),
     "timm_140": (lambda: timm().create_model("mobilenetv2_140", num_classes=NUM_CLASSES),
                  "mobilenet_v2", {"width_mult": 1.4, "layout": "timm"}, (224, 97)),
+    "lite0": (lambda: timm().create_model("efficientnet_lite0", num_classes=NUM_CLASSES),
+              "efficientnet_lite0", {}, (224, 97)),
 }
 
 
@@ -108,7 +111,8 @@ def test_parity(case, size):
 
 SITE_CHECKS = [("vgg16_bn", i) for i in (0, 6, 12, 13, 14)] + \
               [("mbv2_100", i) for i in (0, 1, 2, 3, 18, 34)] + \
-              [("mbv2_cifar", i) for i in (0, 4)] + [("timm_140", i) for i in (0, 1, 20, 34)]
+              [("mbv2_cifar", i) for i in (0, 4)] + [("timm_140", i) for i in (0, 1, 20, 34)] + \
+              [("lite0", i) for i in (0, 1, 6, 32)]  # stem, DS block, a 5x5 depthwise, head
 
 
 @pytest.mark.parametrize("case,index", SITE_CHECKS, ids=[f"{c}-{i}" for c, i in SITE_CHECKS])
@@ -172,22 +176,25 @@ def test_width_read_from_weights():
     assert max_diff(torch_logits(tm, x), jax_logits(m, x)) <= TOL
 
 
-@pytest.mark.parametrize("case", ["timm_140", "mbv2_140"])
-def test_depthshrinker_groups(case):
+@pytest.mark.parametrize("case,n_blocks", [("timm_140", 17), ("mbv2_140", 17), ("lite0", 16)])
+def test_blocks_and_depthshrinker_gates(case, n_blocks):
+    """The blocks a model declares are the torch model's blocks (residual or not, chained);
+    DepthShrinker's gates are the stem, one per block, the head: every site once, in order."""
     tm, m = _pair(case)
-    groups = depthshrinker_groups(m)
-    assert len(groups) == 19
-    assert [len(g) for g in groups] == [1, 1] + [2] * 16 + [1]
-    assert [s for g in groups for s in g] == jaxprune.sites(m)  # every site once, in order
-    if case == "timm_140":
-        residual = [blk.has_skip for stage in tm.blocks for blk in stage]
-    else:
+    blocks = models.blocks(m)
+    if case == "mbv2_140":
         residual = [f.use_res_connect for f in tm.features[1:-1]]
-    blocks = ir_blocks(m)
-    assert [b.add is not None for b in blocks] == residual
+    else:
+        residual = [blk.has_skip for stage in tm.blocks for blk in stage]
+    assert len(blocks) == n_blocks and [b.add is not None for b in blocks] == residual
     for prev, b in zip(blocks, blocks[1:]):
         assert b.input == prev.output
     assert all(b.output == b.add for b in blocks if b.add)
+    gates = groups(m)
+    assert len(gates) == n_blocks + 2
+    assert [len(g.sites) for g in gates] == [1, 1] + [2] * (n_blocks - 1) + [1]
+    assert [s for g in gates for s in g.sites] == jaxprune.sites(m)
+    assert [g.block for g in gates] == [None] + [b.prefix for b in blocks] + [None]
 
 
 def test_bad_options():
@@ -195,5 +202,7 @@ def test_bad_options():
         models.create("mobilenet_v2", layout="keras")
     with pytest.raises(UserError, match="width_mult"):
         models.create("mobilenet_v2", width_mult=0.0)
-    with pytest.raises(UserError, match="MobileNetV2"):
-        depthshrinker_groups(models.create("resnet18_cifar"))
+    with pytest.raises(UserError, match=r"'resnet18_cifar' declares no blocks; models that do: "
+                                         r"\['efficientnet_lite0', 'mobilenet_v2', "
+                                         r"'mobilenet_v2_cifar'\]"):
+        models.blocks(models.create("resnet18_cifar"))
