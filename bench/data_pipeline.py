@@ -36,7 +36,7 @@ from PIL import Image  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 from jaxprune import data  # noqa: E402
-from jaxprune.data import synthetic  # noqa: E402
+from tests import tfds_fixture as synthetic  # noqa: E402
 
 
 def textured(rng, h: int, w: int) -> np.ndarray:

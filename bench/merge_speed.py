@@ -58,20 +58,18 @@ RANDOM_CONV_CPU = {"A": 2.2, "B": 2.3, "C": 2.5, "D": 2.5, "E": 3.0, "F": 4.0}
 
 def mbv2_pattern(letter: str):
     """(dense, linearized) MobileNetV2-1.4 for a DepthShrinker pattern."""
-    from models.mobilenet_v2 import depthshrinker_groups, ir_blocks
+    from jaxprune.methods.depthshrinker.groups import final_act_name, groups
     dense = randomize_bn(models.create("mobilenet_v2", num_classes=1000, width_mult=1.4,
                                        layout="timm"))
     lin = randomize_bn(models.create("mobilenet_v2", num_classes=1000, width_mult=1.4,
                                      layout="timm"))
     keep = [int(v) for v in PATTERNS[letter].split(",")]
-    groups, blocks = depthshrinker_groups(lin), ir_blocks(lin)
-    for index, (sites, k) in enumerate(zip(groups, keep)):
+    for g, k in zip(groups(lin), keep):
         if k:
             continue
-        jaxprune.linearize(lin, sites)
-        if 2 <= index <= 17:  # an inverted residual: DepthShrinker's ReLU6 after its output
-            block = blocks[index - 1]
-            lin.insert_after(block.output, f"{block.prefix}.final_act", Act("relu6"))
+        jaxprune.linearize(lin, g.sites)
+        if g.final is not None:  # an inverted residual: DepthShrinker's ReLU6 after its output
+            lin.insert_after(g.final, final_act_name(g), Act("relu6"))
     return dense, lin, "macs"
 
 

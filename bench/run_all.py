@@ -78,11 +78,12 @@ def _train_step_parts(name: str, batch: int, size: int, width: int | None):
 
     import models
     from jaxprune.config import TrainConfig
+    from jaxprune.methods.easier.method import EntropyHooks
     from jaxprune.train import Trainer, make_mesh
     mesh = make_mesh()
     options = {"width": width} if width else {}
     m = models.create(name, num_classes=10, seed=0, **options)
-    trainer = Trainer(m, TrainConfig(), steps_per_epoch=1000, mesh=mesh)
+    trainer = Trainer(m, TrainConfig(), steps_per_epoch=1000, mesh=mesh, hooks=EntropyHooks())
     trainer.start_round()
     rng = np.random.default_rng(0)
     data = {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
@@ -164,11 +165,8 @@ def _f(v, digits=1) -> str:
 
 def _section(title: str, intro: str, header: list[str], rows: list[list]) -> list[str]:
     """Markdown lines of a `## title` section: the intro, then a table when there are rows."""
-    lines = [f"## {title}", "", intro, ""]
-    if rows:
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    return lines + [""]
+    from jaxprune.report import table
+    return [f"## {title}", "", intro, ""] + (table(header, rows) if rows else []) + [""]
 
 
 def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
@@ -187,37 +185,38 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
 
     ts = results.get("train_step")
     target = TRAIN_STEP_TARGET["gpu" if gpu else "cpu"]
-    lines += ["## EASIER train step vs the PyTorch reference step", "",
-              "jaxprune: the jitted data-parallel step with per-site ON/OFF statistics on device. "
-              "Baseline: the reference's PyTorch eager step (a hook on every ReLU, per-layer "
-              "entropy read to the host each step). `bench/train_step.py`.", ""]
+    rows = []
     if ts:
         ok = "meets" if ts["ratio"] >= target else "misses"
-        lines += ["| model | batch | devices | jaxprune img/s | no stats img/s | PyTorch ref img/s "
-                  "| ratio | target |", "|---|---|---|---|---|---|---|---|",
-                  f"| resnet18_cifar (width {ts['width']}) | {ts['batch']} | {ts['devices']} "
-                  f"{ts['platform']} | {_f(ts['jax_img_s'])} | {_f(ts['jax_nostats_img_s'])} | "
-                  f"{_f(ts['torch_ref_img_s'])} | **{ts['ratio']:.2f}x** | >= {target}x ({ok}) |",
-                  "", f"Statistics cost {100 * ts['stats_overhead']:.1f} % of the step.", ""]
+        rows = [[f"resnet18_cifar (width {ts['width']})", ts["batch"],
+                 f"{ts['devices']} {ts['platform']}", _f(ts["jax_img_s"]),
+                 _f(ts["jax_nostats_img_s"]), _f(ts["torch_ref_img_s"]),
+                 f"**{ts['ratio']:.2f}x**", f">= {target}x ({ok})"]]
+    lines += _section(
+        "EASIER train step vs the PyTorch reference step",
+        "jaxprune: the jitted data-parallel step with per-site ON/OFF statistics on device. "
+        "Baseline: the reference's PyTorch eager step (a hook on every ReLU, per-layer "
+        "entropy read to the host each step). `bench/train_step.py`."
+        + (f" Statistics cost {100 * ts['stats_overhead']:.1f} % of the step." if ts else ""),
+        ["model", "batch", "devices", "jaxprune img/s", "no stats img/s", "PyTorch ref img/s",
+         "ratio", "target"], rows)
 
     fl = results.get("flops")
-    lines += ["## GPU: throughput and fraction of peak", "",
-              "Achieved FLOP/s = XLA's FLOP count of the compiled EASIER step / measured step "
-              "time; peak: dense TF32 FLOP/s of the device kind.", "",
-              "| device | batch | img/s | TFLOP/s | peak TFLOP/s | fraction of peak | "
-              "ratio vs PyTorch ref (target >= 2x) |", "|---|---|---|---|---|---|---|"]
+    rows = [["(no GPU in this run)", "", "", "", "", "", ""]]
     if gpu and fl:
-        ratio = f"{ts['ratio']:.2f}x" if ts else "–"
         peak = fl["peak_flop_s"]
-        lines.append(f"| {fl['device_kind']} | {fl['batch']} | {_f(fl['img_s'])} | "
-                     f"{_f(fl['flop_s'] / 1e12, 2)} | {_f(peak / 1e12 if peak else None, 0)} | "
-                     f"{_f(fl['fraction_of_peak'], 3)} | {ratio} |")
-    else:
-        lines.append("| (no GPU in this run) | | | | | | |")
-    if fl and not gpu:
-        lines += ["", f"On this CPU the same step reaches {fl['flop_s'] / 1e9:,.1f} GFLOP/s "
-                      f"({fl['img_s']:,.1f} img/s at batch {fl['batch']}, width {fl['width']})."]
-    lines.append("")
+        rows = [[fl["device_kind"], fl["batch"], _f(fl["img_s"]), _f(fl["flop_s"] / 1e12, 2),
+                 _f(peak / 1e12 if peak else None, 0), _f(fl["fraction_of_peak"], 3),
+                 f"{ts['ratio']:.2f}x" if ts else "–"]]
+    cpu_note = (f" On this CPU the same step reaches {fl['flop_s'] / 1e9:,.1f} GFLOP/s "
+                f"({fl['img_s']:,.1f} img/s at batch {fl['batch']}, width {fl['width']})."
+                if fl and not gpu else "")
+    lines += _section(
+        "GPU: throughput and fraction of peak",
+        "Achieved FLOP/s = XLA's FLOP count of the compiled EASIER step / measured step "
+        "time; peak: dense TF32 FLOP/s of the device kind." + cpu_note,
+        ["device", "batch", "img/s", "TFLOP/s", "peak TFLOP/s", "fraction of peak",
+         "ratio vs PyTorch ref (target >= 2x)"], rows)
 
     lines += _section(
         "Fused vs dense latency",

@@ -41,10 +41,12 @@ def jax_step(width: int, batch: int, stats: bool):
 
     import models
     from jaxprune.config import TrainConfig
+    from jaxprune.methods.easier.method import EntropyHooks
     from jaxprune.train import Trainer, make_mesh
     mesh = make_mesh()
     m = models.create("resnet18_cifar", num_classes=10, width=width, seed=0)
-    trainer = Trainer(m, TrainConfig(), steps_per_epoch=1000, mesh=mesh, stats=stats)
+    trainer = Trainer(m, TrainConfig(), steps_per_epoch=1000, mesh=mesh,
+                      hooks=EntropyHooks() if stats else None)
     trainer.start_round()
     rng = np.random.default_rng(0)
     sharding = NamedSharding(mesh, P("data"))

@@ -20,7 +20,8 @@ TORCHVISION_BUILDERS = {
 }
 
 
-def _torchvision_state(ref: str, arch: str) -> dict[str, np.ndarray]:
+def torchvision_state(ref: str, arch: str) -> dict[str, np.ndarray]:
+    """torchvision's weights `ref` (a weights enum name) of `arch`, downloaded by torchvision."""
     from jaxprune.torch_compat import torchvision
     tv = torchvision()
     builder = TORCHVISION_BUILDERS.get(arch)
@@ -46,7 +47,7 @@ def _torchvision_state(ref: str, arch: str) -> dict[str, np.ndarray]:
 def load_pretrained(m: Net, ref: str) -> Net:
     """Load `ref` (`path` or `torchvision:<WEIGHTS>`) into `m`, keeping a resized head fresh."""
     if ref.startswith("torchvision:"):
-        state = _torchvision_state(ref.split(":", 1)[1], m.spec.arch)
+        state = torchvision_state(ref.split(":", 1)[1], m.spec.arch)
         source = ref
     else:
         state, _ = read_file(ref)

@@ -18,7 +18,7 @@ _EXPORTS = {
     "sites": "jaxprune.activation_sites",
     "linearize": "jaxprune.activation_sites",
     "linearized": "jaxprune.activation_sites",
-    "site_entropy": "jaxprune.entropy",
+    "site_entropy": "jaxprune.methods.easier.entropy",
     "merge": "jaxprune.merging.fuse",
     "profile": "jaxprune.merging.profiling",
 }

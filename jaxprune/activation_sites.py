@@ -1,9 +1,11 @@
-"""Activation sites: list them, linearize them, read and set their masks."""
+"""Activation sites: list them, linearize them, record their ON statistics, count them."""
 from __future__ import annotations
 
 from typing import Iterable
 
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from jaxprune.errors import UserError, closest
 from models.layers import Act
@@ -36,7 +38,36 @@ def linearized(m: Net) -> list[str]:
     return [n for n in m.sites() if not bool(jnp.any(m.layers[n].mask.value != 0))]
 
 
-def set_record(m: Net, on: bool) -> None:
-    """Switch per-site ON statistics (`on_frac` intermediates) on or off."""
-    for n in m.sites():
-        m.layers[n].record = on
+def recording_graphdef(m: Net, *, train: bool, record: bool):
+    """The graph definition of `m` in train or eval mode with its sites recording their ON
+    fractions (`on_frac`, see `models.layers.Act`) or not.
+
+    Mode and recording are static attributes, so each combination is its own
+    graphdef (its own compiled function); the state of `m` fits all of them.
+    """
+    view = nnx.clone(m)
+    if train:
+        view.train()
+    else:
+        view.eval()
+    for n in view.sites():
+        view.layers[n].record = record
+    return nnx.graphdef(view)
+
+
+def pop_on_fractions(m: Net, names: list[str]) -> list:
+    """The per-channel ON fractions (C,) each site in `names` sowed in the last forward pass
+    of `m`; removes every sown value from `m`, so its state keeps the structure it had
+    before the pass."""
+    sown = nnx.pop(m, nnx.Intermediate)
+    return [sown["layers"][n]["on_frac"].get_value()[0] for n in names]  # sow keeps a tuple
+
+
+def site_sizes(m: Net, hw: tuple[int, int], names: Iterable[str] | None = None) -> dict[str, int]:
+    """Activations per image at each site (its pre-activation's size) for inputs of `hw`:
+    what a site's nonlinearity costs in private inference, one protocol step each."""
+    from jaxprune.merging.profiling import tensor_shapes
+    shapes = tensor_shapes(m, tuple(hw))
+    inputs = dict(m.graph)
+    names = m.sites() if names is None else names
+    return {n: int(np.prod(shapes[inputs[n][0]][1:])) for n in names}

@@ -1,9 +1,12 @@
-"""From a validated config to a model, a plan, a run folder and a method run.
+"""The run: from a validated config to a run folder, a method run and its written results.
 
     cfg = config.load("configs/demo.yaml")
     print(plan(cfg))             # what a run would do; reads no data, trains nothing
-    run_dir, results = run(cfg)  # <out>/<name>/, config.yaml written, the method called
+    run_dir, results = run(cfg)  # <out>/<name>/: config.yaml, the method, results.json, report.md
 
+`run` owns the run: it checks the model, makes (or reuses) the run folder,
+builds the `RunContext` (`jaxprune.context`), calls the method's `run(ctx)`
+and writes the `MethodResult` it returns (results.json, report.md, figures).
 A run folder belongs to one resolved config. Running the same config again
 calls the method again in the same folder (methods resume where they can); a
 different config is refused rather than mixing two experiments in one folder.
@@ -11,8 +14,6 @@ different config is refused rather than mixing two experiments in one folder.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -23,49 +24,12 @@ import yaml
 
 from jaxprune import config, distributed
 from jaxprune.config import Config
+from jaxprune.context import RunContext, build_model
 from jaxprune.errors import UserError
-from models.net import Net
 
 CONFIG_FILE = "config.yaml"
 # Keys that say where a run lives, not what it computes: they may differ on a resume.
 _LOCATION_KEYS = ("out", "name")
-
-
-def build_model(cfg: Config, num_classes: int) -> Net:
-    """The config's model: `model.num_classes` (else the data set's count), `model.options`,
-    seeded by `seed`, starting from `model.pretrained` when given."""
-    import models
-    from converters import load_pretrained
-    m = models.create(cfg.model.name, num_classes=cfg.model.num_classes or num_classes,
-                      seed=cfg.seed, **cfg.model.options)
-    if cfg.model.pretrained:
-        load_pretrained(m, cfg.model.pretrained)
-    return m
-
-
-def describe_data(cfg: Config):
-    """`jaxprune.data.describe` of the config's data set (class count, image size, splits),
-    or None where this installation has no data module. A data set that is not on disk
-    raises a UserError naming where it looked and how to prepare it."""
-    try:
-        data = importlib.import_module("jaxprune.data")
-    except ModuleNotFoundError as e:
-        if e.name != "jaxprune.data":
-            raise  # a real import error inside the data package
-        return None
-    describe = getattr(data, "describe", None)
-    return describe(cfg.data.name, cfg.data.root) if describe else None
-
-
-def num_classes(cfg: Config) -> int:
-    """`model.num_classes`, else the data set's class count."""
-    if cfg.model.num_classes:
-        return cfg.model.num_classes
-    desc = describe_data(cfg)
-    if desc is None:
-        raise UserError("model.num_classes is not set and this installation cannot read the "
-                        "data set's class count; set model.num_classes")
-    return int(desc.num_classes)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -138,14 +102,17 @@ def check_model(cfg: Config) -> None:
 
 
 def run(cfg: Config) -> tuple[Path, dict]:
-    """Run the config's method in its run folder; returns (run folder, the method's results)."""
+    """Run the config's method in its run folder and write what it returns; returns
+    (run folder, results). A method whose final check failed (`MethodResult.failure`)
+    still gets its files written, then raises a UserError with its message."""
     from jaxprune import methods, report
     from jaxprune.train import Diverged
     method = methods.get(cfg.method.name)
     check_model(cfg)
     path, state = prepare_run_dir(cfg)
+    ctx = RunContext(cfg, path)
     try:
-        return path, method.run(cfg, path)
+        result = method.run(ctx)
     except Diverged as e:
         report.write_stopped(path, str(e))
         raise
@@ -153,6 +120,11 @@ def run(cfg: Config) -> tuple[Path, dict]:
         if state == "new":
             _forget(path)
         raise
+    result.results["seconds"] = ctx.elapsed()
+    report.write(path, result.results, result.report, seconds=result.results["seconds"])
+    if result.failure:
+        raise UserError(result.failure)
+    return path, result.results
 
 
 def _forget(path: Path) -> None:
@@ -178,15 +150,11 @@ def plan(cfg: Config) -> str:
     they fit); downloads nothing, reads no data, trains nothing, writes nothing.
     """
     from flax import nnx
+    from jaxprune import data
     state = check_run_dir(cfg)  # a refusal first: it is what the run would hit first
-    desc = describe_data(cfg)
-    n = cfg.model.num_classes or (desc.num_classes if desc else None)
-    if n is None:  # the data set's count is unknown here: the architecture's default will do
-        import models
-        n = inspect.signature(models.entry(cfg.model.name).build).parameters["num_classes"].default
-        classes = "classes: set by the data set"
-    else:
-        classes = f"{n} classes"
+    desc = data.describe(cfg.data.name, cfg.data.root)
+    n = cfg.model.num_classes or desc.num_classes
+    classes = f"{n} classes"
     ref = cfg.model.pretrained
     if ref and not ref.startswith("torchvision:"):
         m = build_model(cfg, n)  # reads the file and checks every key and shape
@@ -200,14 +168,11 @@ def plan(cfg: Config) -> str:
     params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
     names = m.sites()
     method_opts = {k: v for k, v in config.to_dict(cfg.method).items() if k != "name"}
-    if desc is None:
-        data = f"{cfg.data.name} (root: {cfg.data.root or 'default'})"
-    else:
-        (h, w), splits = desc.image_size, ", ".join(f"{k} {v}" for k, v in desc.splits.items())
-        # describe() succeeds without a root only for a data set that ships with the code
-        where = f"read from {cfg.data.root}" if cfg.data.root else "built in, no download"
-        data = (f"{cfg.data.name}: {desc.num_classes} classes, {h}x{w}x{desc.channels} images, "
-                f"splits {splits}; {where}")
+    (h, w), splits = desc.image_size, ", ".join(f"{k} {v}" for k, v in desc.splits.items())
+    # describe() succeeds without a root only for a data set that ships with the code
+    where = f"read from {cfg.data.root}" if cfg.data.root else "built in, no download"
+    data_line = (f"{cfg.data.name}: {desc.num_classes} classes, {h}x{w}x{desc.channels} images, "
+                 f"splits {splits}; {where}")
     where = run_dir_of(cfg)
     folder = (f"{where} (new)" if state == "new"
               else f"{where} (exists with this config: the method resumes there)")
@@ -218,7 +183,7 @@ def plan(cfg: Config) -> str:
         textwrap.fill(", ".join(names), width=100, initial_indent="        ",
                       subsequent_indent="        "),
         f"method: {cfg.method.name} {_options(method_opts)}",
-        f"data:   {data}",
+        f"data:   {data_line}",
         f"run folder: {folder}",
     ]
     return "\n".join(lines)

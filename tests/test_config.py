@@ -123,3 +123,24 @@ def test_dump_is_plain_yaml():
     # safe_load reads it back: no Python-specific tags in a run folder's config.yaml
     assert yaml.safe_load(config.dump(cfg))["method"] == {"name": "parity", "source": "random",
                                                           "sizes": [], "batch": 2}
+
+
+def test_validating_a_config_imports_no_training_code():
+    """Each method's options are registered apart from its run code: reading and checking
+    every shipped config imports neither JAX nor any training, model or torch module."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    script = (
+        "import sys, pathlib\n"
+        "from jaxprune import config\n"
+        "for p in sorted(pathlib.Path('configs').rglob('*.yaml')):\n"
+        "    config.load(p)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('jax', 'flax', 'optax', 'orbax', 'torch', 'grain', 'models') "
+        "or m.startswith(('jaxprune.train', 'jaxprune.merging.', 'jaxprune.methods.easier.method'))))\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

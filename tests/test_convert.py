@@ -11,7 +11,7 @@ import converters
 import jaxprune
 import models
 from converters import torch_reference
-from jaxprune import runner
+from jaxprune.context import build_model
 from jaxprune.config import from_dict
 from jaxprune.errors import UserError
 from jaxprune.torch_compat import torchvision
@@ -142,7 +142,7 @@ def test_pretrained_file_keeps_a_resized_head_fresh(tmp_path, state):
     torch.save(state, path)
     cfg = from_dict({"model": {"name": "resnet18_cifar", "num_classes": 5, "pretrained": str(path),
                                "options": {"width": 8}}, "method": {"name": "parity"}})
-    m = runner.build_model(cfg, 5)
+    m = build_model(cfg, 5)
     assert np.array_equal(np.asarray(m.layers["layer1.0.conv1"].kernel.value),
                           state["layer1.0.conv1.weight"].numpy().transpose(2, 3, 1, 0))
     assert m.layers["fc"].kernel.value.shape == (64, 5)

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from jaxprune import data
-from jaxprune.data import sources, synthetic, transforms
+from jaxprune.data import sources, transforms
+from tests import tfds_fixture as synthetic
 from jaxprune.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,9 +15,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxprune
 import models
-from jaxprune import config, gates
+from jaxprune import config
 from jaxprune.config import TrainConfig
-from jaxprune.methods.depthshrinker import SearchHooks, apply_keep, progressive_keep
+from jaxprune.methods.depthshrinker import LAT_AFTER, LAT_BEFORE, gates
+from jaxprune.methods.depthshrinker.cost import cost_table
+from jaxprune.methods.depthshrinker.groups import final_act_name, groups
+from jaxprune.methods.depthshrinker.method import (SearchHooks, _check, apply_keep,
+                                                   progressive_keep)
 from jaxprune.train import Trainer, fetch, make_mesh
 from models.layers import Act
 
@@ -83,7 +87,7 @@ def test_top_k_keeps_floor_n_ratio_smallest(ratio):
 def test_regularizer_sign(sign, direction):
     """'reduce' raises the scores (towards removal) in proportion to Δ; 'keep' (the
     released sign) lowers them."""
-    delta = np.asarray(gates.LAT_BEFORE) - np.asarray(gates.LAT_AFTER)
+    delta = np.asarray(LAT_BEFORE) - np.asarray(LAT_AFTER)
     grad = jax.grad(lambda s: gates.cost_penalty(s, delta, sign))(jnp.zeros(19))
     step = -0.01 * np.asarray(grad)  # one SGD step
     np.testing.assert_allclose(step, direction * 0.01 * delta, rtol=1e-6)
@@ -109,11 +113,11 @@ def test_search_step_trains_scores_and_gates_masks(tiny):
     retrace, and the synced model holds the masks of the last step's keep-list."""
     m, mesh = tiny
     m = nnx.clone(m)
-    gs = gates.groups(m)
-    delta = np.asarray(gates.LAT_BEFORE) - np.asarray(gates.LAT_AFTER)
+    gs = groups(m)
+    delta = np.asarray(LAT_BEFORE) - np.asarray(LAT_AFTER)
     hooks = SearchHooks(gs, gates.keep_count(19, 0.4), delta, weight=1.0, sign="reduce", seed=0)
     cfg = TrainConfig(lr=0.01, momentum=0.0, weight_decay=0.0, schedule="constant", epochs=1)
-    trainer = Trainer(m, cfg, steps_per_epoch=3, mesh=mesh, stats=False, hooks=hooks)
+    trainer = Trainer(m, cfg, steps_per_epoch=3, mesh=mesh, hooks=hooks)
     trainer.start_round()
     for i in range(3):
         trainer.train_step(_batch(mesh, seed=i))
@@ -153,7 +157,7 @@ def test_groups_and_final_act(layout):
     ReLU6 reads its output (after the residual add) and feeds everything that read it; with
     its mask at 0 the model is unchanged."""
     m = models.create("mobilenet_v2", num_classes=10, width_mult=1.4, layout=layout, dropout=0.0)
-    gs = gates.groups(m)
+    gs = groups(m)
     assert len(gs) == 19
     assert [len(g.sites) for g in gs] == [1, 1] + [2] * 16 + [1]
     assert [g.final is None for g in gs] == [True, True] + [False] * 16 + [True]
@@ -163,7 +167,7 @@ def test_groups_and_final_act(layout):
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     m.eval()
     before = np.asarray(m(x))
-    name = m.insert_after(residual.final, gates.final_act_name(m, residual), Act("relu6"))
+    name = m.insert_after(residual.final, final_act_name(residual), Act("relu6"))
     assert name.endswith(".final_act")
     readers = [n for n, ins in m.graph if residual.final in ins]
     assert readers == [name]
@@ -174,24 +178,24 @@ def test_groups_and_final_act(layout):
 
 def test_cost_tables():
     m = models.create("mobilenet_v2", num_classes=10, width_mult=0.35)
-    given = gates.cost_table("given", m, (32, 32), before=gates.LAT_BEFORE, after=gates.LAT_AFTER)
+    given = cost_table("given", m, (32, 32), before=LAT_BEFORE, after=LAT_AFTER)
     assert given.delta[2] == pytest.approx(138.79 - 5.45)
     with pytest.raises(jaxprune.UserError, match="lat_before must have 19"):
-        gates.cost_table("given", m, (32, 32), before=[1, 2], after=gates.LAT_AFTER)
-    relu = gates.cost_table("relu", m, (32, 32))
+        cost_table("given", m, (32, 32), before=[1, 2], after=LAT_AFTER)
+    relu = cost_table("relu", m, (32, 32))
     # stem: 16 channels (32 * 0.35 -> 16) at 16x16; the first inverted residual expands the
     # DS block's 8 channels (16 * 0.35 -> 8) to 48 at 16x16, then a stride-2 depthwise conv
     assert relu.delta[0] == pytest.approx(16 * 16 * 16 / 1e3)
     assert relu.delta[2] == pytest.approx((48 * 16 * 16 + 48 * 8 * 8) / 1e3)
     with pytest.raises(jaxprune.UserError, match="method.cost"):
-        gates.cost_table("flops", m, (32, 32))
+        cost_table("flops", m, (32, 32))
 
 
 @pytest.mark.slow
 def test_measured_cost_table():
     """Each group timed on this device, unfused with its activations vs fused without."""
     m = models.create("mobilenet_v2", num_classes=10, width_mult=0.35)
-    t = gates.cost_table("measured", m, (32, 32), repeats=3)
+    t = cost_table("measured", m, (32, 32), repeats=3)
     assert t.kind == "measured" and len(t.before) == len(t.after) == 19
     assert all(v > 0 for v in t.before + t.after)
 
@@ -202,11 +206,12 @@ def _small_cfg(tmp_path, *overrides):
 
 
 def test_config_errors(tmp_path):
-    from jaxprune.methods.depthshrinker import _check
     with pytest.raises(jaxprune.UserError, match="act_list"):
         _check(*(lambda c: (c, c.method))(_small_cfg(tmp_path, "method.act_list=[1,0]")))
     c = _small_cfg(tmp_path, "model.name=resnet18_cifar", "model.options={}")
-    with pytest.raises(jaxprune.UserError, match="MobileNetV2"):
+    with pytest.raises(jaxprune.UserError, match=r"inverted-residual networks: model.name must "
+                                                 r"be one of \['efficientnet_lite0', "
+                                                 r"'mobilenet_v2', 'mobilenet_v2_cifar'\]"):
         _check(c, c.method)
     c = _small_cfg(tmp_path, "method.stage=finetune")
     with pytest.raises(jaxprune.UserError, match="needs a keep-list"):
@@ -274,16 +279,16 @@ PUBLISHED = {
 def test_imagenet_configs_mirror_the_seed(name, tmp_path):
     """The ImageNet configs: timm-layout MobileNetV2 from a weights file, the paper's recipe,
     the published keep-lists and the released latency tables."""
-    from jaxprune.methods import depthshrinker, snl
+    from jaxprune.methods.snl.method import _check as snl_check
     cfg = config.load(ROOT / f"configs/depthshrinker/{name}.yaml", [f"out={tmp_path}"])
     assert cfg.data.name == "imagenet2012" and cfg.data.batch_size == 256
     assert cfg.model.options["layout"] == "timm" and cfg.model.pretrained.endswith(".pth")
     assert cfg.model.options["width_mult"] == (1.0 if name == "mbv2-100" else 1.4)
     if name.endswith("snl"):
-        snl._check(cfg.method)
+        snl_check(cfg.method)
         assert cfg.method.relu_fraction == 0.4 and cfg.method.lam == 1e-5
         return
-    depthshrinker._check(cfg, cfg.method)
+    _check(cfg, cfg.method)
     t = cfg.train
     assert (t.epochs, t.lr, t.min_lr, t.weight_decay, t.grad_clip, t.label_smoothing) == (
         180, 0.1, 5e-6, 1e-5, 5.0, 0.1)
@@ -295,5 +300,5 @@ def test_imagenet_configs_mirror_the_seed(name, tmp_path):
     else:
         assert cfg.method.stage == "search" and cfg.method.ratio == 0.4
         if name == "mbv2-140":
-            assert cfg.method.lat_before == list(gates.LAT_BEFORE)
-            assert cfg.method.lat_after == list(gates.LAT_AFTER)
+            assert cfg.method.lat_before == list(LAT_BEFORE)
+            assert cfg.method.lat_after == list(LAT_AFTER)

@@ -10,7 +10,8 @@ from flax import nnx
 import jaxprune
 import models
 from jaxprune import config, runner
-from jaxprune.methods.easier import EasierConfig, select_round, select_sites, stop_reason
+from jaxprune.methods.easier import EasierConfig
+from jaxprune.methods.easier.selection import select_round, select_sites, stop_reason
 from jaxprune.train.checkpoint import Checkpoints
 from models.net import INPUT
 

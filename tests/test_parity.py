@@ -1,13 +1,13 @@
 """`method: parity` and the torch originals it compares against (converters/torch_reference.py)."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from converters import torch_reference
-from jaxprune import config
+from jaxprune import config, runner
 from jaxprune.errors import UserError
-from jaxprune.methods import parity
 
 
 def _cfg(**method):
@@ -15,14 +15,19 @@ def _cfg(**method):
                              "method": {"name": "parity", **method}})
 
 
+def _run(cfg, tmp_path) -> dict:
+    """The parity method run by the runner into <tmp_path>/parity/; its results."""
+    return runner.run(dataclasses.replace(cfg, out=str(tmp_path), name="parity"))[1]
+
+
 def test_checkpoint_file_matches_at_every_size(tmp_path, capsys):
     t = torch_reference.randomize(torch_reference.build("resnet18_cifar", num_classes=7, width=8))
     torch.save(t.state_dict(), tmp_path / "w.pth")
-    results = parity.run(_cfg(source=str(tmp_path / "w.pth"), sizes=[32, 35]), tmp_path)
+    results = _run(_cfg(source=str(tmp_path / "w.pth"), sizes=[32, 35]), tmp_path)
     assert results["passed"] and results["num_classes"] == 7  # read from the checkpoint
     assert [r["size"] for r in results["rows"]] == [32, 35]
     assert all(0 <= r["max_abs_diff"] <= 1e-4 for r in results["rows"])
-    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert json.loads((tmp_path / "parity" / "results.json").read_text()) == results
     table = capsys.readouterr().out
     assert "max |Δ logits|" in table and table.count("pass") == 2
 
@@ -38,8 +43,8 @@ def test_a_real_mismatch_fails_and_is_recorded(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch_reference, "build", off_by_eps)
     with pytest.raises(UserError, match=r"parity failed for resnet18_cifar \(32 px: .*tolerance "
                                          r"1.0e-04\); details in .*results.json"):
-        parity.run(_cfg(sizes=[32]), tmp_path)
-    saved = json.loads((tmp_path / "results.json").read_text())
+        _run(_cfg(sizes=[32]), tmp_path)
+    saved = json.loads((tmp_path / "parity" / "results.json").read_text())
     assert saved["passed"] is False and saved["rows"][0]["max_abs_diff"] > 1e-4
     assert "FAIL" in capsys.readouterr().out
 
@@ -47,13 +52,13 @@ def test_a_real_mismatch_fails_and_is_recorded(tmp_path, monkeypatch, capsys):
 def test_bad_options(tmp_path):
     with pytest.raises(UserError, match="move it to method.source"):
         cfg = _cfg()
-        parity.run(config.from_dict({**config.to_dict(cfg), "model": {
+        _run(config.from_dict({**config.to_dict(cfg), "model": {
             **config.to_dict(cfg)["model"], "pretrained": "w.pth"}}), tmp_path)
     with pytest.raises(UserError, match=r"must be positive, got batch 2, sizes \[32, 0\]"):
-        parity.run(_cfg(sizes=[32, 0]), tmp_path)
+        _run(_cfg(sizes=[32, 0]), tmp_path)
     with pytest.raises(UserError, match="torch weights not found"):
-        parity.run(_cfg(source=str(tmp_path / "absent.pth")), tmp_path)
-    assert not (tmp_path / "results.json").exists()
+        _run(_cfg(source=str(tmp_path / "absent.pth")), tmp_path)
+    assert not (tmp_path / "parity").exists()  # refused runs leave no run folder
 
 
 def test_torch_reference_errors():
@@ -83,4 +88,4 @@ def test_cifar_mobilenet_strides(tmp_path):
     cfg = config.from_dict({"model": {"name": "mobilenet_v2_cifar", "num_classes": 10,
                                       "options": {"width_mult": 0.35}},
                             "method": {"name": "parity", "sizes": [32]}})
-    assert parity.run(cfg, tmp_path)["passed"]
+    assert _run(cfg, tmp_path)["passed"]

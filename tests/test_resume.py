@@ -240,7 +240,7 @@ def test_nonfinite_loss_in_a_later_round_ends_the_search_with_the_rounds_before(
         tmp_path, monkeypatch):
     """Round 1 is made to diverge (its weights are NaN when it starts); the real check
     in the train step finds it, round 0 is selected and the report records it."""
-    from jaxprune.methods import easier
+    from jaxprune.methods.easier import method as easier
     real_fit = easier.fit
 
     def poisoned_round_1(trainer, data, epochs, **kw):

@@ -10,9 +10,10 @@ import jaxprune
 import models
 from jaxprune import config
 from jaxprune.config import TrainConfig
-from jaxprune.methods.snl import (SNLHooks, binarize, mask_shapes, relu_count, relu_weights,
-                                  set_masks)
-from jaxprune.methods.staged import Distillation
+from jaxprune.methods.distillation import Distillation
+from jaxprune.methods.snl.masks import (binarize, mask_shapes, relu_count, relu_weights,
+                                        set_masks)
+from jaxprune.methods.snl.method import SNLHooks
 from jaxprune.train import Trainer, fetch, make_mesh
 
 
@@ -65,7 +66,7 @@ def test_search_hooks_train_alpha_without_retrace(net, granularity):
     distill = Distillation(net, temperature=4.0, kd_weight=1.0, ce_weight=1.0)
     hooks = SNLHooks(alphas, 1e-2, distill, scale=10.0)
     cfg = TrainConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", epochs=1)
-    trainer = Trainer(m, cfg, steps_per_epoch=3, mesh=mesh, stats=False, hooks=hooks)
+    trainer = Trainer(m, cfg, steps_per_epoch=3, mesh=mesh, hooks=hooks)
     trainer.start_round()
     rng = np.random.default_rng(0)
     sh = NamedSharding(mesh, P("data"))

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jaxprune
 import models
 from jaxprune.config import TrainConfig
+from jaxprune.methods.easier.method import EntropyHooks
 from jaxprune.train import Trainer, make_mesh, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,8 @@ def test_bad_optimizer_options_are_user_errors():
 def tiny():
     m = models.create("resnet18_cifar", num_classes=10, width=4)
     mesh = make_mesh()
-    trainer = Trainer(m, TrainConfig(lr=0.05, milestones=[1]), steps_per_epoch=2, mesh=mesh)
+    trainer = Trainer(m, TrainConfig(lr=0.05, milestones=[1]), steps_per_epoch=2, mesh=mesh,
+                      hooks=EntropyHooks())
     return m, mesh, trainer
 
 
@@ -129,7 +131,7 @@ def test_train_step_entropy_is_site_entropy(tiny):
     expect = jaxprune.site_entropy(m, x)
     trainer.start_round()
     trainer.train_step(_global(mesh, x, y))
-    got = trainer.finish_epoch()["entropy"]
+    got = trainer.finish_epoch()["sites"]
     trainer.sync_model()
     assert list(got) == m.sites()
     np.testing.assert_allclose(list(got.values()), list(expect.values()), atol=1e-6)
@@ -156,10 +158,12 @@ _DEVICES_SCRIPT = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     import jaxprune, models
     from jaxprune.config import TrainConfig
+    from jaxprune.methods.easier.method import EntropyHooks
     from jaxprune.train import Trainer, make_mesh
     m = models.create("resnet18_cifar", num_classes=10, width=4)
     mesh = make_mesh()
-    trainer = Trainer(m, TrainConfig(lr=0.05, weight_decay=5e-4), steps_per_epoch=3, mesh=mesh)
+    trainer = Trainer(m, TrainConfig(lr=0.05, weight_decay=5e-4), steps_per_epoch=3, mesh=mesh,
+                      hooks=EntropyHooks())
     trainer.start_round()
     rng = np.random.default_rng(0)
     sh = NamedSharding(mesh, P("data"))
@@ -172,7 +176,7 @@ _DEVICES_SCRIPT = textwrap.dedent("""
         trainer.train_step(batch)
         epoch = trainer.finish_epoch()   # one step per "epoch": per-step numbers
         out["loss"].append(epoch["loss"])
-        out["entropy"].append(list(epoch["entropy"].values()))
+        out["entropy"].append(list(epoch["sites"].values()))
     trainer.sync_model()
     m.eval()
     out["logits"] = np.asarray(m(x)).tolist()
@@ -211,7 +215,8 @@ def test_fit_logs_every_epoch(tmp_path):
     data = Data(cfg, mesh)
     m = models.create("resnet18_cifar", num_classes=data.info.num_classes, width=4)
     before = np.asarray(m.layers["fc"].kernel.get_value()).copy()
-    trainer = Trainer(m, cfg.train, steps_per_epoch=data.steps_per_epoch(), mesh=mesh)
+    trainer = Trainer(m, cfg.train, steps_per_epoch=data.steps_per_epoch(), mesh=mesh,
+                      hooks=EntropyHooks())
     trainer.start_round()
     records = fit(trainer, data, 2, journal=Journal(tmp_path), tag={"round": 7})
     last = records[-1]

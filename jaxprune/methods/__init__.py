@@ -1,13 +1,25 @@
-"""Depth-reduction methods, registered by name (`easier`, `depthshrinker`, `snl`).
+"""Depth-reduction methods, registered by name (`easier`, `depthshrinker`, `snl`, `parity`).
 
-A method module calls `register(name, config=OptionsDataclass)` on a function
-`run(cfg, run_dir) -> dict` (the results written to results.json). The options
-dataclass holds the method's own keys of the config's `method:` section.
+A method is a package `jaxprune/methods/<name>/`. Its `__init__.py` holds only
+its options (a frozen dataclass of the config's `method:` keys, subclassing
+`jaxprune.config.MethodConfig`) and registers them:
+
+    @register("easier", run="jaxprune.methods.easier.method")
+    @dataclasses.dataclass(frozen=True)
+    class EasierConfig(MethodConfig): ...
+
+so validating a config imports no training code. Every package here is found
+and imported on the first lookup. The module named by `run` defines
+`run(ctx: RunContext) -> MethodResult` (`jaxprune.context`); it is imported
+when the method runs. Pieces several methods share sit beside the
+packages: `pretrain.py` (the original network), `distillation.py`,
+`fuse_export.py` (fuse, profile, export and its report section).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
 from typing import Callable
 
 from jaxprune.errors import UserError, closest
@@ -16,30 +28,31 @@ from jaxprune.errors import UserError, closest
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
-    run: Callable
-    config: type  # dataclass of this method's `method:` keys (besides `name`)
+    config: type      # dataclass of this method's `method:` keys (besides `name`)
+    module: str       # the module whose `run(ctx)` runs it
+
+    @property
+    def run(self) -> Callable:
+        return importlib.import_module(self.module).run
 
 
 _METHODS: dict[str, Method] = {}
-# Modules that register methods; imported on first lookup so a CLI start stays fast.
-_MODULES = ("jaxprune.methods.easier", "jaxprune.methods.depthshrinker",
-            "jaxprune.methods.snl", "jaxprune.methods.parity")
 
 
-def register(name: str, *, config: type):
-    def deco(fn):
-        _METHODS[name] = Method(name, fn, config)
-        return fn
+def register(name: str, *, run: str):
+    """Class decorator for a method's options dataclass; `run` names the module that
+    defines the method's `run(ctx)`."""
+    def deco(cls):
+        _METHODS[name] = Method(name, cls, run)
+        return cls
     return deco
 
 
 def _load() -> None:
-    for mod in _MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # a real import error inside an existing method module
-                raise
+    """Import every method package (its __init__ registers its options)."""
+    for info in pkgutil.iter_modules(__path__):
+        if info.ispkg:
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def available() -> list[str]:

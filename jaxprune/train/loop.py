@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 from typing import Callable
 
-import jax
 from tqdm import tqdm
 
 from jaxprune.config import Config
+from jaxprune.distributed import is_main
 from jaxprune.errors import UserError
-from jaxprune.report import write_text_atomic
+from jaxprune.files import write_text_atomic
 from jaxprune.train.checkpoint import TrainCheckpoints
 from jaxprune.train.trainer import Trainer
 
@@ -49,13 +49,13 @@ class Journal:
         self.checkpoints = TrainCheckpoints(Path(run_dir) / "checkpoints" / "train")
         latest = self.checkpoints.latest_meta()
         self.lines = latest["log_lines"] if latest else 0
-        if jax.process_index() == 0 and self.path.is_file():
+        if is_main() and self.path.is_file():
             lines = self.path.read_text().splitlines(keepends=True)
             if len(lines) > self.lines:
                 write_text_atomic(self.path, "".join(lines[:self.lines]))
 
     def write(self, record: dict) -> None:
-        if jax.process_index() == 0:
+        if is_main():
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         self.lines += 1
@@ -82,7 +82,7 @@ class Journal:
                             f"{latest['data']}, this training at {expected}: it was written by "
                             f"another version or schedule; use another run name")
         meta = self.checkpoints.restore(trainer)
-        if jax.process_index() == 0:
+        if is_main():
             where = " ".join(f"{k} {v}" for k, v in tag.items())
             print(f"resuming {where or 'training'} after epoch {len(meta['records'])}/{epochs} "
                   f"from {self.checkpoints.folder}", flush=True)
@@ -127,7 +127,7 @@ def train_epoch(trainer: Trainer, data: Data, epoch: int, desc: str) -> dict:
     loader, batches = data.train_batches(epoch)
     # `with`: an error closes the bar before it is reported, not after
     with tqdm(batches, total=len(loader), desc=desc, leave=False,
-              disable=jax.process_index() != 0) as bar:
+              disable=not is_main()) as bar:
         for batch in bar:
             trainer.train_step(batch)
     return trainer.finish_epoch()
@@ -151,7 +151,7 @@ def fit(trainer: Trainer, data: Data, epochs: int, *, journal: Journal | None = 
     steps = data.steps_per_epoch()
     records, stopped = (journal.resume(trainer, tag, epochs, epoch_offset) if journal is not None
                         else ([], False))
-    with tqdm(total=epochs, initial=len(records), disable=jax.process_index() != 0,
+    with tqdm(total=epochs, initial=len(records), disable=not is_main(),
               desc=" ".join(f"{k} {v}" for k, v in tag.items()) or "train") as bar:
         for epoch in range(len(records), epochs if not stopped else 0):
             if _epoch(trainer, data, epoch, epochs, steps, records, bar, journal=journal,
@@ -171,11 +171,12 @@ def _epoch(trainer, data, epoch, epochs, steps, records, bar, *, journal, tag, e
                         "step": train["nonfinite_batch"], "steps": steps, "loss": train["loss"]},
                        journal.checkpoints.latest_path() if journal is not None else None)
     val = trainer.evaluate(data.eval_batches("val"))
+    metric = trainer.hooks.site_metric
     record = {**tag, "epoch": epoch + 1, "lr": lr,
               "train_loss": train["loss"], "train_acc": train["acc"],
               "val_loss": val["loss"], "val_acc": val["acc"],
               "seconds": train["seconds"], "img_s": train["img_s"],
-              "entropy": train["entropy"], **train["terms"]}
+              **({metric: train["sites"]} if metric else {}), **train["terms"]}
     bar.update()
     bar.set_postfix(loss=f"{train['loss']:.3f}", acc=f"{train['acc']:.1f}",
                     val=f"{val['acc']:.1f}")
@@ -186,3 +187,15 @@ def _epoch(trainer, data, epoch, epochs, steps, records, bar, *, journal, tag, e
         journal.save(trainer, tag, epochs, records, stop,
                      data_position={"epoch": epoch_offset + epoch + 1, "batch": 0})
     return stop
+
+
+def evaluate_model(m, train_cfg, data: Data, mesh, splits=("val", "test")) -> dict:
+    """Eval-mode accuracy (percent) and loss of `m` on each split:
+    {"val_acc", "val_loss", "test_acc", "test_loss"}."""
+    trainer = Trainer(m, train_cfg, steps_per_epoch=1, mesh=mesh)
+    trainer.start_round()
+    out = {}
+    for split in splits:
+        r = trainer.evaluate(data.eval_batches(split))
+        out[f"{split}_acc"], out[f"{split}_loss"] = r["acc"], r["loss"]
+    return out

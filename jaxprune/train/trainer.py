@@ -15,14 +15,14 @@ restarting the optimizer, reuses the compiled step. `traces` counts how often
 each step was traced, for the tests that hold this.
 
 Metrics accumulate on device across an epoch's steps (loss and correct
-counts, and per site the sum of per-batch entropies) and are fetched once at
-the end of it.
+counts, and per site the sum of the per-batch values of the hooks' site
+metric, e.g. EASIER's entropy) and are fetched once at the end of it.
 
-Methods that train more than the weights pass `hooks=` (a `Hooks`): extra
-trained arrays (gate scores, SNL's alphas), masks computed from them inside
-the traced step, extra loss terms (distillation from a frozen teacher, cost
-regularizers) and read-only values that change between steps without a
-retrace (`set_aux`).
+Methods pass `hooks=` (a `Hooks`) for what they add to the steps: a per-site
+statistic of the sites' ON fractions (EASIER's entropy), extra trained arrays
+(gate scores, SNL's alphas), masks computed from them inside the traced step,
+extra loss terms (distillation from a frozen teacher, cost regularizers) and
+read-only values that change between steps without a retrace (`set_aux`).
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxprune.activation_sites import pop_on_fractions, recording_graphdef
 from jaxprune.config import TrainConfig
-from jaxprune.entropy import pop_entropies, recording_graphdef
 from jaxprune.train.mesh import fetch, make_mesh, replicate, replicated
 from jaxprune.train.optim import make_optimizer
 from models.net import Net
@@ -64,6 +64,13 @@ class Hooks:
     trainer's state, so it must keep each variable's shape.
     """
     metrics: tuple[str, ...] = ()  # names of the scalars `loss` reports; per-epoch means in "terms"
+    # Name of a per-site scalar computed in every train step from the sites' ON fractions
+    # (`site_value`), averaged over the epoch's batches; None records no site statistics.
+    site_metric: str | None = None
+
+    def site_value(self, on_frac):
+        """One site's per-batch value from its per-channel ON fractions (C,)."""
+        raise NotImplementedError
 
     def extra_params(self):
         """Pytree of arrays trained alongside the model's parameters, e.g. gate scores."""
@@ -90,11 +97,12 @@ class Trainer:
     """Compiled train/eval steps and the device copy of one model's state."""
 
     def __init__(self, m: Net, cfg: TrainConfig, *, steps_per_epoch: int, mesh=None,
-                 stats: bool = True, hooks: Hooks | None = None):
+                 hooks: Hooks | None = None):
         self.model = m
         self.mesh = mesh if mesh is not None else make_mesh()
-        self.sites = m.sites() if stats else []
         self.hooks = hooks if hooks is not None else Hooks()
+        record = self.hooks.site_metric is not None
+        self.sites = m.sites() if record else []
         decay_1d = cfg.weight_decay_1d
 
         def decay_mask(tree):  # the optimizer sees (model parameters, hooks' extra)
@@ -106,7 +114,7 @@ class Trainer:
         self._smoothing = cfg.label_smoothing
         self._num_classes = m.spec.num_classes
         repl = replicated(self.mesh)
-        self._train = jax.jit(self._train_fn(recording_graphdef(m, train=True, record=stats)),
+        self._train = jax.jit(self._train_fn(recording_graphdef(m, train=True, record=record)),
                               donate_argnums=(0, 1, 2, 3, 4, 5), out_shardings=repl)
         self._eval = jax.jit(self._eval_fn(recording_graphdef(m, train=False, record=False)),
                              donate_argnums=(3,), out_shardings=repl)
@@ -114,7 +122,7 @@ class Trainer:
         zero = np.zeros((), np.float32)
         self._zero_train = {"loss": zero, "correct": zero, "n": zero, "batches": zero,
                             "bad": zero,
-                            "entropy": np.zeros((len(self.sites),), np.float32),
+                            "sites": np.zeros((len(self.sites),), np.float32),
                             "terms": {k: zero for k in self.hooks.metrics}}
         self._zero_eval = {"loss": zero, "correct": zero, "n": zero}
         self.params = self.rest = self.opt_state = self._acc = None
@@ -138,13 +146,15 @@ class Trainer:
                 m = nnx.merge(graphdef, p, rest, copy=True)
                 hooks.prepare(m, ex, aux, count, train=True)
                 logits = m(batch["image"])
-                entropy = pop_entropies(m, self.sites)
+                on = pop_on_fractions(m, self.sites)
+                site_values = (jnp.stack([hooks.site_value(p) for p in on]) if on
+                               else jnp.zeros((0,), jnp.float32))
                 new_rest = nnx.state(m, nnx.Not(nnx.Param))  # batch stats, rng counts, masks
                 ce = jnp.mean(self._loss(logits, batch["label"]))
                 total, terms = hooks.loss(m, logits, batch, ce, ex, aux, count)
-                return total, (logits, entropy, new_rest, terms)
+                return total, (logits, site_values, new_rest, terms)
 
-            (loss, (logits, entropy, rest, terms)), grads = jax.value_and_grad(
+            (loss, (logits, site_values, rest, terms)), grads = jax.value_and_grad(
                 loss_fn, has_aux=True)((params, extra))
             updates, opt_state = self.tx.update(grads, opt_state, (params, extra))
             params, extra = optax.apply_updates((params, extra), updates)
@@ -155,7 +165,7 @@ class Trainer:
             acc = {"loss": acc["loss"] + loss * n, "bad": bad,
                    "correct": acc["correct"] + jnp.sum(_hits(logits, batch["label"])),
                    "n": acc["n"] + n, "batches": batch_no,
-                   "entropy": acc["entropy"] + entropy,
+                   "sites": acc["sites"] + site_values,
                    "terms": {k: acc["terms"][k] + terms[k] for k in hooks.metrics}}
             return params, extra, rest, opt_state, acc, count + 1
         return step
@@ -227,8 +237,9 @@ class Trainer:
     def finish_epoch(self) -> dict:
         """Fetch the epoch's training metrics and reset the accumulator.
 
-        `entropy` maps each site to the mean of its per-batch entropies, `terms`
-        each of the hooks' metrics to its mean over the epoch's batches; `nonfinite_batch`
+        `sites` maps each site to the mean of its per-batch values of the hooks' site
+        metric (empty without one), `terms` each of the hooks' metrics to its mean over
+        the epoch's batches; `nonfinite_batch`
         the first batch (1-based) whose loss was NaN or infinite, 0 if none was."""
         if self._acc is None:
             raise RuntimeError("finish_epoch() before any train_step()")
@@ -238,7 +249,7 @@ class Trainer:
         return {"loss": float(acc["loss"]) / n, "acc": 100.0 * float(acc["correct"]) / n,
                 "examples": int(acc["n"]), "nonfinite_batch": int(acc["bad"]),
                 "seconds": seconds, "img_s": float(acc["n"]) / seconds,
-                "entropy": dict(zip(self.sites, (acc["entropy"] / batches).tolist())),
+                "sites": dict(zip(self.sites, (acc["sites"] / batches).tolist())),
                 "terms": {k: float(v) / batches for k, v in acc["terms"].items()}}
 
     def evaluate(self, batches) -> dict:

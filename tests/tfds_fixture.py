@@ -1,4 +1,4 @@
-"""Write small data sets in the real on-disk formats, without downloads (tests, benchmarks).
+"""Test fixture: small data sets in the real on-disk formats, without downloads (tests, benchmarks).
 
 `write_tfds("cifar10", root, {"train": [(png_bytes, label), ...], ...})` runs tfds's own
 builder for that data set, with only its download step replaced by the examples given:

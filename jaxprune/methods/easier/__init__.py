@@ -1,0 +1,41 @@
+"""`method: easier` — entropy-based depth reduction (Quétu et al., ECML PKDD 2024).
+
+Round 0 trains the dense model. Every following round linearizes the
+activation site(s) whose ON/OFF entropy in the previous round's last
+training epoch was lowest (DESIGN.md §5) and retrains the full schedule with
+a fresh optimizer. Linearizing changes a mask, i.e. state: every round runs
+the one compiled train step.
+
+    method:
+      name: easier
+      max_rounds: null     # linearization rounds after round 0; null: until a stop below
+      acc_budget: 1.0      # largest allowed drop of validation accuracy vs round 0 (points)
+      merge_cost: macs     # how jaxprune.merge decides which linear runs to fuse
+
+Stops after `max_rounds`, after the first round whose validation accuracy
+drops more than `acc_budget` points below round 0, or when every site is
+linear. The selected model is the round with the most sites linearized inside
+the budget; it is fused (`jaxprune.merge`), exported to PyTorch and reported.
+Every epoch and every round is checkpointed; running the same config again
+continues from the last checkpoint. A round whose loss turns NaN or infinite
+ends the search: the rounds before it are selected from as usual, and the
+results record where it diverged.
+
+The package: `entropy.py` (the ON/OFF entropy), `selection.py` (the rule that
+picks sites, stops and selects a round), `method.py` (the rounds), `report.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from jaxprune.config import MethodConfig
+from jaxprune.methods import register
+
+
+@register("easier", run="jaxprune.methods.easier.method")
+@dataclasses.dataclass(frozen=True)
+class EasierConfig(MethodConfig):
+    name: str = "easier"
+    max_rounds: int | None = None  # linearization rounds after the dense round 0; None: no limit
+    acc_budget: float = 1.0        # points of validation accuracy that may be lost vs round 0
+    merge_cost: str = "macs"       # jaxprune.merge's cost model: macs | latency | none (fuse all)
