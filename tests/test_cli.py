@@ -76,45 +76,39 @@ def test_bad_config_exits_2_with_one_line(tmp_path, cfg_file, args, match):
     assert "Traceback" not in r.stderr and list(tmp_path.iterdir()) == [cfg_file]
 
 
-def test_same_config_calls_the_method_again_in_its_folder(tmp_path, monkeypatch):
-    calls = []
-
-    def probe(cfg, run_dir):
-        calls.append(run_dir)
-        (run_dir / f"call{len(calls)}").touch()
-        return {}
-
+@pytest.fixture
+def probe(monkeypatch):
+    """The method `probe` registered (tests/probe_method.py); yields the contexts it ran in."""
+    from tests import probe_method
+    probe_method.CALLS.clear()
     monkeypatch.setitem(methods._METHODS, "probe",
-                        methods.Method("probe", probe, config.MethodConfig))
+                        methods.Method("probe", config.MethodConfig, "tests.probe_method"))
+    yield probe_method.CALLS
+
+
+def test_same_config_calls_the_method_again_in_its_folder(tmp_path, probe):
     cfg = config.from_dict({"name": "r", "out": str(tmp_path), "method": {"name": "probe"}})
     run_dir, _ = runner.run(cfg)
     # another spelling of the same folder is the same run: 'out' says where, not what
     again = config.from_dict({**config.to_dict(cfg), "out": f"{tmp_path}/./"})
     assert runner.run(again)[0].resolve() == run_dir.resolve()
-    assert [p.resolve() for p in calls] == [run_dir.resolve()] * 2
-    assert sorted(p.name for p in run_dir.iterdir()) == ["call1", "call2", "config.yaml"]
+    assert [ctx.run_dir.resolve() for ctx in probe] == [run_dir.resolve()] * 2
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "call1", "call2", "config.yaml", "report.md", "results.json"]
     assert "exists with this config: the method resumes there" in runner.plan(cfg)
 
 
-def test_resume_continues_a_run_folder_from_its_own_config(tmp_path, monkeypatch, capsys):
-    calls = []
-
-    def probe(cfg, run_dir):
-        calls.append((cfg, run_dir))
-        return {}
-
-    monkeypatch.setitem(methods._METHODS, "probe",
-                        methods.Method("probe", probe, config.MethodConfig))
+def test_resume_continues_a_run_folder_from_its_own_config(tmp_path, monkeypatch, capsys, probe):
     cfg = config.from_dict({"name": "r", "out": str(tmp_path / "old"), "seed": 7,
                             "method": {"name": "probe"}})
     run_dir, _ = runner.run(cfg)
     moved = tmp_path / "moved"
     run_dir.rename(moved)  # a run folder may move (another disk, another name): it still resumes
     assert cli.main(["--resume", str(moved)]) == 0
-    resumed, where = calls[-1]
+    resumed, where = probe[-1].cfg, probe[-1].run_dir
     assert where == moved and resumed.seed == 7 and resumed.method.name == "probe"
     monkeypatch.chdir(moved)
-    assert cli.main(["--resume", "."]) == 0 and calls[-1][1] == moved  # '.' has a name too
+    assert cli.main(["--resume", "."]) == 0 and probe[-1].run_dir == moved  # '.' has a name too
 
     assert cli.main(["--resume", str(tmp_path / "nothing")]) == 2
     assert cli.main(["--resume", str(moved), "--set", "seed=1"]) == 2
@@ -123,7 +117,7 @@ def test_resume_continues_a_run_folder_from_its_own_config(tmp_path, monkeypatch
                        f"/config.yaml; give the folder of an earlier run (<out>/<name>)")
     assert err[-1] == ("error: --resume takes the config saved in the run folder; leave out "
                        "--config, --set and --out")
-    assert len(calls) == 3
+    assert len(probe) == 3
 
 
 def test_a_foreign_folder_is_not_taken_over(tmp_path):
