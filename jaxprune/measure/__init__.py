@@ -1,0 +1,184 @@
+"""Every latency and throughput figure of jaxprune is measured here, so that a skeptic can
+rerun it and get the same answer.
+
+    from jaxprune import measure
+    dense = measure.Workload("dense", "torch", "jaxprune.measure.workloads:torch_original",
+                             {"arch": "resnet18", "batch": 1, "input_size": [224, 224]})
+    fused = measure.Workload("fused", "torch", "jaxprune.measure.workloads:torch_program",
+                             {"folder": "runs/x/export", "batch": 1, "input_size": [224, 224]})
+    timings = measure.measure([dense, fused], rounds=3)      # alternating, one process each
+    timings["fused"].median_ms, timings["fused"].spread_ms    # ms per call, (min, max) of rounds
+
+The rules (each one closes a way an earlier figure went wrong):
+
+* Each runtime runs in a fresh process of its own (`python -m jaxprune.measure.worker`):
+  a torch workload never shares a process with JAX (the worker for torch never imports
+  it, and reports the modules it loaded, so tests can check), and XLA's and torch's
+  thread pools never compete inside one process.
+* Thread counts are fixed and recorded: torch gets `threads` intra-op threads; JAX gets
+  `devices` XLA host devices (`--xla_force_host_platform_device_count`, one per core by
+  default on CPU, as `run.py` runs). The worker warms up (compile, caches) before it times.
+* `measure` with `separate=True` (the default) runs every workload of every round in its
+  own process and alternates the workloads round by round (A, B, A, B, ...), so a change
+  in machine load hits every side alike. With `separate=False` the workloads of one
+  runtime share one process per round and alternate call by call inside it (for the many
+  small candidates of a cost model, where a process each would cost minutes).
+* A figure is the median over rounds of each round's median; `spread_ms` is the (min, max)
+  of the round medians. `Timings.command` reruns the same measurement
+  (`python -m jaxprune.measure SPEC.json`) when the spec was saved.
+
+A workload is data: a factory `module:function` that the worker imports and calls with
+`args` to get a zero-argument step, which runs one call to completion (JAX results are
+blocked on, torch runs under `no_grad` or steps its optimizer). `workloads.py` has the
+project's factories; benchmarks add their own (bench/).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from jaxprune.errors import UserError
+
+RUNTIMES = ("jax", "torch")
+WORKER = "jaxprune.measure.worker"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_threads() -> int:
+    """The cores this process may use: torch's threads and JAX's host devices by default."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One thing to time: `factory(**args)` returns the step; `runtime` says which library
+    the worker may import (jax or torch, never both)."""
+    name: str
+    runtime: str
+    factory: str
+    args: dict
+    devices: int | None = None   # JAX: XLA host devices (None: one per core); torch: unused
+
+    def __post_init__(self):
+        if self.runtime not in RUNTIMES:
+            raise UserError(f"workload {self.name!r}: runtime must be one of {RUNTIMES}, "
+                            f"got {self.runtime!r}")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Timing:
+    """The measured time per call of one workload (milliseconds)."""
+    name: str
+    runtime: str
+    median_ms: float                  # median over rounds of each round's median
+    spread_ms: tuple[float, float]    # (min, max) of the round medians
+    round_medians_ms: list[float]
+    repeats: int                      # timed calls per round
+    threads: int                      # torch intra-op threads, or JAX host devices
+    device: str
+    imported: dict                    # {"jax": bool, "torch": bool}: what its process loaded
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Timings:
+    """The timings of one `measure` call, by workload name, and how to rerun it."""
+    timings: dict[str, Timing]
+    rounds: int
+    separate: bool
+    command: str | None
+
+    def __getitem__(self, name: str) -> Timing:
+        return self.timings[name]
+
+    def ratio(self, slow: str, fast: str) -> float:
+        """`slow`'s median over `fast`'s: the speed-up of `fast`."""
+        return self[slow].median_ms / self[fast].median_ms
+
+    def as_dict(self) -> dict:
+        return {"rounds": self.rounds, "separate": self.separate, "command": self.command,
+                "timings": {k: t.as_dict() for k, t in self.timings.items()}}
+
+
+def _run_worker(runtime: str, workloads: list[Workload], *, warmup: int, repeats: int,
+                threads: int, timeout: float) -> dict:
+    """One worker process timing `workloads` (all of `runtime`); its JSON result."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    spec = {"runtime": runtime, "workloads": [w.as_dict() for w in workloads],
+            "warmup": warmup, "repeats": repeats, "threads": threads}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        proc = subprocess.run([sys.executable, "-m", WORKER, f.name], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    finally:
+        os.unlink(f.name)
+    if proc.returncode != 0:
+        tail = " ".join(proc.stderr.strip().splitlines()[-3:])[-600:]
+        raise UserError(f"timing {', '.join(w.name for w in workloads)} ({runtime}) failed: "
+                        f"{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(workloads: list[Workload], *, rounds: int = 3, warmup: int = 3, repeats: int = 10,
+            threads: int | None = None, separate: bool = True, timeout: float = 1800,
+            save: str | Path | None = None) -> Timings:
+    """Time `workloads` in fresh processes (see the module doc); `save` writes the spec
+    there so that `python -m jaxprune.measure SAVE` reruns it."""
+    if rounds < 1 or repeats < 1 or warmup < 0:
+        raise UserError(f"measure: rounds and repeats must be >= 1 and warmup >= 0, got "
+                        f"{rounds}, {repeats}, {warmup}")
+    names = [w.name for w in workloads]
+    if len(set(names)) != len(names):
+        raise UserError(f"measure: workload names must be unique, got {names}")
+    threads = threads or default_threads()
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    info: dict[str, dict] = {}
+    for _ in range(rounds):
+        if separate:
+            groups = [[w] for w in workloads]
+        else:
+            groups = [[w for w in workloads if w.runtime == rt] for rt in RUNTIMES]
+        for group in filter(None, groups):
+            out = _run_worker(group[0].runtime, group, warmup=warmup, repeats=repeats,
+                              threads=threads, timeout=timeout)
+            for r in out["results"]:
+                per_round[r["name"]].append(statistics.median(r["times_ms"]))
+                info[r["name"]] = out
+    timings = {}
+    for w in workloads:
+        medians = per_round[w.name]
+        out = info[w.name]
+        timings[w.name] = Timing(w.name, w.runtime, statistics.median(medians),
+                                 (min(medians), max(medians)), medians, repeats,
+                                 out["threads"], out["device"], out["imported"])
+    command = None
+    if save is not None:
+        save = Path(save)
+        save.parent.mkdir(parents=True, exist_ok=True)
+        save.write_text(json.dumps({"workloads": [w.as_dict() for w in workloads],
+                                    "rounds": rounds, "warmup": warmup, "repeats": repeats,
+                                    "threads": threads, "separate": separate}, indent=1))
+        command = f"python -m jaxprune.measure {save}"
+    return Timings(timings, rounds, separate, command)
+
+
+def load_spec(path: str | Path) -> tuple[list[Workload], dict]:
+    """The workloads and settings a `measure(..., save=path)` call wrote."""
+    spec = json.loads(Path(path).read_text())
+    workloads = [Workload(**w) for w in spec.pop("workloads")]
+    return workloads, spec

@@ -1,0 +1,67 @@
+"""The timing process: `python -m jaxprune.measure.worker SPEC.json`.
+
+Builds every workload of the spec (all of one runtime), warms each up, then times them
+call by call in turn (`repeats` rounds of one call each), and prints one JSON line: the
+times per workload, the threads, the device, and which of jax and torch this process
+imported. It imports nothing of the other runtime: for torch, JAX never enters the
+process; for JAX, the XLA flags are set before JAX is imported.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+
+
+def _prepare(runtime: str, threads: int, devices: int | None) -> str:
+    """Thread settings before the runtime is imported; returns the device's name."""
+    if runtime == "jax":
+        flag = "--xla_force_host_platform_device_count"
+        flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                         if not f.startswith(flag))
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}={devices or threads}".strip()
+        import jax
+        return jax.devices()[0].device_kind
+    import torch
+    torch.set_num_threads(threads)
+    return f"{torch.__version__} cpu"
+
+
+def _factory(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(open(argv[0]).read())
+    runtime, workloads = spec["runtime"], spec["workloads"]
+    devices = {w.get("devices") for w in workloads}
+    device = _prepare(runtime, spec["threads"], devices.pop() if len(devices) == 1 else None)
+    steps = [_factory(w["factory"])(**w["args"]) for w in workloads]
+    for step in steps:
+        for _ in range(spec["warmup"]):
+            step()
+    times = [[] for _ in steps]
+    for _ in range(spec["repeats"]):
+        for step, out in zip(steps, times):
+            t0 = time.perf_counter()
+            step()
+            out.append((time.perf_counter() - t0) * 1e3)
+    if runtime == "torch":
+        import torch
+        threads = torch.get_num_threads()
+    else:
+        import jax
+        threads = jax.device_count()
+    print(json.dumps({
+        "runtime": runtime, "device": device, "threads": threads,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "imported": {m: m in sys.modules for m in ("jax", "torch")},
+        "results": [{"name": w["name"], "times_ms": t} for w, t in zip(workloads, times)]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
