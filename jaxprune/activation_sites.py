@@ -33,6 +33,14 @@ def linearize(m: Net, names: Iterable[str]) -> Net:
     return m
 
 
+def dense_copy(m: Net) -> Net:
+    """A copy of `m` with every site nonlinear again (mask 1): the architecture as built."""
+    out = nnx.clone(m)
+    for n in out.sites():
+        out.layers[n].mask.value = jnp.ones_like(out.layers[n].mask.value)
+    return out
+
+
 def linearized(m: Net) -> list[str]:
     """Sites whose mask is entirely 0 (identity), in forward order."""
     return [n for n in m.sites() if not bool(jnp.any(m.layers[n].mask.value != 0))]

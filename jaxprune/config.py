@@ -66,6 +66,13 @@ class MethodConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FuseConfig(MethodConfig):
+    """Options of a method that ends by fusing its model (`jaxprune/methods/fuse_export.py`)."""
+    merge_cost: str = "macs"  # jaxprune.merge's cost model: macs | latency | none (fuse all)
+    latency: bool = True      # time the dense and the fused model (jaxprune.measure; ~1 min)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     name: str = "run"
     seed: int = 0

@@ -231,7 +231,7 @@ def _log(run_dir):
 
 
 SHORT = ["method.pretrain_epochs=1", "train.epochs=2", "method.gumbel_epochs=1",
-         "method.progressive=true", "method.progressive_epochs=1"]
+         "method.progressive=true", "method.progressive_epochs=1", "method.latency=false"]
 
 
 @pytest.mark.slow

@@ -182,7 +182,7 @@ SMALL = {"name": "small", "seed": 0,
          "data": {"name": "digits", "batch_size": 64, "image_size": 16},
          "train": {"epochs": 2, "lr": 0.05, "schedule": "cosine"},
          "method": {"name": "easier", "max_rounds": 2, "acc_budget": 100.0,
-                    "merge_cost": "none"}}
+                    "merge_cost": "none", "latency": False}}
 
 
 def _config(tmp_path, **changes) -> Path:

@@ -229,26 +229,42 @@ def _describe(layer) -> str:
 
 
 class _Planner:
-    def __init__(self, m: Net, hw: tuple[int, int], cost: str, batch: int):
+    """Plans the cuts of every linear run. Under the "latency" cost model the layers to
+    time are first collected (`requests`, while every time reads 0), then timed together
+    by `jaxprune.measure` (`timed`), and the runs are planned again with the times."""
+
+    def __init__(self, m: Net, hw: tuple[int, int], cost: str, batch: int,
+                 timings: dict | None = None):
         self.m, self.hw, self.model, self.batch = m, hw, cost, batch
         self.g = GraphInfo(m)
         self.shapes = prof.tensor_shapes(m, hw)
         self.built: dict = {}      # (src, dst) -> layer, None (identity) or NotFusable
         self.atom_plans: dict = {}
         self.chain_spatial: dict = {}  # (src, dst) -> composed as convs (else as linears)
-        self.timings: dict = {}
+        self.timings: dict = timings or {}  # key -> ms per call at `batch`
+        self.requests: dict = {}            # key -> (layer, input shapes) not timed yet
 
     # -- costs ---------------------------------------------------------------------------
     def _elementwise(self, n: str) -> int:
         return math.prod(self.shapes[n][1:])
 
     def _time(self, key, layer, in_shapes) -> float:
-        if key not in self.timings:
-            graphdef, state = nnx.split(layer)
-            fwd = jax.jit(lambda s, *xs: nnx.merge(graphdef, s)(*xs))
-            xs = [jnp.ones((self.batch, *shape[1:]), jnp.float32) for shape in in_shapes]
-            self.timings[key] = prof._median_ms(lambda: fwd(state, *xs).block_until_ready(), 5)
-        return self.timings[key]
+        if key in self.timings:
+            return self.timings[key]
+        self.requests[key] = (layer, in_shapes)
+        return 0.0
+
+    def timed(self) -> dict:
+        """Every requested layer timed at `batch` in one JAX process of its own, the
+        layers alternating call by call (`jaxprune.measure`, workload `jax_layers`)."""
+        from jaxprune.measure import Workload, measure
+        keys = list(self.requests)
+        ws = [Workload(str(k), "jax", "jaxprune.measure.workloads:jax_layers",
+                       {"batch": self.batch, "kind": type(layer).__name__,
+                        "config": layer.config(), "input_shapes": [list(s[1:]) for s in ins]})
+              for k, (layer, ins) in enumerate(self.requests.values())]
+        t = measure(ws, rounds=1, warmup=2, repeats=5, separate=False)
+        return {key: t[str(k)].median_ms for k, key in enumerate(keys)}
 
     def keep_cost(self, n: str) -> Cost:
         kind, layer = self.g.kind[n], self.m.layers[n]
@@ -489,9 +505,12 @@ def merge(m: Net, *, input_size=None, cost: str = "macs", batch: int = 1, verify
 def _merge(m: Net, hw, cost: str, batch: int, verify: bool):
     planner = _Planner(m, hw, cost, batch)
     g = planner.g
+    plans = [(chain, *planner.chain_plan(chain)) for chain in g.chains()]
+    if planner.requests:  # the latency cost model: time what was asked for, plan again
+        planner = _Planner(m, hw, cost, batch, planner.timed())
+        plans = [(chain, *planner.chain_plan(chain)) for chain in g.chains()]
     fused, kept, skipped = [], set(), []
-    for chain in g.chains():
-        plan, whole = planner.chain_plan(chain)
+    for chain, plan, whole in plans:
         fused.extend(plan.fused)
         kept.update(plan.kept)
         nodes = set().union(*(a.nodes for a in chain))

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping
 from typing import Sequence
 
@@ -89,38 +88,6 @@ def macs(m: Net, hw: tuple[int, int]) -> int:
     return sum(m.layers[n].macs([shapes[i] for i in ins], shapes[n]) for n, ins in m.graph)
 
 
-def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
-
-
-def jax_latency_ms(m: Net, hw, batch: int = 1, repeats: int = 10) -> float:
-    """Median ms of one jitted forward pass (eval mode) at `batch` x `hw`."""
-    with eval_mode(m):
-        graphdef, state = nnx.split(m)
-    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, *hw, m.spec.in_channels)),
-                    jnp.float32)
-    return _median_ms(lambda: fwd(state, x).block_until_ready(), repeats)
-
-
-def torch_latency_ms(m: Net, hw, batch: int = 1, repeats: int = 10) -> float:
-    """Median ms of the exported torch module (eager, no_grad) at `batch` x `hw`."""
-    import torch
-
-    from converters.torch_out import to_torch
-    tm = to_torch(m)
-    x = torch.randn(batch, m.spec.in_channels, *hw, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return _median_ms(lambda: tm(x), repeats)
-
-
 @dataclasses.dataclass
 class Profile(Mapping):
     """Also a read-only mapping of its fields (`dict(p)`, `p["depth"]`)."""
@@ -129,7 +96,8 @@ class Profile(Mapping):
     params: int
     border_params: int
     macs: int
-    latency_ms: dict = dataclasses.field(default_factory=dict)  # "jax@1" -> ms
+    latency_ms: dict = dataclasses.field(default_factory=dict)  # "jax@1" -> median ms
+    latency_spread_ms: dict = dataclasses.field(default_factory=dict)  # "jax@1" -> (min, max)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,21 +117,32 @@ class Profile(Mapping):
                 f"MACs {self.macs / 1e6:.1f} M at {self.input_size[0]}x{self.input_size[1]}{lat}")
 
 
-_RUNTIMES = {"jax": jax_latency_ms, "torch": torch_latency_ms}
+RUNTIMES = ("jax", "torch")
 
 
 def profile(m: Net, input_shape=None, *, latency: bool | str | Sequence[str] = False,
-            batch: int = 1, repeats: int = 10) -> Profile:
+            batch: int = 1, rounds: int = 3, repeats: int = 10) -> Profile:
     """Depth, parameters and MACs of `m`; latency in the runtimes asked for.
 
-    `latency`: False, True (= "jax"), "jax", "torch" or a list of them;
-    measured at `batch` images of `input_shape` (default: the native size).
+    `latency`: False, True (= "jax"), "jax", "torch" or a list of them; measured by
+    `jaxprune.measure` (each runtime in fresh processes of its own, `rounds` rounds of
+    `repeats` timed calls, median of the round medians and their spread) at `batch`
+    images of `input_shape` (default: the native size). In torch, `m` runs as its torch
+    original when it is an unmodified architecture, else as its exported `model.pt2`.
     """
     hw = input_hw(m, input_shape)
     runtimes = (() if latency is False else ("jax",) if latency is True
                 else (latency,) if isinstance(latency, str) else tuple(latency))
     for r in runtimes:
-        if r not in _RUNTIMES:
-            raise UserError(f"profile: unknown latency runtime {r!r}; use one of {sorted(_RUNTIMES)}")
-    lat = {f"{r}@{batch}": _RUNTIMES[r](m, hw, batch, repeats) for r in runtimes}
-    return Profile(tuple(hw), depth(m), count_params(m), border_params(m), macs(m, hw), lat)
+        if r not in RUNTIMES:
+            raise UserError(f"profile: unknown latency runtime {r!r}; use one of {list(RUNTIMES)}")
+    median, spread = {}, {}
+    if runtimes:
+        from jaxprune.measure.models import model_latency
+        t = model_latency({"model": m}, hw, batch=batch, runtimes=runtimes, rounds=rounds,
+                          repeats=repeats)
+        for r in runtimes:
+            median[f"{r}@{batch}"] = t[f"model {r}"].median_ms
+            spread[f"{r}@{batch}"] = t[f"model {r}"].spread_ms
+    return Profile(tuple(hw), depth(m), count_params(m), border_params(m), macs(m, hw),
+                   median, spread)

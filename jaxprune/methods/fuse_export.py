@@ -13,34 +13,53 @@ from jaxprune.context import RunContext
 from jaxprune.report import Section, Table, fmt
 from models.net import Net
 
-LATENCY_RUNTIMES, LATENCY_REPEATS = ("jax", "torch"), 30
+LATENCY_BATCH, LATENCY_ROUNDS, LATENCY_REPEATS = 1, 3, 20
+LATENCY_SPEC = "latency/spec.json"
 
 
-def fuse_and_export(ctx: RunContext, m: Net, reference: Net, *, cost: str = "macs",
-                    export: bool = True) -> tuple[dict, Net]:
-    """Fuse `m` with `jaxprune.merge` at the run's input size, profile `reference` (what
-    the fused model is compared with: `m` itself, or a dense original) and the fused
-    model (depth, params, MACs, latency on this device), and export the fused model to
-    `<run>/export`, each step checked against `m` on random inputs.
-    Returns ({"merge": ..., "export": ...} for results.json, the fused model)."""
+def fuse_and_export(ctx: RunContext, m: Net, dense: Net, *, cost: str = "macs",
+                    latency: bool = True) -> tuple[dict, Net]:
+    """Fuse `m` with `jaxprune.merge` at the run's input size, export the fused model to
+    `<run>/export` (each step checked against `m` on random inputs), profile the `dense`
+    original (what a user runs without jaxprune) and the fused model (depth, params,
+    MACs), and, with `latency`, time both on this device (`latency_table`).
+    Returns ({"merge": ..., "export": ..., "latency": ...} for results.json, the fused model)."""
     from jaxprune import merge, profile
     hw = ctx.image_size
     x = np.asarray(jax.random.normal(jax.random.key(0), (4, *hw, m.spec.in_channels)))
     m.eval()
     logits = np.asarray(m(x))
     small, rep = merge(m, input_size=hw, cost=cost, return_report=True)
-    # latency of one image, JAX (jit) and the exported torch module (eager), on this device
-    before = profile(reference, hw, latency=LATENCY_RUNTIMES, batch=1, repeats=LATENCY_REPEATS)
-    after = profile(small, hw, latency=LATENCY_RUNTIMES, batch=1, repeats=LATENCY_REPEATS)
-    out = {"merge": {**rep.as_dict(),
-                     "depth_before": before.depth, "params_before": before.params,
-                     "macs_before": before.macs,
-                     "latency_ms_before": before.latency_ms, "latency_ms_after": after.latency_ms,
-                     "latency_device": jax.devices()[0].device_kind,
+    before = profile(dense, hw)
+    out = {"merge": {**rep.as_dict(), "depth_before": before.depth,
+                     "params_before": before.params, "macs_before": before.macs,
                      "max_abs_diff": float(np.max(np.abs(np.asarray(small(x)) - logits)))}}
-    if export and distributed.is_main():  # one process writes the run folder
+    if distributed.is_main():  # one process writes the run folder and times on its machine
         out["export"] = export_torch(small, ctx.run_dir / "export", x, logits)
+        if latency:
+            ctx.log("timing the dense and the fused model (jaxprune.measure) ...")
+            out["latency"] = latency_table(ctx, dense, small, ctx.run_dir / "export")
     return out, small
+
+
+def latency_table(ctx: RunContext, dense: Net, fused: Net, export: Path) -> dict:
+    """ms per batch of `LATENCY_BATCH` images of the dense and the fused model, in JAX (jit)
+    and torch (the dense model as torchvision's or timm's own module, the fused one as its
+    exported `model.pt2`), each in fresh processes, alternating, `LATENCY_ROUNDS` rounds
+    (`jaxprune.measure`); the spec is saved so that `command` reruns it."""
+    from jaxprune.measure.models import model_latency
+    t = model_latency({"dense": dense, "fused": fused}, ctx.image_size, batch=LATENCY_BATCH,
+                      programs={"fused": export}, rounds=LATENCY_ROUNDS,
+                      repeats=LATENCY_REPEATS, save=ctx.run_dir / LATENCY_SPEC)
+    rows = {}
+    for runtime in ("jax", "torch"):
+        d, f = t[f"dense {runtime}"], t[f"fused {runtime}"]
+        rows[runtime] = {"dense_ms": d.median_ms, "dense_spread_ms": list(d.spread_ms),
+                         "fused_ms": f.median_ms, "fused_spread_ms": list(f.spread_ms),
+                         "speedup": d.median_ms / f.median_ms, "threads": d.threads,
+                         "device": d.device}
+    return {"batch": LATENCY_BATCH, "rounds": LATENCY_ROUNDS, "repeats": LATENCY_REPEATS,
+            "command": t.command, "runtimes": rows}
 
 
 def export_torch(m: Net, folder: Path, x: np.ndarray, logits: np.ndarray) -> dict:
@@ -55,6 +74,30 @@ def export_torch(m: Net, folder: Path, x: np.ndarray, logits: np.ndarray) -> dic
     return {"path": str(path), "max_abs_diff": float(np.max(np.abs(got - logits)))}
 
 
+def latency_blocks(latency: dict | None, before: str) -> list:
+    """The latency table of a report, from `latency_table`'s record (nothing when the run
+    did not time its models)."""
+    if not latency:
+        return ["Latency not measured (method.latency: false)."]
+    rows = []
+    for runtime, r in latency["runtimes"].items():
+        side = ("jit" if runtime == "jax" else
+                "eager: dense = torchvision's/timm's own module, fused = model.pt2")
+        rows.append([f"{runtime} ({side})", f"{r['dense_ms']:.3f}", _spread(r["dense_spread_ms"]),
+                     f"{r['fused_ms']:.3f}", _spread(r["fused_spread_ms"]),
+                     f"**{r['speedup']:.2f}x**"])
+    device = next(iter(latency["runtimes"].values()))["device"]
+    return [Table(["runtime", f"{before} ms", "spread", "fused ms", "spread", "speed-up"], rows),
+            f"ms per batch of {latency['batch']} on this machine ({device}), median of "
+            f"{latency['rounds']} rounds of {latency['repeats']} calls, each runtime and model "
+            f"in a fresh process of its own, the models alternating; spread = min – max of "
+            f"the round medians. Rerun: `{latency['command']}`."]
+
+
+def _spread(pair) -> str:
+    return f"{pair[0]:.3f} – {pair[1]:.3f}"
+
+
 def merge_sections(results: dict, before: str) -> list[Section]:
     """The report's "Fused model" and "Export" sections from results.json's `merge` and
     `export`; `before` names what the fused model is compared with."""
@@ -66,14 +109,8 @@ def merge_sections(results: dict, before: str) -> list[Section]:
                            ("MACs per image", "macs")):
             b, a = merge[f"{key}_before"], merge[f"{key}_after"]
             rows.append([label, b, a, f"{a / b:.2f}" if b else None])
-        for runtime, b in merge["latency_ms_before"].items():
-            a = merge["latency_ms_after"][runtime]
-            name, batch = runtime.split("@")
-            rows.append([f"latency, {name}, batch {batch} (ms)", b, a,
-                         f"{a / b:.2f} (speed-up {b / a:.2f}x)"])
         blocks = [Table(["", before, "fused", "fused / " + before], rows),
-                  f"Latency measured on this machine ({merge['latency_device']}): JAX jit and "
-                  f"the exported torch module in eager mode, median of repeated runs.",
+                  *latency_blocks(results.get("latency"), before),
                   f"Fused against unfused model: max |Δ logits| = {fmt(merge['max_abs_diff'])} "
                   f"on random inputs; {len(merge['fused'])} layers fused at "
                   f"{merge['input_size'][0]}x{merge['input_size'][1]}, cost model "

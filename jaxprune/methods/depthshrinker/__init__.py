@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxprune.config import MethodConfig
+from jaxprune.config import FuseConfig
 from jaxprune.methods import register
 
 STAGES = ("search", "finetune", "both")
@@ -54,7 +54,7 @@ LAT_AFTER = (0, 41.78, 5.45, 6.68, 3.23, 4.12, 4.12, 2.38, 2.72, 2.72, 2.72, 3.7
 
 @register("depthshrinker", run="jaxprune.methods.depthshrinker.method")
 @dataclasses.dataclass(frozen=True)
-class DepthShrinkerConfig(MethodConfig):
+class DepthShrinkerConfig(FuseConfig):
     name: str = "depthshrinker"
     stage: str = "both"                # search | finetune | both
     ratio: float = 0.4                 # kept fraction of the gates (the released L0_SPARSITY)
@@ -77,4 +77,3 @@ class DepthShrinkerConfig(MethodConfig):
     progressive: bool = False          # remove the gates a few at a time during the finetune
     progressive_epochs: int | None = None  # all removed by this epoch; null: 2/3 of train.epochs
     progressive_mode: str = "forward"  # forward: the first blocks go first; backward: the last
-    merge_cost: str = "macs"           # jaxprune.merge's cost model for the final fuse

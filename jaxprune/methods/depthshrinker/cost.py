@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import jax
-
 from jaxprune.activation_sites import site_sizes
 from jaxprune.errors import UserError
 from jaxprune.merging.profiling import tensor_shapes
@@ -59,18 +57,25 @@ def cost_table(kind: str, m: Net, hw: tuple[int, int], *, before: Sequence[float
 
 
 def _measured(m: Net, gs: list[Group], hw, batch: int, repeats: int) -> CostTable:
-    """Each group's region timed with JAX on this device: BatchNorms folded and
-    activations on, then activations removed and the region fused."""
-    from jaxprune import linearize, merge, profile
+    """Each group's region timed with JAX on this device (`jaxprune.measure`: one process,
+    the regions alternating call by call): BatchNorms folded and activations on, then
+    activations removed and the region fused."""
+    from converters.torch_arch import arch_dict
+    from jaxprune import linearize, merge
+    from jaxprune.measure import Workload, measure
     full = tensor_shapes(m, tuple(hw))  # includes the input's
-    key = f"jax@{batch}"
-    before, after = [], []
+    ws = []
     for g in gs:
         region = region_net(m, g, full)
         size = region.spec.input_size
-        dense = merge(region, input_size=size, verify=False)
-        fused = merge(linearize(region, g.sites), input_size=size, cost="none", verify=False)
-        before.append(profile(dense, size, latency="jax", batch=batch, repeats=repeats).latency_ms[key])
-        after.append(profile(fused, size, latency="jax", batch=batch, repeats=repeats).latency_ms[key])
-    device = jax.devices()[0].device_kind
-    return CostTable("measured", f"ms per batch of {batch} (JAX, {device})", before, after)
+        for kind, net in (("before", merge(region, input_size=size, verify=False)),
+                          ("after", merge(linearize(region, g.sites), input_size=size,
+                                          cost="none", verify=False))):
+            ws.append(Workload(f"{g.index} {kind}", "jax", "jaxprune.measure.workloads:jax_model",
+                               {"batch": batch, "input_size": list(size), "arch": arch_dict(net)}))
+    t = measure(ws, rounds=1, warmup=2, repeats=repeats, separate=False)
+    before = [t[f"{g.index} before"].median_ms for g in gs]
+    after = [t[f"{g.index} after"].median_ms for g in gs]
+    device = t[f"{gs[0].index} before"].device
+    return CostTable("measured", f"ms per batch of {batch} (JAX, {device}, jaxprune.measure)",
+                     before, after)

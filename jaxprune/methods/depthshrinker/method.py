@@ -289,7 +289,8 @@ def run(ctx: RunContext) -> MethodResult:
     if opts.stage in ("finetune", "both"):
         keep, source = _keep_list(opts, len(gs), search)
         student, results["finetune"] = _finetune(ctx, original, gs, keep, source)
-        fused, small = fuse_and_export(ctx, student, original, cost=opts.merge_cost)
+        fused, small = fuse_and_export(ctx, student, original, cost=opts.merge_cost,
+                                       latency=opts.latency)
         results.update(fused)
         results["fused"] = evaluate_model(small, cfg.train, ctx.data, ctx.mesh, splits=("test",))
     return MethodResult(results, report.report(results))

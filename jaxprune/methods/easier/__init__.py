@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxprune.config import MethodConfig
+from jaxprune.config import FuseConfig
 from jaxprune.methods import register
 
 
 @register("easier", run="jaxprune.methods.easier.method")
 @dataclasses.dataclass(frozen=True)
-class EasierConfig(MethodConfig):
+class EasierConfig(FuseConfig):
     name: str = "easier"
     max_rounds: int | None = None  # linearization rounds after the dense round 0; None: no limit
     acc_budget: float = 1.0        # points of validation accuracy that may be lost vs round 0
-    merge_cost: str = "macs"       # jaxprune.merge's cost model: macs | latency | none (fuse all)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from jaxprune.activation_sites import linearize, linearized
+from jaxprune.activation_sites import dense_copy, linearize, linearized
 from jaxprune.context import MethodResult, RunContext
 from jaxprune.errors import UserError
 from jaxprune.merging import COST_MODELS
@@ -93,7 +93,7 @@ def run(ctx: RunContext) -> MethodResult:
     }
     if diverged:
         results["diverged"] = diverged
-    # The masked model is its own "before": identities do not change its depth until fused.
-    fused, _ = fuse_and_export(ctx, m, m, cost=opts.merge_cost)
+    fused, _ = fuse_and_export(ctx, m, dense_copy(m), cost=opts.merge_cost,
+                               latency=opts.latency)
     results.update(fused)
     return MethodResult(results, report.report(results))

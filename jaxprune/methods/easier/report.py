@@ -33,7 +33,7 @@ def report(results: dict) -> Report:
         "Linear sites: " + (", ".join(sel["linearized"]) or "none")]))
     if "diverged" in results:
         sections.append(Section("Diverged", [results["diverged"]["message"]]))
-    sections += merge_sections(results, before="unfused")
+    sections += merge_sections(results, before="dense")
     return Report(f"easier: {results['model']} on {results['dataset']}", sections)
 
 
