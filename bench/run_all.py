@@ -4,22 +4,21 @@
     python bench/run_all.py --quick    # short runs, same tables (a few minutes)
     python bench/run_all.py --out /tmp/B.md
 
-For each benchmark: the jaxprune figure, the baseline figure and their ratio.
+Every time in it is measured by `jaxprune.measure`: each side of a comparison alone in a
+fresh process of its own (torch never in a process that imported JAX), warm-up first, the
+sides alternating round by round, the median of the round medians with their spread.
 
-* train step: EASIER's jitted train step (statistics on) against the reference
-  PyTorch step with entropy hooks (`bench/train_step.py`); target >= 1.25x on a
-  CPU, >= 2x on a GPU. On a GPU also the achieved FLOP/s of the step (XLA's
-  cost analysis of the compiled step) as a fraction of the device's peak.
-* fused vs dense latency: `bench/merge_speed.py` (MobileNetV2 with DepthShrinker's
-  patterns, Swin-T without MLP GELUs, EASIER's ResNet-18 without mid-block ReLUs),
-  JAX and torch.
+* train step: EASIER's jitted train step (statistics on) against the official EASIER
+  PyTorch step (`bench/train_step.py`, `bench/easier_reference.py`); target >= 1.25x on
+  a CPU, >= 2x on a GPU. On a GPU also the fraction of peak FLOP/s (XLA's FLOP count of
+  the compiled step over the measured step time).
+* fused vs dense latency: `bench/merge_speed.py` (MobileNetV2-1.4 with DepthShrinker's
+  patterns, Swin-T without MLP GELUs, EASIER's ResNet-18 without mid-block ReLUs), JAX and
+  torch; the torch baseline is torchvision's or timm's own model.
 * data pipeline: images/s of each input pipeline against the train step it feeds
   (`bench/data_pipeline.py`); above 1 the pipeline is not the bottleneck.
 * compile time: the first call of the jitted train step per model (resnet18_cifar,
   vgg16_bn, mobilenet_v2_cifar, swin_t at 32 px); target < 30 s on a CPU.
-
-Each benchmark runs in its own process (its own XLA and torch thread pools), one
-after the other; the machine and versions head the report.
 """
 from __future__ import annotations
 
@@ -107,8 +106,9 @@ def worker_compile(name: str, batch: int) -> dict:
             "compile_s": first - (time.perf_counter() - t0), "devices": jax.device_count()}
 
 
-def worker_flops(batch: int, width: int, steps: int) -> dict:
-    """Images/s and achieved FLOP/s of the EASIER train step of resnet18_cifar."""
+def worker_flops(batch: int, width: int) -> dict:
+    """XLA's FLOP count of one compiled EASIER train step of resnet18_cifar (no timing: the
+    step time comes from bench/train_step.py)."""
     import jax
     from jaxprune.train.mesh import replicate
     trainer, data = _train_step_parts("resnet18_cifar", batch, 32, width)
@@ -116,20 +116,10 @@ def worker_flops(batch: int, width: int, steps: int) -> dict:
             replicate(trainer._zero_train, trainer.mesh), trainer.step, trainer.aux, data)
     cost = trainer._train.lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    trainer.train_step(data)
-    trainer.finish_epoch()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(data)
-    trainer.finish_epoch()
-    step_s = (time.perf_counter() - t0) / steps
     kind = jax.devices()[0].device_kind
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
     return {"device_kind": kind, "platform": jax.default_backend(), "batch": batch,
-            "width": width, "img_s": batch / step_s, "flops_per_step": flops,
-            "flop_s": flops / step_s, "peak_flop_s": peak,
-            "fraction_of_peak": flops / step_s / peak if peak and flops else None}
+            "width": width, "flops_per_step": float(cost.get("flops", 0.0)) if cost else 0.0,
+            "peak_flop_s": next((v for k, v in PEAK_FLOPS.items() if k in kind), None)}
 
 
 WORKERS = {"compile": worker_compile, "flops": worker_flops}
@@ -187,44 +177,51 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
     target = TRAIN_STEP_TARGET["gpu" if gpu else "cpu"]
     rows = []
     if ts:
+        for name, side in ts["sides"].items():
+            rows.append([name, f"{side['s_per_step']:.3f}",
+                         ", ".join(f"{v:.3f}" for v in side["round_medians_s"]),
+                         _f(ts["batch"] / side["s_per_step"]), side["threads"], side["device"]])
         ok = "meets" if ts["ratio"] >= target else "misses"
-        rows = [[f"resnet18_cifar (width {ts['width']})", ts["batch"],
-                 f"{ts['devices']} {ts['platform']}", _f(ts["jax_img_s"]),
-                 _f(ts["jax_nostats_img_s"]), _f(ts["torch_ref_img_s"]),
-                 f"**{ts['ratio']:.2f}x**", f">= {target}x ({ok})"]]
+        summary = (f" **Ratio official / jaxprune: {ts['ratio']:.2f}x** (target >= {target}x: "
+                   f"{ok}); the statistics cost {100 * ts['stats_overhead']:.1f} % of the step. "
+                   f"resnet18_cifar width {ts['width']}, batch {ts['batch']}, float32, "
+                   f"{ts['rounds']} rounds of {ts['steps']} steps. Command: `{ts['command']}`.")
     lines += _section(
-        "EASIER train step vs the PyTorch reference step",
+        "EASIER train step vs the official EASIER step",
         "jaxprune: the jitted data-parallel step with per-site ON/OFF statistics on device. "
-        "Baseline: the reference's PyTorch eager step (a hook on every ReLU, per-layer "
-        "entropy read to the host each step). `bench/train_step.py`."
-        + (f" Statistics cost {100 * ts['stats_overhead']:.1f} % of the step." if ts else ""),
-        ["model", "batch", "devices", "jaxprune img/s", "no stats img/s", "PyTorch ref img/s",
-         "ratio", "target"], rows)
+        "Baseline: the official EASIER step in PyTorch eager, as its published code runs it "
+        "(its ResNet-18, a hook on every ReLU, per-layer entropy read to the host each step), "
+        "alone in its own process." + (summary if ts else ""),
+        ["side", "s/step (median)", "round medians", "img/s", "threads / devices", "device"],
+        rows)
 
     fl = results.get("flops")
-    rows = [["(no GPU in this run)", "", "", "", "", "", ""]]
-    if gpu and fl:
-        peak = fl["peak_flop_s"]
-        rows = [[fl["device_kind"], fl["batch"], _f(fl["img_s"]), _f(fl["flop_s"] / 1e12, 2),
-                 _f(peak / 1e12 if peak else None, 0), _f(fl["fraction_of_peak"], 3),
-                 f"{ts['ratio']:.2f}x" if ts else "–"]]
-    cpu_note = (f" On this CPU the same step reaches {fl['flop_s'] / 1e9:,.1f} GFLOP/s "
-                f"({fl['img_s']:,.1f} img/s at batch {fl['batch']}, width {fl['width']})."
-                if fl and not gpu else "")
+    rows = [["(no GPU in this run)", "", "", "", "", ""]]
+    if gpu and fl and ts:
+        step_s = ts["sides"]["jaxprune"]["s_per_step"]
+        flop_s, peak = fl["flops_per_step"] / step_s, fl["peak_flop_s"]
+        rows = [[fl["device_kind"], fl["batch"], _f(flop_s / 1e12, 2),
+                 _f(peak / 1e12 if peak else None, 0), _f(flop_s / peak if peak else None, 3),
+                 f"{ts['ratio']:.2f}x"]]
     lines += _section(
-        "GPU: throughput and fraction of peak",
-        "Achieved FLOP/s = XLA's FLOP count of the compiled EASIER step / measured step "
-        "time; peak: dense TF32 FLOP/s of the device kind." + cpu_note,
-        ["device", "batch", "img/s", "TFLOP/s", "peak TFLOP/s", "fraction of peak",
-         "ratio vs PyTorch ref (target >= 2x)"], rows)
+        "GPU: fraction of peak",
+        "Achieved FLOP/s = XLA's FLOP count of the compiled EASIER step / the step time "
+        "measured above; peak: dense TF32 FLOP/s of the device kind.",
+        ["device", "batch", "TFLOP/s", "peak TFLOP/s", "fraction of peak",
+         "ratio vs official (target >= 2x)"], rows)
 
     lines += _section(
         "Fused vs dense latency",
         "Dense network against the same network with sites linearized and fused by "
-        "`jaxprune.merge`; random weights, the best of alternating dense/fused rounds. "
-        "`bench/merge_speed.py` (its docstring describes the cases).",
-        ["case", "batch", "runtime", "dense ms", "fused ms", "speed-up"],
-        [[r["case"], r["batch"], r["runtime"], f"{r['dense_ms']:.2f}", f"{r['fused_ms']:.2f}",
+        "`jaxprune.merge`; random weights. torch: the dense side is torchvision's or timm's "
+        "own module, the fused side jaxprune's exported model.pt2; JAX: both jitted. Median "
+        "of 3 alternating rounds (spread: min – max of the round medians), each model and "
+        "runtime in its own process. `bench/merge_speed.py` (its docstring describes the "
+        "cases).",
+        ["case", "batch", "runtime", "dense ms (spread)", "fused ms (spread)", "speed-up"],
+        [[r["case"], r["batch"], r["runtime"],
+          f"{r['dense_ms']:.2f} ({r['dense_spread_ms'][0]:.2f} – {r['dense_spread_ms'][1]:.2f})",
+          f"{r['fused_ms']:.2f} ({r['fused_spread_ms'][0]:.2f} – {r['fused_spread_ms'][1]:.2f})",
           f"**{r['speedup']:.2f}x**"] for r in results.get("merge_speed") or []])
     lines += _section(
         "Data pipeline vs the train step",
@@ -265,16 +262,16 @@ def main(argv=None) -> int:
 
     q = args.quick
     results: dict = {}
-    ts = ["bench/train_step.py"] + (["--width", "16", "--batch", "64", "--steps", "3",
-                                     "--blocks", "2"] if q else [])
+    ts = ["bench/train_step.py"] + (["--width", "16", "--batch", "64", "--steps", "3"] if q
+                                    else [])
     results["train_step"] = _run(ts, timeout=3600)[-1]
-    results["flops"] = worker("flops", batch=64 if q else 128, width=16 if q else 64,
-                              steps=3 if q else 10)
+    if machine()["platform"] == "gpu":
+        results["flops"] = worker("flops", batch=64 if q else 128, width=16 if q else 64)
     ms = ["bench/merge_speed.py"] + (["--cases", "mbv2_A,resnet18_cifar_mid", "--batches", "1",
-                                      "--repeats", "3"] if q else [])
-    results["merge_speed"] = [r for r in _run(ms, timeout=3600) if "speedup" in r]
+                                      "--repeats", "5"] if q else [])
+    results["merge_speed"] = [r for r in _run(ms, timeout=7200) if "speedup" in r]
     results["data_pipeline"] = [r for r in _run(
-        ["bench/data_pipeline.py", "--max-steps", "2" if q else "3"], timeout=3600) if "case" in r]
+        ["bench/data_pipeline.py", "--rounds", "1" if q else "3"], timeout=3600) if "case" in r]
     results["compile"] = [worker("compile", name=name, batch=8 if q else 32)
                           for name in COMPILE_MODELS]
     command = "python bench/run_all.py" + (" --quick" if q else "")
