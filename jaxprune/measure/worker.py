@@ -26,7 +26,7 @@ def _prepare(runtime: str, threads: int, devices: int | None) -> str:
         return jax.devices()[0].device_kind
     import torch
     torch.set_num_threads(threads)
-    return f"{torch.__version__} cpu"
+    return "cpu"  # torch here is the CPU build
 
 
 def _factory(path: str):
