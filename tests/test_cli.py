@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ import yaml
 
 import run as cli
 from jaxprune import config, methods, runner
+from jaxprune.context import MethodResult
 from jaxprune.errors import UserError
+from jaxprune.report import Report
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {
@@ -76,35 +79,45 @@ def test_bad_config_exits_2_with_one_line(tmp_path, cfg_file, args, match):
     assert "Traceback" not in r.stderr and list(tmp_path.iterdir()) == [cfg_file]
 
 
+def _register_probe(monkeypatch, run):
+    """Method "probe": its options are the base MethodConfig, its `run(ctx)` is `run`."""
+    monkeypatch.setitem(sys.modules, "probe_method", types.SimpleNamespace(run=run))
+    monkeypatch.setitem(methods._METHODS, "probe",
+                        methods.Method("probe", config.MethodConfig, "probe_method"))
+
+
+def _nothing() -> MethodResult:
+    return MethodResult({}, Report("probe", []))
+
+
 def test_same_config_calls_the_method_again_in_its_folder(tmp_path, monkeypatch):
     calls = []
 
-    def probe(cfg, run_dir):
-        calls.append(run_dir)
-        (run_dir / f"call{len(calls)}").touch()
-        return {}
+    def probe(ctx):
+        calls.append(ctx.run_dir)
+        (ctx.run_dir / f"call{len(calls)}").touch()
+        return _nothing()
 
-    monkeypatch.setitem(methods._METHODS, "probe",
-                        methods.Method("probe", probe, config.MethodConfig))
+    _register_probe(monkeypatch, probe)
     cfg = config.from_dict({"name": "r", "out": str(tmp_path), "method": {"name": "probe"}})
     run_dir, _ = runner.run(cfg)
     # another spelling of the same folder is the same run: 'out' says where, not what
     again = config.from_dict({**config.to_dict(cfg), "out": f"{tmp_path}/./"})
     assert runner.run(again)[0].resolve() == run_dir.resolve()
     assert [p.resolve() for p in calls] == [run_dir.resolve()] * 2
-    assert sorted(p.name for p in run_dir.iterdir()) == ["call1", "call2", "config.yaml"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["call1", "call2", "config.yaml",
+                                                         "report.md", "results.json"]
     assert "exists with this config: the method resumes there" in runner.plan(cfg)
 
 
 def test_resume_continues_a_run_folder_from_its_own_config(tmp_path, monkeypatch, capsys):
     calls = []
 
-    def probe(cfg, run_dir):
-        calls.append((cfg, run_dir))
-        return {}
+    def probe(ctx):
+        calls.append((ctx.cfg, ctx.run_dir))
+        return _nothing()
 
-    monkeypatch.setitem(methods._METHODS, "probe",
-                        methods.Method("probe", probe, config.MethodConfig))
+    _register_probe(monkeypatch, probe)
     cfg = config.from_dict({"name": "r", "out": str(tmp_path / "old"), "seed": 7,
                             "method": {"name": "probe"}})
     run_dir, _ = runner.run(cfg)
@@ -142,3 +155,49 @@ def test_xla_gets_one_host_device_per_core_unless_the_user_chose(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     cli._one_xla_device_per_core()
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
+
+
+def test_set_takes_several_pairs_after_one_flag(tmp_path, capsys):
+    args = ["--out", tmp_path, "--dry-run", "--set", "seed=3", "train.epochs=2",
+            "--set", "method.max_rounds=1"]
+    assert cli.main([str(a) for a in args]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out.split("# plan")[0])
+    assert (resolved["seed"], resolved["train"]["epochs"], resolved["method"]["max_rounds"]) == (
+        3, 2, 1)
+
+
+def test_dry_run_of_an_imagenet_config_without_imagenet(tmp_path, capsys, monkeypatch):
+    """A config is checked on a machine without its data (a login node): the plan lists the
+    data set and the weights file that are not there, with what provides them; the run
+    itself refuses to start without them, before its folder is made."""
+    monkeypatch.chdir(tmp_path)
+    path = ROOT / "configs/depthshrinker/mbv2-140.yaml"
+    assert cli.main(["--config", str(path), "--dry-run"]) == 0
+    plan = capsys.readouterr().out.split("# plan\n")[1]
+    assert "data:   imagenet2012: not on disk (see 'missing' below)" in plan
+    assert "mobilenet_v2 {width_mult: 1.4, layout: timm, dropout: 0.0}, 1000 classes" in plan
+    assert plan.endswith(
+        "missing (a run refuses to start without them):\n"
+        "  - ImageNet-2012 not found: looked for a prepared tfds data set in data/imagenet2012. "
+        "Prepare it with: python -m jaxprune.data prepare imagenet2012 --root data (tfds cannot "
+        "download ImageNet: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from "
+        "image-net.org) in data/downloads/manual first)\n"
+        "  - model.pretrained: weights/mobilenetv2_140_ra-21a4e913.pth not found; download the "
+        "weights there or correct the path\n")
+    assert cli.main(["--config", str(path)]) == 2
+    assert capsys.readouterr().err.startswith("error: ImageNet-2012 not found")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parity_of_a_bfloat16_checkpoint(tmp_path, capsys):
+    """`method: parity` on a bfloat16 state dict: read as float32 and checked, exit 0."""
+    import torch
+
+    from converters import torch_reference
+    t = torch_reference.build("resnet18_cifar", num_classes=10, width=8)
+    torch.save({k: v.bfloat16() if v.is_floating_point() else v
+                for k, v in t.state_dict().items()}, tmp_path / "bf16.pth")
+    code = cli.main(["--config", str(ROOT / "configs/parity.yaml"), "--out", str(tmp_path),
+                     "--set", f"method.source={tmp_path / 'bf16.pth'}", "method.sizes=[32]"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| 32 |" in out and "pass" in out

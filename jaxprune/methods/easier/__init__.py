@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxprune.config import MethodConfig
+from jaxprune.config import MethodConfig, option
+from jaxprune.merging import COST_MODELS
 from jaxprune.methods import register
 
 
@@ -36,6 +37,9 @@ from jaxprune.methods import register
 @dataclasses.dataclass(frozen=True)
 class EasierConfig(MethodConfig):
     name: str = "easier"
-    max_rounds: int | None = None  # linearization rounds after the dense round 0; None: no limit
-    acc_budget: float = 1.0        # points of validation accuracy that may be lost vs round 0
-    merge_cost: str = "macs"       # jaxprune.merge's cost model: macs | latency | none (fuse all)
+    # linearization rounds after the dense round 0; None: no limit
+    max_rounds: int | None = option(None, ge=0, why="rounds after round 0; null: no limit")
+    # points of validation accuracy that may be lost vs round 0
+    acc_budget: float = option(1.0, ge=0, why="a drop in points of validation accuracy")
+    # jaxprune.merge's cost model: macs | latency | none (fuse all)
+    merge_cost: str = option("macs", choices=COST_MODELS)

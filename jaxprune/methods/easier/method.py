@@ -6,9 +6,7 @@ import time
 
 from jaxprune.activation_sites import linearize, linearized
 from jaxprune.context import MethodResult, RunContext
-from jaxprune.errors import UserError
-from jaxprune.merging import COST_MODELS
-from jaxprune.methods.easier import EasierConfig, report
+from jaxprune.methods.easier import report
 from jaxprune.methods.easier.entropy import layer_entropy
 from jaxprune.methods.easier.selection import select_round, select_sites, stop_reason
 from jaxprune.methods.fuse_export import fuse_and_export
@@ -25,20 +23,8 @@ class EntropyHooks(Hooks):
         return layer_entropy(on_frac)
 
 
-def _check(opts: EasierConfig) -> None:
-    if opts.merge_cost not in COST_MODELS:
-        raise UserError(f"method.merge_cost must be one of {list(COST_MODELS)}, "
-                        f"got {opts.merge_cost!r}")
-    if opts.max_rounds is not None and opts.max_rounds < 0:
-        raise UserError(f"method.max_rounds must be >= 0 or null, got {opts.max_rounds}")
-    if opts.acc_budget < 0:
-        raise UserError(f"method.acc_budget is a drop in points and must be >= 0, "
-                        f"got {opts.acc_budget}")
-
-
 def run(ctx: RunContext) -> MethodResult:
     cfg, opts = ctx.cfg, ctx.cfg.method
-    _check(opts)
     m = ctx.build_model()
     names = m.sites()
     ckpt = ctx.checkpoints("rounds")
