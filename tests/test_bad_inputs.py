@@ -442,7 +442,7 @@ def test_a_diverged_run_reports_only_the_files_it_wrote(tmp_path, capsys):
     """--set train.lr=1e12 on the demo: one line, exit 2, and a report.md that names what the
     run folder holds (no epoch was logged nor checkpointed: neither is named)."""
     code, _, err = _main(capsys, "--out", tmp_path, "--set", "train.lr=1e12", "train.epochs=1",
-                         "model.options={width: 4}",
+                         "method.pretrain_epochs=0", "model.options={width: 4}",
                          "data.image_size=16", "name=diverged")
     last = err.splitlines(keepends=True)[-1]  # after the progress bars
     assert _one_error(code, last).startswith("non-finite training loss in round 0, epoch 1/1")

@@ -10,6 +10,7 @@ from jaxprune.methods.easier import report
 from jaxprune.methods.easier.entropy import layer_entropy
 from jaxprune.methods.easier.selection import select_round, select_sites, stop_reason
 from jaxprune.methods.fuse_export import fuse_and_export
+from jaxprune.methods.pretrain import original_model
 from jaxprune.train import Diverged, Trainer, fit
 from jaxprune.train.trainer import Hooks
 
@@ -25,7 +26,7 @@ class EntropyHooks(Hooks):
 
 def run(ctx: RunContext) -> MethodResult:
     cfg, opts = ctx.cfg, ctx.cfg.method
-    m = ctx.build_model()
+    m = original_model(ctx, opts.pretrain_epochs)
     names = m.sites()
     ckpt = ctx.checkpoints("rounds")
     rounds: list[dict] = []
@@ -43,8 +44,9 @@ def run(ctx: RunContext) -> MethodResult:
         t0 = time.perf_counter()
         trainer.start_round()
         try:
-            last = fit(trainer, ctx.data, cfg.train.epochs, journal=ctx.journal,
-                       tag={"round": r}, epoch_offset=r * cfg.train.epochs)[-1]
+            # each round reads data epochs of its own, after the pretraining's
+            last = fit(trainer, ctx.data, cfg.train.epochs, journal=ctx.journal, tag={"round": r},
+                       epoch_offset=opts.pretrain_epochs + r * cfg.train.epochs)[-1]
         except Diverged as e:
             if not rounds:
                 raise  # no round to select from
@@ -69,7 +71,7 @@ def run(ctx: RunContext) -> MethodResult:
     ckpt.load(chosen["round"], m)
     results = {
         "method": "easier", "model": cfg.model.name, "dataset": cfg.data.name, "sites": names,
-        "rounds": rounds,
+        "pretrain_epochs": opts.pretrain_epochs, "rounds": rounds,
         "selected": {"round": chosen["round"], "linearized": chosen["linearized"],
                      "n_linear": chosen["n_linear"], "n_sites": chosen["n_sites"],
                      "val_acc": chosen["val_acc"], "test_acc": chosen["test_acc"],
