@@ -1,7 +1,7 @@
 """jaxprune command line: run one experiment described by a YAML config.
 
     python run.py                                   # configs/demo.yaml
-    python run.py --config configs/x.yaml --set train.epochs=2 --set method.max_rounds=3
+    python run.py --config configs/x.yaml --set train.epochs=2 method.max_rounds=3
     python run.py --config configs/x.yaml --dry-run # print the resolved config and the plan
     python run.py --config configs/x.yaml --out /scratch/runs
     python run.py --resume runs/demo                 # continue a run from its own config.yaml
@@ -43,12 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, metavar="RUN_FOLDER",
                    help="continue the run in RUN_FOLDER with the config saved there "
                         "(instead of --config/--set/--out)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, value read as YAML (repeatable), "
-                        "e.g. --set train.epochs=2 --set model.options.width=16")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                   metavar="KEY=VALUE",
+                   help="override config keys, each value read as YAML (one or more pairs, "
+                        "repeatable), e.g. --set train.epochs=2 model.options.width=16")
     p.add_argument("--out", help="parent folder of the run folder (overrides the config's 'out')")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config and the plan; read no data, train nothing, "
+                   help="run every check a run starts with, print the resolved config and the "
+                        "plan (with any input not on disk yet); read no data, train nothing, "
                         "write nothing")
     dist = p.add_argument_group(
         "multi-process runs", "all three flags, the same coordinator and count on every process; "

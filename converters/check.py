@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxprune.config import TORCHVISION
 from jaxprune.errors import UserError
 from models.net import Net
-
-TORCHVISION = "torchvision:"
 
 
 def _torch_state(source: str, arch: str) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxprune.config import TORCHVISION
 from jaxprune.errors import UserError
 from models.net import Net
 
@@ -46,8 +47,8 @@ def torchvision_state(ref: str, arch: str) -> dict[str, np.ndarray]:
 
 def load_pretrained(m: Net, ref: str) -> Net:
     """Load `ref` (`path` or `torchvision:<WEIGHTS>`) into `m`, keeping a resized head fresh."""
-    if ref.startswith("torchvision:"):
-        state = torchvision_state(ref.split(":", 1)[1], m.spec.arch)
+    if ref.startswith(TORCHVISION):
+        state = torchvision_state(ref[len(TORCHVISION):], m.spec.arch)
         source = ref
     else:
         state, _ = read_file(ref)

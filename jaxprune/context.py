@@ -40,10 +40,12 @@ class MethodResult:
 
 @dataclasses.dataclass
 class RunContext:
-    """The run a method works in: its validated config, its run folder, and (made on first
-    use) the device mesh, the data set, the journal of epochs and a clock."""
+    """The run a method works in: its validated config, its run folder, its class count
+    (`model.num_classes`, else the data set's; `jaxprune.preflight` found it), and (made on
+    first use) the device mesh, the data set, the journal of epochs and a clock."""
     cfg: Config
     run_dir: Path
+    num_classes: int
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @functools.cached_property
@@ -63,11 +65,6 @@ class RunContext:
         """`metrics.jsonl` and the per-epoch train checkpoints (`jaxprune.train.Journal`)."""
         from jaxprune.train import Journal
         return Journal(self.run_dir)
-
-    @property
-    def num_classes(self) -> int:
-        """`model.num_classes`, else the data set's class count."""
-        return self.cfg.model.num_classes or self.data.info.num_classes
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -6,6 +6,12 @@ class UserError(Exception):
     """A bad input (config, file, name, shape). `run.py` prints it as one line."""
 
 
+class MissingInput(UserError):
+    """An input that is not on disk (yet): a data set not prepared, a weights file not
+    downloaded. A run refuses it; a dry run lists it in its plan, so that a config can be
+    checked on a machine without its data."""
+
+
 def closest(name: str, valid, n: int = 3) -> str:
     """A 'did you mean' hint listing the closest valid names."""
     valid = list(valid)

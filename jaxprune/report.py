@@ -106,9 +106,22 @@ def write(run_dir, results: dict, report: Report, seconds: float | None = None) 
     write_text_atomic(run_dir / REPORT, markdown(report, seconds))
 
 
+# What a person finds in a run folder, by name (for the files that are there).
+_CONTENTS = {"config.yaml": "the resolved config", "metrics.jsonl": "one line per finished epoch",
+             "checkpoints": "checkpoints to continue from"}
+
+
 def write_stopped(run_dir, message: str) -> None:
-    """report.md of a run that stopped before it had results (e.g. a diverged training)."""
-    if is_main():
-        write_text_atomic(Path(run_dir) / REPORT,
-                          f"# Run stopped\n\n{message}\n\nThe epochs before it are in "
-                          f"metrics.jsonl; its checkpoints are in checkpoints/.\n")
+    """report.md of a run that stopped before it had results (e.g. a diverged training): the
+    message, and what the run folder holds, naming only what is there."""
+    if not is_main():
+        return
+    run_dir = Path(run_dir)
+    held = []
+    for p in sorted(run_dir.iterdir()):
+        if p.name == REPORT or p.name.endswith(".tmp") or (p.is_dir() and not any(p.iterdir())):
+            continue
+        what = _CONTENTS.get(p.name)
+        held.append(f"- `{p.name}{'/' if p.is_dir() else ''}`" + (f": {what}" if what else ""))
+    write_text_atomic(run_dir / REPORT, "\n".join(["# Run stopped", "", message, "",
+                                                   "The run folder holds:", *held, ""]))

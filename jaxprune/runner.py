@@ -4,7 +4,8 @@
     print(plan(cfg))             # what a run would do; reads no data, trains nothing
     run_dir, results = run(cfg)  # <out>/<name>/: config.yaml, the method, results.json, report.md
 
-`run` owns the run: it checks the model, makes (or reuses) the run folder,
+`run` owns the run: it runs every check that needs more than the config
+(`jaxprune.preflight`: data, machine, model, inputs), makes (or reuses) the run folder,
 builds the `RunContext` (`jaxprune.context`), calls the method's `run(ctx)`
 and writes the `MethodResult` it returns (results.json, report.md, figures).
 A run folder belongs to one resolved config. Running the same config again
@@ -13,7 +14,6 @@ different config is refused rather than mixing two experiments in one folder.
 """
 from __future__ import annotations
 
-import dataclasses
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ import yaml
 
 from jaxprune import config, distributed
 from jaxprune.config import Config
-from jaxprune.context import RunContext, build_model
+from jaxprune.context import RunContext
 from jaxprune.errors import UserError
+from jaxprune.files import write_text_atomic
 
 CONFIG_FILE = "config.yaml"
 # Keys that say where a run lives, not what it computes: they may differ on a resume.
@@ -87,30 +88,29 @@ def prepare_run_dir(cfg: Config) -> tuple[Path, str]:
     path = run_dir_of(cfg)
     distributed.barrier("run_dir checked")  # every process looked before process 0 writes
     if state == "new" and distributed.is_main():
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_FILE).write_text(config.dump(cfg))
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path / CONFIG_FILE, config.dump(cfg))
+        except OSError as e:  # checked writable by the preflight: the disk itself refused
+            raise UserError(f"cannot make the run folder {path} ({e.strerror or e}); free "
+                            f"space there or set another out (--out)") from None
     distributed.barrier("run_dir")  # every process then finds the folder process 0 made
     return path, state
 
 
-def check_model(cfg: Config) -> None:
-    """A UserError now, not after a run folder exists, when the model section cannot build
-    (unknown name, option or option value). Shapes only: no weights are initialised."""
-    import models
-    from flax import nnx
-    nnx.eval_shape(lambda: models.create(cfg.model.name, seed=cfg.seed, **cfg.model.options))
-
-
 def run(cfg: Config) -> tuple[Path, dict]:
     """Run the config's method in its run folder and write what it returns; returns
-    (run folder, results). A method whose final check failed (`MethodResult.failure`)
-    still gets its files written, then raises a UserError with its message."""
-    from jaxprune import methods, report
+    (run folder, results). Every check that needs more than the config runs first
+    (`jaxprune.preflight`), before any data is read or the folder is made. A method whose
+    final check failed (`MethodResult.failure`) still gets its files written, then raises
+    a UserError with its message."""
+    from jaxprune import methods, preflight, report
     from jaxprune.train import Diverged
     method = methods.get(cfg.method.name)
-    check_model(cfg)
+    checked = preflight.check(cfg)
+    checked.refuse_missing()
     path, state = prepare_run_dir(cfg)
-    ctx = RunContext(cfg, path)
+    ctx = RunContext(cfg, path, checked.num_classes)
     try:
         result = method.run(ctx)
     except Diverged as e:
@@ -128,9 +128,8 @@ def run(cfg: Config) -> tuple[Path, dict]:
 
 
 def _forget(path: Path) -> None:
-    """Remove a run folder that holds nothing but its config.yaml: the run was refused (bad
-    data path, weights that do not fit, ...) before it computed anything, and the same name
-    must stay free for the corrected config."""
+    """Remove a run folder that holds nothing but its config.yaml: the run was refused
+    before it computed anything, and the same name must stay free for the corrected config."""
     distributed.barrier("run refused")
     if distributed.is_main() and [p.name for p in path.iterdir()] == [CONFIG_FILE]:
         (path / CONFIG_FILE).unlink()
@@ -144,46 +143,53 @@ def _options(d: dict) -> str:
 
 
 def plan(cfg: Config) -> str:
-    """What `run(cfg)` would do, for a person: model and its sites, method, data, run folder.
-
-    Builds the model's shapes (and reads pretrained weights from a file to check
-    they fit); downloads nothing, reads no data, trains nothing, writes nothing.
-    """
+    """What `run(cfg)` would do, for a person: model and its sites, method, data, machine,
+    run folder, and the inputs not on disk yet (each with the command or path that
+    provides it). Runs every check a run starts with (`jaxprune.preflight`); reads
+    pretrained weights from a file to check they fit, and otherwise builds only shapes;
+    downloads nothing, reads no data, trains nothing, writes nothing."""
     from flax import nnx
-    from jaxprune import data
-    state = check_run_dir(cfg)  # a refusal first: it is what the run would hit first
-    desc = data.describe(cfg.data.name, cfg.data.root)
-    n = cfg.model.num_classes or desc.num_classes
-    classes = f"{n} classes"
-    ref = cfg.model.pretrained
-    if ref and not ref.startswith("torchvision:"):
-        m = build_model(cfg, n)  # reads the file and checks every key and shape
-        weights = f"weights from {ref} (read and checked)"
-    else:
-        # Shapes only: the plan needs the graph, not initialised weights (seconds on CPU).
-        no_download = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))
-        m = nnx.eval_shape(lambda: build_model(no_download, n))
-        weights = (f"weights {ref} (downloaded when the run starts)" if ref
-                   else f"fresh weights (seed {cfg.seed})")
+
+    from jaxprune import preflight
+    from jaxprune.data.sources import spec
+    checked = preflight.check(cfg)
+    m = checked.model
     params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
     names = m.sites()
     method_opts = {k: v for k, v in config.to_dict(cfg.method).items() if k != "name"}
-    (h, w), splits = desc.image_size, ", ".join(f"{k} {v}" for k, v in desc.splits.items())
-    # describe() succeeds without a root only for a data set that ships with the code
-    where = f"read from {cfg.data.root}" if cfg.data.root else "built in, no download"
-    data_line = (f"{cfg.data.name}: {desc.num_classes} classes, {h}x{w}x{desc.channels} images, "
-                 f"splits {splits}; {where}")
-    where = run_dir_of(cfg)
-    folder = (f"{where} (new)" if state == "new"
+    info = checked.info
+    d = cfg.data
+    if not cfg.method.reads_data:
+        data_line = f"not read by {cfg.method.name}"
+    elif info is None:
+        data_line = f"{d.name}: not on disk (see 'missing' below)"
+    else:
+        (h, w), splits = info.image_size, ", ".join(f"{k} {v}" for k, v in info.splits.items())
+        where = ("built in, no download" if spec(d.name).kind == "builtin"
+                 else f"read from {d.root}")
+        data_line = (f"{d.name}: {info.num_classes} classes, {h}x{w}x{info.channels} images, "
+                     f"splits {splits}; {where}")
+    sizes = ", ".join(f"{h}x{w}" for h, w in checked.input_sizes)
+    where = checked.run_dir
+    folder = (f"{where} (new)" if checked.state == "new"
               else f"{where} (exists with this config: the method resumes there)")
     lines = [
-        f"model:  {cfg.model.name} {_options(dict(cfg.model.options))}, {classes}, "
-        f"{params:,} parameters, {weights}",
+        f"model:  {cfg.model.name} {_options(dict(cfg.model.options))}, "
+        f"{checked.num_classes} classes, {params:,} parameters, {checked.weights}; "
+        f"takes {sizes} images",
         f"sites:  {len(names)}",
         textwrap.fill(", ".join(names), width=100, initial_indent="        ",
                       subsequent_indent="        "),
         f"method: {cfg.method.name} {_options(method_opts)}",
         f"data:   {data_line}",
-        f"run folder: {folder}",
     ]
+    if cfg.method.reads_data:
+        batches = ", ".join(f"{key} {b} = {b // checked.devices} per device" for key, b in
+                            (("batch", d.batch_size), ("eval batch", d.eval_batch_size))
+                            if b is not None)
+        lines.append(f"devices: {checked.devices} ({jax.devices()[0].platform}); {batches}")
+    lines.append(f"run folder: {folder}")
+    if checked.missing:
+        lines.append("missing (a run refuses to start without them):")
+        lines += [f"  - {m}" for m in checked.missing]
     return "\n".join(lines)

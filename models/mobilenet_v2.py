@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 from flax import nnx
 
 from jaxprune.errors import UserError
 from models.layers import Act, Add, BatchNorm, Conv, Dropout, GlobalAvgPool, Linear
+from models.layers.initializers import normal, zeros
 from models.net import Block, GraphBuilder, ModelSpec, Net
 from models.registry import register
 
@@ -164,8 +164,7 @@ def build_inverted_residual(arch: str, setting, *, num_classes: int, seed: int,
     b.add(names.dropout, Dropout(dropout, rngs=rngs))
     # torchvision's init of the classifier: N(0, 0.01), zero bias
     b.add(names.classifier, Linear(head, num_classes, rngs=rngs,
-                                   kernel_init=jax.nn.initializers.normal(0.01),
-                                   bias_init=jax.nn.initializers.zeros))
+                                   kernel_init=normal(0.01), bias_init=zeros))
     return b.build(ModelSpec(arch, num_classes, options, (32, 32) if cifar else (224, 224)))
 
 

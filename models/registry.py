@@ -80,14 +80,26 @@ def create(name: str, num_classes: int = 1000, seed: int = 0, **options) -> Net:
 
 
 def detect(state: dict, module=None, arch: str | None = None) -> tuple[str, dict]:
-    """(arch, create kwargs) of torch weights, or a UserError saying what to pass."""
-    if arch is not None:
-        e = entry(arch)
-        kwargs = e.detect(state, module) if e.detect else None
-        if kwargs is None:
-            raise UserError(f"these torch weights are not a {arch!r} (their keys or shapes "
-                            f"do not match); check arch=, or leave it out to detect it")
+    """(arch, create kwargs) of torch weights, or a UserError saying what the weights are
+    and what to do: with `arch` named, the architecture they are when it is another; when
+    none fits, what their keys look like against what the architecture expects."""
+    found = _detect_any(state, module)
+    if arch is None:
+        if found is not None:
+            return found
+        raise UserError("could not recognise the architecture of these torch weights: "
+                        f"{_keys_against(state, None)}")
+    e = entry(arch)
+    kwargs = e.detect(state, module) if e.detect else None
+    if kwargs is not None:
         return arch, kwargs
+    if found is not None:
+        raise UserError(f"these torch weights are a {found[0]!r} {found[1]}, not a {arch!r}: "
+                        f"pass arch={found[0]!r}, or leave arch out")
+    raise UserError(f"these torch weights are not a {arch!r}: {_keys_against(state, arch)}")
+
+
+def _detect_any(state: dict, module) -> tuple[str, dict] | None:
     _load_families()
     for name, e in _REGISTRY.items():
         # A module shows what a state dict cannot (e.g. strides), so name-only entries
@@ -96,8 +108,28 @@ def detect(state: dict, module=None, arch: str | None = None) -> tuple[str, dict
             kwargs = e.detect(state, module)
             if kwargs is not None:
                 return name, kwargs
-    raise UserError("could not recognise the architecture of these torch weights; "
-                    f"pass arch=... (one of {sorted(_REGISTRY)})")
+    return None
+
+
+def _keys_against(state: dict, arch: str | None) -> str:
+    """What the keys of `state` look like when no known architecture fits them; a prefix
+    every key shares (a training wrapper's) is named, with how to strip it."""
+    keys = sorted(state)
+    if not keys:
+        return "the state dict is empty"
+    shown = ", ".join(repr(k) for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
+    heads = {k.split(".", 1)[0] for k in keys}
+    if len(heads) == 1 and len(keys) > 1:
+        prefix = heads.pop() + "."
+        return (f"every key starts with {prefix!r} ({shown}), a prefix a training wrapper adds "
+                f"and no architecture has: strip it, "
+                f"{{k.removeprefix({prefix!r}): v for k, v in state.items()}}, and load that")
+    known = ", ".join(sorted(_REGISTRY))
+    if arch is not None:
+        return (f"their keys or shapes ({shown}) fit neither it nor any other known "
+                f"architecture ({known}): weights of another or a modified network")
+    return (f"their keys or shapes ({shown}) fit none of the known architectures ({known}): "
+            f"weights of another or a modified network")
 
 
 def blocks(m: Net) -> list[Block]:

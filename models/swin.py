@@ -18,13 +18,13 @@ Numerics that parity depends on (DESIGN.md §4) live in the layer vocabulary's
 """
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from jaxprune.errors import UserError
 from models.layers import (Act, Add, Conv, Dropout, GlobalAvgPool, LayerNorm, Linear,
                            PatchMerging, ShiftedWindowAttention, StochasticDepth, trunc_normal,
                            uniform)
+from models.layers.initializers import zeros
 from models.net import GraphBuilder, ModelSpec, Net
 from models.registry import register
 
@@ -46,7 +46,7 @@ def _block(b: GraphBuilder, p: str, dim: int, heads: int, window: int, shift: in
     x = b.add(f"{p}.add1", Add(), inputs=(x, branch))
     b.add(f"{p}.norm2", LayerNorm(dim))
     # SwinTransformer re-initialises every Linear (the MLP's xavier init included).
-    init, zeros = trunc_normal(0.02), jax.nn.initializers.zeros
+    init = trunc_normal(0.02)
     b.add(f"{p}.mlp.0", Linear(dim, MLP_RATIO * dim, rngs=rngs, kernel_init=init, bias_init=zeros))
     b.add(f"{p}.mlp.gelu", Act("gelu"))
     b.add(f"{p}.mlp.2", Dropout(dropout, rngs=rngs))
@@ -118,7 +118,7 @@ def swin_t(num_classes: int = 1000, seed: int = 0, window_size: int = 7,
     b.add("norm", LayerNorm(dim))
     b.add("avgpool", GlobalAvgPool())
     b.add("head", Linear(dim, num_classes, rngs=rngs, kernel_init=trunc_normal(0.02),
-                         bias_init=jax.nn.initializers.zeros))
+                         bias_init=zeros))
     options = (("dropout", dropout), ("stochastic_depth_prob", stochastic_depth_prob),
                ("window_size", window_size))
     return b.build(ModelSpec("swin_t", num_classes, options, (224, 224)))

@@ -13,10 +13,10 @@ in NCHW order so torch's `classifier.0` weights apply unchanged.
 """
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from models.layers import Act, AdaptiveAvgPool, BatchNorm, Conv, Dropout, FlattenNCHW, Linear, MaxPool
+from models.layers.initializers import normal, zeros
 from models.net import GraphBuilder, ModelSpec, Net
 from models.registry import register
 
@@ -43,8 +43,7 @@ def vgg16_bn(num_classes: int = 1000, seed: int = 0, dropout: float = 0.5) -> Ne
     """VGG-16 with BatchNorm, torchvision layout (adaptive 7x7 pool, dropout classifier)."""
     rngs = nnx.Rngs(seed)
     # torchvision's init: Linear N(0, 0.01) with zero bias (convs keep the layer default)
-    lin_init = dict(kernel_init=jax.nn.initializers.normal(0.01),
-                    bias_init=jax.nn.initializers.zeros)
+    lin_init = dict(kernel_init=normal(0.01), bias_init=zeros)
     b = GraphBuilder()
     i, cin = 0, 3
     for v in _CFG_D:

@@ -5,16 +5,22 @@ Every test runs `python run.py` in a subprocess from an empty working folder, so
 stray write (to the working folder, next to the inputs, outside `out`) shows up as a
 changed file tree. `--dry-run` is used wherever the error is raised while planning.
 """
+import dataclasses
 import functools
 import os
 import pickle
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+import run as cli
+from jaxprune import config as jconfig, methods
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {  # small and fast: a width-8 CIFAR ResNet-18 checked against its torch original
@@ -108,18 +114,24 @@ def _missing_data(root: Path) -> str:
 
 @pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "run"])
 def test_missing_data_names_where_it_looked_and_the_prepare_command(tmp_path, work, dry):
+    """A run refuses a data set that is not on disk; a dry run plans it (a config is checked
+    on a machine without its data) with the same line: where it looked, how to prepare it."""
     _, out, cwd = work
     cfg = tmp_path / "easier.yaml"
     cfg.write_text(yaml.safe_dump(EASIER))
     root = tmp_path / "no-such-data"
     before = _tree(tmp_path)
     r = _run("--config", cfg, "--out", out, *(["--dry-run"] if dry else []),
-             "--set", "data.name=tiny_imagenet", "--set", f"data.root={root}", cwd=cwd)
-    assert _error(r) == _missing_data(root)
+             "--set", "data.name=tiny_imagenet", f"data.root={root}", cwd=cwd)
+    if dry:
+        assert r.returncode == 0, r.stderr
+        assert "data:   tiny_imagenet: not on disk (see 'missing' below)" in r.stdout
+        assert r.stdout.endswith("missing (a run refuses to start without them):\n"
+                                 f"  - {_missing_data(root)}\n")
+    else:
+        assert _error(r) == _missing_data(root)
     assert not root.exists()
-    # a dry run writes nothing; a refused run leaves no run folder behind, so the corrected
-    # config may use the same name
-    assert _tree(tmp_path) == (before if dry else before | {"runs"})
+    assert _tree(tmp_path) == before  # refused before the run folder is made
 
 
 # --- weights files (model.pretrained) ----------------------------------------------------------
@@ -161,11 +173,11 @@ def weights(tmp_path_factory):
 
 @functools.lru_cache(maxsize=None)
 def _dry_pretrained(path: Path):
-    """A dry run of CONFIG with `model.pretrained: path` from an empty folder next to it."""
+    """A dry run of EASIER with `model.pretrained: path` from an empty folder next to it."""
     d = path.parent
-    cfg, cwd = d / "parity.yaml", d / "cwd"
+    cfg, cwd = d / "easier.yaml", d / "cwd"
     if not cfg.exists():
-        cfg.write_text(yaml.safe_dump(CONFIG))
+        cfg.write_text(yaml.safe_dump(EASIER))
         cwd.mkdir()
     before = _tree(d)
     r = _run("--config", cfg, "--out", d / "runs", "--dry-run", "--set",
@@ -221,8 +233,8 @@ def test_pretrained_from_another_architecture_in_a_real_run(tmp_path, weights):
     r = _run("--config", cfg, "--out", tmp_path / "runs", "--set", f"model.pretrained={path}",
              cwd=tmp_path / "cwd")
     assert _error(r).startswith(f"{path} do not fit 'resnet18_cifar': missing keys")
-    # the refused run's folder is gone: the corrected config may use the same name
-    assert _tree(tmp_path) == before | {"runs"}
+    # refused before the run folder is made: the corrected config may use the same name
+    assert _tree(tmp_path) == before
 
 
 # --- a fused model at another input size ---------------------------------------------------------
@@ -252,3 +264,190 @@ def test_fused_export_fed_another_input_size(tmp_path, work):
     assert msg.endswith("merge the linearized model again for your input size: "
                         "jaxprune.merge(m, input_size=(H, W))")
     assert not (out / "other").exists()
+
+
+# --- every config key, one value outside its range each ---------------------------------------
+
+# A config per method that is valid and quick to check (model shapes only).
+METHOD_CONFIGS = {"easier": ROOT / "configs/demo.yaml",
+                  "depthshrinker": ROOT / "configs/depthshrinker/digits-small.yaml",
+                  "snl": ROOT / "configs/depthshrinker/digits-snl.yaml",
+                  "parity": ROOT / "configs/parity.yaml"}
+
+
+def _fields(cls, prefix: str):
+    """(dotted key, field, type) of every key of section `cls`, nested sections expanded."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            if f.name != "method":  # a method's keys are its own dataclass's
+                yield from _fields(hints[f.name], key + ".")
+        else:
+            yield key, f, hints[f.name]
+
+
+def _all_keys():
+    """(method whose config the key is tried on, dotted key, field, type) for every key."""
+    for key, f, tp in _fields(jconfig.Config, ""):
+        yield "easier", key, f, tp
+    for name in methods.available():
+        for key, f, tp in _fields(methods.get(name).config, "method."):
+            if key != "method.name":
+                yield name, key, f, tp
+    yield "easier", "method.name", None, str
+
+
+def _outside(r: jconfig.Range, tp) -> object:
+    """A value of type `tp` (the item type for a list) outside range `r`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None: X
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+    if r.choices is not None:
+        bad = 2 if all(isinstance(c, int) for c in r.choices) else "nonexistent"
+    elif r.pattern is not None:
+        bad = "../x"
+    elif r.ge is not None:
+        bad = r.ge - 1
+    elif r.gt is not None:
+        bad = r.gt
+    else:
+        bad = r.le + 1
+    if item is int:
+        bad = int(bad)
+    return [bad] if typing.get_origin(tp) is list else bad
+
+
+def _elsewhere(tmp: Path) -> dict:
+    """Keys checked by what they name rather than a range: (value, extra overrides, part of
+    the error, whether it is an input that may be missing: a dry run then plans it)."""
+    a_file = tmp / "a_file.txt"
+    a_file.write_text("not weights\n")
+    return {
+        "out": (str(a_file / "runs"), [], f"{a_file} is a file, not a folder", False),
+        "model.name": ("resnet19", [], "unknown model 'resnet19'", False),
+        "model.pretrained": (str(a_file), [], f"{a_file} is neither a torch file", False),
+        "model.options": ("{width: 0}", [], "cannot be built with options {'width': 0}", False),
+        "data.name": ("digitz", [], "unknown data set 'digitz'", False),
+        "data.root": (str(tmp / "no-data"), ["data.name=cifar10"], "CIFAR-10 not found", True),
+        "method.name": ("easierr", [], "unknown method 'easierr'", False),
+        "method.source": (str(a_file), [], f"{a_file} is neither a torch file", False),
+        "method.search_run": (str(tmp / "no-search"), ["method.stage=finetune"],
+                              f"method.search_run: {tmp / 'no-search'}/keep_lists.json not found",
+                              True),
+    }
+
+
+def _main(capsys, *args) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error(code: int, err: str) -> str:
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err[len("error: "):-1]
+
+
+def test_every_key_outside_its_range_is_one_error_before_anything_is_written(
+        tmp_path, capsys, monkeypatch):
+    """Every key of every section (each method's included) with a value outside its range,
+    or naming something that is not there: the dry run and the run both refuse it with one
+    `error:` line and exit 2, and nothing is written. A missing input (data set, search run)
+    is a line of the dry run's plan and a refusal of the run."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # main() sets its own
+    monkeypatch.chdir(tmp_path)
+    elsewhere = _elsewhere(tmp_path)
+    before = _tree(tmp_path)  # the run folders would be ./runs/<name>
+    tried = set()
+    for method, key, f, tp in _all_keys():
+        r = f.metadata.get("range") if f is not None else None
+        if r is not None:
+            value = _outside(r, tp)
+            text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+            where = f"{key}[0]" if isinstance(value, list) else key
+            part, extra, missing = f"config key '{where}' must be {r.describe()}", [], False
+        elif tp is bool:
+            text, extra, part, missing = "maybe", [], f"config key '{key}' must be bool", False
+        else:
+            assert key in elsewhere, f"{key} has no range and no check: declare its range"
+            text, extra, part, missing = elsewhere[key]
+        args = ["--config", METHOD_CONFIGS[method], "--set", f"{key}={text}", *extra]
+        code, stdout, err = _main(capsys, *args, "--dry-run")
+        if missing:
+            assert code == 0 and part in stdout, (key, err)
+        else:
+            assert part in _one_error(code, err), (key, err)
+        assert part in _one_error(*_main(capsys, *args)[::2]), key
+        assert _tree(tmp_path) == before, key
+        tried.add(key)
+    assert {"train.lr", "method.acc_budget", "method.ratio", "method.lam", "method.batch",
+            "data.batch_size", "name", "seed"} <= tried
+
+
+# --- one wrong value each on the demo config (dry run and run alike) ----------------------------
+
+DEMO = ROOT / "configs/demo.yaml"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epochs=0", "config key 'train.epochs' must be >= 1, got 0"),
+    ("model.num_classes=3", "the data set {data} has 10 classes, the model 3 (model.num_classes): "
+                            "set model.num_classes to 10, or to null for the data set's count (a "
+                            "pretrained classifier of another size is then re-initialised)"),
+    ("train.lr=-0.1", "config key 'train.lr' must be > 0, got -0.1"),
+    ("method.acc_budget=-1", "config key 'method.acc_budget' must be >= 0, got -1.0: a drop in "
+                             "points of validation accuracy"),
+    ("data.batch_size=63", "data.batch_size 63 is not a multiple of the 2 devices (every batch is "
+                           "split evenly over them); use 62 or 64"),
+], ids=["epochs", "num_classes", "lr", "acc_budget", "batch_size"])
+def test_a_wrong_value_is_refused_by_the_dry_run_and_the_run(tmp_path, capsys, monkeypatch,
+                                                             override, message):
+    import jax
+    assert jax.device_count() == 2  # conftest: two host devices
+    monkeypatch.chdir(tmp_path)
+    data = jconfig.load(DEMO).data.name
+    for dry in (["--dry-run"], []):
+        assert _one_error(*_main(capsys, "--set", override, *dry)[::2]) == message.format(data=data)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for dry in (["--dry-run"], []):
+        msg = _one_error(*_main(capsys, "--out", blocker / "runs", *dry)[::2])
+        assert msg == (f"cannot make the run folder {blocker}/runs/{jconfig.load(DEMO).name}: "
+                       f"{blocker} is a file, not a folder; set another out (--out) or name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_a_pretrained_head_of_another_size_is_reinitialised_not_refused(tmp_path, capsys):
+    """Weights with 100 classes for a 10-class data set: every weight but the classifier's is
+    loaded (the documented re-initialisation); only model.num_classes set to another count
+    than the data set's is refused."""
+    from converters import torch_reference
+    path = tmp_path / "hundred.pth"
+    torch.save(torch_reference.build("resnet18_cifar", num_classes=100, width=8).state_dict(), path)
+    args = ["--out", tmp_path / "runs", "--dry-run", "--set", "model.name=resnet18_cifar",
+            "model.options={width: 8}", f"model.pretrained={path}", "data.name=digits"]
+    code, out, err = _main(capsys, *args)
+    assert code == 0, err
+    assert f"10 classes, 176,402 parameters, weights from {path} (read and checked)" in out
+    assert "the model 3" in _one_error(*_main(capsys, *args, "model.num_classes=3")[::2])
+
+
+def test_a_diverged_run_reports_only_the_files_it_wrote(tmp_path, capsys):
+    """--set train.lr=1e12 on the demo: one line, exit 2, and a report.md that names what the
+    run folder holds (no epoch was logged nor checkpointed: neither is named)."""
+    code, _, err = _main(capsys, "--out", tmp_path, "--set", "train.lr=1e12", "train.epochs=1",
+                         "method.pretrain_epochs=0", "model.options={width: 4}",
+                         "data.image_size=16", "name=diverged")
+    last = err.splitlines(keepends=True)[-1]  # after the progress bars
+    assert _one_error(code, last).startswith("non-finite training loss in round 0, epoch 1/1")
+    run_dir = tmp_path / "diverged"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "report.md"]
+    report = (run_dir / "report.md").read_text()
+    assert report.endswith("The run folder holds:\n- `config.yaml`: the resolved config\n")
+    assert "metrics.jsonl" not in report and "checkpoints" not in report

@@ -136,3 +136,49 @@ def test_xla_gets_one_host_device_per_core_unless_the_user_chose(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     cli._one_xla_device_per_core()
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
+
+
+def test_set_takes_several_pairs_after_one_flag(tmp_path, capsys):
+    args = ["--out", tmp_path, "--dry-run", "--set", "seed=3", "train.epochs=2",
+            "--set", "method.max_rounds=1"]
+    assert cli.main([str(a) for a in args]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out.split("# plan")[0])
+    assert (resolved["seed"], resolved["train"]["epochs"], resolved["method"]["max_rounds"]) == (
+        3, 2, 1)
+
+
+def test_dry_run_of_an_imagenet_config_without_imagenet(tmp_path, capsys, monkeypatch):
+    """A config is checked on a machine without its data (a login node): the plan lists the
+    data set and the weights file that are not there, with what provides them; the run
+    itself refuses to start without them, before its folder is made."""
+    monkeypatch.chdir(tmp_path)
+    path = ROOT / "configs/depthshrinker/mbv2-140.yaml"
+    assert cli.main(["--config", str(path), "--dry-run"]) == 0
+    plan = capsys.readouterr().out.split("# plan\n")[1]
+    assert "data:   imagenet2012: not on disk (see 'missing' below)" in plan
+    assert "mobilenet_v2 {width_mult: 1.4, layout: timm, dropout: 0.0}, 1000 classes" in plan
+    assert plan.endswith(
+        "missing (a run refuses to start without them):\n"
+        "  - ImageNet-2012 not found: looked for a prepared tfds data set in data/imagenet2012. "
+        "Prepare it with: python -m jaxprune.data prepare imagenet2012 --root data (tfds cannot "
+        "download ImageNet: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from "
+        "image-net.org) in data/downloads/manual first)\n"
+        "  - model.pretrained: weights/mobilenetv2_140_ra-21a4e913.pth not found; download the "
+        "weights there or correct the path\n")
+    assert cli.main(["--config", str(path)]) == 2
+    assert capsys.readouterr().err.startswith("error: ImageNet-2012 not found")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parity_of_a_bfloat16_checkpoint(tmp_path, capsys):
+    """`method: parity` on a bfloat16 state dict: read as float32 and checked, exit 0."""
+    import torch
+
+    from converters import torch_reference
+    t = torch_reference.build("resnet18_cifar", num_classes=10, width=8)
+    torch.save({k: v.bfloat16() if v.is_floating_point() else v
+                for k, v in t.state_dict().items()}, tmp_path / "bf16.pth")
+    code = cli.main(["--config", str(ROOT / "configs/parity.yaml"), "--out", str(tmp_path),
+                     "--set", f"method.source={tmp_path / 'bf16.pth'}", "method.sizes=[32]"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| 32 |" in out and "pass" in out

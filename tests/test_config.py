@@ -144,3 +144,85 @@ def test_validating_a_config_imports_no_training_code():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# -- ranges: declared once beside each key, documented as declared ---------------------------
+
+def _keys_and_fields():
+    """{dotted key: (field, type)} of every key, each method's as `<method>: method.<key>`."""
+    import dataclasses
+    import typing
+
+    from jaxprune import methods
+    out = {}
+    for prefix, cls in (("", config.Config), ("model.", config.ModelConfig),
+                        ("data.", config.DataConfig), ("train.", config.TrainConfig)):
+        hints = typing.get_type_hints(cls)
+        out.update({prefix + f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)
+                    if not dataclasses.is_dataclass(hints[f.name])})
+    for name in methods.available():
+        cls = methods.get(name).config
+        hints = typing.get_type_hints(cls)
+        out.update({f"{name}: method.{f.name}": (f, hints[f.name])
+                    for f in dataclasses.fields(cls) if f.name != "name"})
+    return out
+
+
+def _readme_ranges() -> dict[str, str]:
+    """{key: its range cell} from README.md's two config tables."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Config keys"):text.index("## Layout")]
+    out = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            out[cells[0].strip("`")] = cells[2]
+        elif len(cells) == 5 and cells[1].startswith("`"):
+            for key in cells[1].split(", "):
+                out[f"{cells[0]}: method.{key.strip('`')}"] = cells[3]
+    return out
+
+
+def test_readme_lists_every_key_with_its_declared_range():
+    readme = _readme_ranges()
+    keys = _keys_and_fields()
+    assert set(keys) <= set(readme), sorted(set(keys) - set(readme))
+    for key, (f, tp) in keys.items():
+        r = f.metadata.get("range")
+        if r is not None:
+            listed = "list" in str(tp)
+            assert readme[key] == ("each " if listed else "") + r.describe(), key
+
+
+@pytest.mark.parametrize("r,text,inside,outside", [
+    (config.Range(ge=1), ">= 1", [1, 7], [0, -1]),
+    (config.Range(gt=0), "> 0", [1e-9, 3.0], [0.0, -1.0]),
+    (config.Range(ge=0, le=1), "in [0, 1]", [0.0, 1.0], [-0.1, 1.1]),
+    (config.Range(gt=0, le=1), "in (0, 1]", [1.0], [0.0]),
+    (config.Range(choices=("a", "b")), "one of ('a', 'b')", ["a"], ["c"]),
+])
+def test_a_range_says_what_it_accepts(r, text, inside, outside):
+    assert r.describe() == text
+    for v in inside:
+        r.check("k", v)
+        r.check("k", [v, None])  # every item of a list; null is always in range
+    for v in outside:
+        with pytest.raises(UserError, match=rf"^config key 'k' must be {re.escape(text)}, "
+                                             rf"got {re.escape(repr(v))}$"):
+            r.check("k", v)
+        with pytest.raises(UserError, match=r"^config key 'k\[1\]'"):
+            r.check("k", [inside[0], v])
+
+
+def test_rules_between_keys_are_checked_when_a_config_is_read():
+    with pytest.raises(UserError, match=r"train.min_lr \(0.5\) must be at most train.lr \(0.1\)"):
+        config.from_dict({"train": {"schedule": "cosine", "min_lr": 0.5}})
+    config.from_dict({"train": {"schedule": "step", "min_lr": 0.5}})  # unused by a step schedule
+    with pytest.raises(UserError, match="set exactly one of method.relu_budget"):
+        config.from_dict({"method": {"name": "snl", "relu_budget": 100}})
+    with pytest.raises(UserError, match="model.pretrained is not used: move it to method.source"):
+        config.from_dict({"model": {"pretrained": "w.pth"}, "method": PARITY})
+    with pytest.raises(UserError, match=r"method.lat_before has 2 values, method.lat_after 1"):
+        config.from_dict({"method": {"name": "depthshrinker", "lat_before": [1, 2],
+                                     "lat_after": [1]}})

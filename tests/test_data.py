@@ -154,6 +154,24 @@ def test_digits_label_mapping_and_disjoint_splits():
     assert all(len(np.unique(target[v])) == 10 for v in idx.values())
 
 
+def test_rotated_digits_keep_each_digit_in_one_split():
+    """digits_rot: four rotations of every digit, all of a digit's in its digit's split (no
+    rotation of a test digit is trained on), stratified 60/20/20 %; the rotations differ."""
+    from sklearn.datasets import load_digits
+    target = load_digits().target
+    info = data.describe("digits_rot", None)
+    assert info.splits == {"train": 4316, "val": 1436, "test": 1436}
+    assert (info.num_classes, info.image_size) == (10, (32, 32))
+    res = sources.resolve("digits_rot", None)
+    digits = {k: res.parts[k][1] // sources.ROT_COPIES for k in data.SPLITS}
+    assert sum(len(set(v)) for v in digits.values()) == 1797
+    assert all(np.all(np.bincount(v)[np.unique(v)] == sources.ROT_COPIES) for v in digits.values())
+    src, idx = res.parts["val"]
+    assert all(src[i][1] == target[d] for i, d in zip(idx, digits["val"]))
+    copies = np.stack([src[i][0] for i in idx[:sources.ROT_COPIES]])  # one digit's four
+    assert len({c.tobytes() for c in copies}) == sources.ROT_COPIES
+
+
 def test_determinism_and_epochs():
     kw = dict(batch_size=32, seed=3, train=True, process_index=0, process_count=1)
     a = list(data.loader("digits", None, "train", epoch=1, **kw))

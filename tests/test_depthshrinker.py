@@ -20,8 +20,7 @@ from jaxprune.config import TrainConfig
 from jaxprune.methods.depthshrinker import LAT_AFTER, LAT_BEFORE, gates
 from jaxprune.methods.depthshrinker.cost import cost_table
 from jaxprune.methods.depthshrinker.groups import final_act_name, groups
-from jaxprune.methods.depthshrinker.method import (SearchHooks, _check, apply_keep,
-                                                   progressive_keep)
+from jaxprune.methods.depthshrinker.method import SearchHooks, apply_keep, progressive_keep
 from jaxprune.train import Trainer, fetch, make_mesh
 from models.layers import Act
 
@@ -206,22 +205,28 @@ def _small_cfg(tmp_path, *overrides):
 
 
 def test_config_errors(tmp_path):
-    with pytest.raises(jaxprune.UserError, match="act_list"):
-        _check(*(lambda c: (c, c.method))(_small_cfg(tmp_path, "method.act_list=[1,0]")))
+    """Each key's range and the rules between keys when the config is read; what the model
+    must have (blocks, one value per gate) when a run or a dry run checks it."""
+    from jaxprune import preflight
+    with pytest.raises(jaxprune.UserError, match=r"config key 'method.act_list\[2\]' must be one "
+                                                 r"of \(0, 1\), got 2"):
+        _small_cfg(tmp_path, "method.stage=finetune", "method.act_list=[1,0,2]")
+    with pytest.raises(jaxprune.UserError, match="needs a keep-list"):
+        _small_cfg(tmp_path, "method.stage=finetune")
+    with pytest.raises(jaxprune.UserError, match=r"'method.cost_sign' must be one of "
+                                                 r"\('reduce', 'keep'\), got 'up'"):
+        _small_cfg(tmp_path, "method.cost_sign=up")
+    with pytest.raises(jaxprune.UserError, match="progressive_epochs"):
+        _small_cfg(tmp_path, "method.progressive=true", "method.progressive_epochs=9")
     c = _small_cfg(tmp_path, "model.name=resnet18_cifar", "model.options={}")
     with pytest.raises(jaxprune.UserError, match=r"inverted-residual networks: model.name must "
                                                  r"be one of \['efficientnet_lite0', "
                                                  r"'mobilenet_v2', 'mobilenet_v2_cifar'\]"):
-        _check(c, c.method)
-    c = _small_cfg(tmp_path, "method.stage=finetune")
-    with pytest.raises(jaxprune.UserError, match="needs a keep-list"):
-        _check(c, c.method)
-    c = _small_cfg(tmp_path, "method.cost_sign=up")
-    with pytest.raises(jaxprune.UserError, match="cost_sign"):
-        _check(c, c.method)
-    c = _small_cfg(tmp_path, "method.progressive=true", "method.progressive_epochs=9")
-    with pytest.raises(jaxprune.UserError, match="progressive_epochs"):
-        _check(c, c.method)
+        preflight.check(c)
+    c = _small_cfg(tmp_path, "method.stage=finetune", "method.act_list=[1,0]")
+    with pytest.raises(jaxprune.UserError, match=r"method.act_list has 2 values, mobilenet_v2 has "
+                                                 r"19 gates: give one per gate$"):
+        preflight.check(c)
     with pytest.raises(jaxprune.UserError, match="act_list must be 19"):
         gates.parse_keep_list([1, 0, 2] + [1] * 16, 19, "method.act_list")
 
@@ -279,16 +284,13 @@ PUBLISHED = {
 def test_imagenet_configs_mirror_the_seed(name, tmp_path):
     """The ImageNet configs: timm-layout MobileNetV2 from a weights file, the paper's recipe,
     the published keep-lists and the released latency tables."""
-    from jaxprune.methods.snl.method import _check as snl_check
     cfg = config.load(ROOT / f"configs/depthshrinker/{name}.yaml", [f"out={tmp_path}"])
     assert cfg.data.name == "imagenet2012" and cfg.data.batch_size == 256
     assert cfg.model.options["layout"] == "timm" and cfg.model.pretrained.endswith(".pth")
     assert cfg.model.options["width_mult"] == (1.0 if name == "mbv2-100" else 1.4)
-    if name.endswith("snl"):
-        snl_check(cfg.method)
+    if name.endswith("snl"):  # read and checked: exactly one budget
         assert cfg.method.relu_fraction == 0.4 and cfg.method.lam == 1e-5
         return
-    _check(cfg, cfg.method)
     t = cfg.train
     assert (t.epochs, t.lr, t.min_lr, t.weight_decay, t.grad_clip, t.label_smoothing) == (
         180, 0.1, 5e-6, 1e-5, 5.0, 0.1)

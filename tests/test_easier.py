@@ -192,10 +192,12 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
 # -- end to end ------------------------------------------------------------------------------
 
 def test_demo_config_end_to_end(tmp_path):
-    """configs/demo.yaml, shortened: every output of DESIGN.md §9, and a second run of
-    the same config resumes from the checkpoints instead of training again."""
+    """configs/demo.yaml, shortened (and on the plain digits, a quarter of digits_rot's
+    images): every output of DESIGN.md §9, and a second run of the same config resumes
+    from the checkpoints instead of training again."""
     overrides = ["train.epochs=1", "method.max_rounds=2", "method.acc_budget=100",
-                 "model.options={width: 4}", "data.image_size=16", "method.latency=false",
+                 "method.pretrain_epochs=1", "model.options={width: 4}", "data.name=digits",
+                 "method.latency=false",
                  f"out={tmp_path}"]
     cfg = config.load("configs/demo.yaml", overrides)
     run_dir, results = runner.run(cfg)
@@ -203,6 +205,7 @@ def test_demo_config_end_to_end(tmp_path):
     assert on_disk == json.loads(json.dumps(results))
     assert (on_disk["method"], on_disk["model"], on_disk["dataset"]) == (
         "easier", "resnet18_cifar", "digits")
+    assert on_disk["pretrain_epochs"] == 1
     rounds = on_disk["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert [r["n_linear"] for r in rounds] == [0, 1, 2]
@@ -225,7 +228,9 @@ def test_demo_config_end_to_end(tmp_path):
     report = (run_dir / "report.md").read_text()
     assert "| 2 | 2/17 |" in report and rounds[2]["new"][0] in report
     log = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["epoch"]) for r in log] == [(0, 1), (1, 1), (2, 1)]
+    # the dense pretraining, then one epoch per round
+    assert [(r.get("stage"), r.get("round"), r["epoch"]) for r in log] == [
+        ("dense", None, 1), (None, 0, 1), (None, 1, 1), (None, 2, 1)]
     assert Checkpoints(run_dir / "checkpoints" / "rounds").rounds() == [0, 1, 2]
 
     # the selected round's weights are what the run reports on
@@ -236,7 +241,7 @@ def test_demo_config_end_to_end(tmp_path):
     again_dir, again = runner.run(cfg)
     assert again_dir == run_dir
     assert again["rounds"] == results["rounds"]
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3  # nothing retrained
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4  # nothing retrained
 
 
 # -- the paper's configs -----------------------------------------------------------------------

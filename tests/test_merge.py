@@ -191,6 +191,55 @@ def test_wrong_input_size_is_refused_with_the_fix():
         small(images((12, 12)))
 
 
+# -- the memory a composition needs ---------------------------------------------------------
+
+def _classifier(widths=(512, 2048, 2048, 10)) -> models.Net:
+    """conv, ReLU, pool, then Linear layers of `widths` with identities between them."""
+    b = GraphBuilder()
+    b.add("conv", Conv(3, widths[0], 3, padding=1, rngs=nnx.Rngs(0)))
+    b.add("relu", Act("relu"))
+    b.add("pool", GlobalAvgPool())
+    for i, (din, dout) in enumerate(zip(widths, widths[1:])):
+        if i:
+            b.add(f"act{i}", _identity_act())
+        b.add(f"fc{i}", Linear(din, dout, rngs=nnx.Rngs(i)))
+    return b.build(ModelSpec("test", widths[-1], (), (4, 4), 3))
+
+
+def test_a_linear_chain_needs_the_memory_of_its_factors_and_a_refusal_quotes_it(monkeypatch):
+    """512->2048->2048->10 is composed from its factors (float64): 8 * (512*2048 + 2048*2048
+    + 2048*10) bytes, plus the 512x10 product, 40.2 MiB, not the square of its input. Under
+    a lower limit it is kept, and the report quotes that size."""
+    from jaxprune.merging import fuse
+    from jaxprune.merging.affine import DenseMap
+    need = 8 * (512 * 2048 + 2048 * 2048 + 2048 * 10) + 8 * 512 * 10
+    geometry = DenseMap.identity(512, weights=False)
+    for dout in (2048, 2048, 10):
+        geometry = geometry.linear(None, dout)
+    assert geometry.peak_bytes + geometry.product_bytes == need
+    small, rep = check_exact(_classifier(), (4, 4))
+    assert [n for n, layer in small.named_layers() if isinstance(layer, Linear)] == ["fc0"]
+    assert small.layers["fc0"].din == 512 and small.layers["fc0"].dout == 10
+    monkeypatch.setattr(fuse, "_COMPOSE_BYTES", 32 * 2**20)
+    kept = merge(_classifier(), input_size=(4, 4), cost="none", return_report=True)[1]
+    assert kept.as_dict()["skipped"][-1]["reason"] == (
+        f"not one layer: composing it exactly would need {need / 2**20:.1f} MiB (limit 32.0 MiB)")
+
+
+@pytest.mark.slow
+def test_vgg_classifier_with_both_relus_linear_becomes_one_linear():
+    """VGG-16-BN at 32x32 with classifier.1 and classifier.4 linearized: the classifier
+    (25088->4096->4096->10) is one Linear 25088->10; depth 16 -> 14, 134.3 M -> 15.0 M
+    parameters. Composed from its factors it needs about 1 GiB, under the 2 GiB limit."""
+    m = models.create("vgg16_bn", num_classes=10)
+    jaxprune.linearize(m, ["classifier.1", "classifier.4"])
+    small, rep = merge(m, input_size=(32, 32), cost="none", return_report=True)
+    linears = [layer for _, layer in small.named_layers() if isinstance(layer, Linear)]
+    assert [(lin.din, lin.dout) for lin in linears] == [(25088, 10)]
+    assert (rep.before.depth, rep.after.depth) == (16, 14)
+    assert rep.after.params == 14_965_578 and rep.max_abs_diff <= 1e-4 * rep.logit_scale
+
+
 # -- every model family ------------------------------------------------------------------
 
 def _gates(*indices):

@@ -118,3 +118,23 @@ def test_train_mode_matches_torch_and_updates_running_stats():
         tbn = t.get_submodule(name)
         assert max_diff(tbn.running_mean.numpy(), m.layers[name].mean.value) <= 1e-5
         assert max_diff(tbn.running_var.numpy(), m.layers[name].var.value) <= 1e-5
+
+
+def test_fresh_weights_follow_torch_and_the_seed():
+    """torchvision's init (conv: N(0, 2 / (k*k*out)); fc: U(±1/sqrt(in))), the same weights
+    for the same seed, other weights for another; shapes alone draw nothing."""
+    import jax
+    from flax import nnx
+    m = models.create("resnet18_cifar", num_classes=10, width=16, seed=3)
+    conv = np.asarray(m.layers["layer3.0.conv2"].kernel.value)  # 3x3, 64 -> 64
+    assert conv.dtype == np.float32 and abs(conv.std() / np.sqrt(2 / (9 * 64)) - 1) < 0.03
+    fc = np.asarray(m.layers["fc"].kernel.value)
+    bound = 1 / np.sqrt(fc.shape[0])
+    assert np.abs(fc).max() <= bound and np.abs(fc).max() > 0.95 * bound
+    same, other = (models.create("resnet18_cifar", num_classes=10, width=16, seed=s)
+                   for s in (3, 4))
+    leaves = [jax.tree.leaves(nnx.state(x, nnx.Param)) for x in (m, same, other)]
+    assert all(np.array_equal(a, b) for a, b in zip(leaves[0], leaves[1]))
+    assert not np.array_equal(conv, np.asarray(other.layers["layer3.0.conv2"].kernel.value))
+    shapes = nnx.eval_shape(lambda: models.create("resnet18_cifar", num_classes=10, width=16))
+    assert shapes.layers["layer3.0.conv2"].kernel.value.shape == conv.shape

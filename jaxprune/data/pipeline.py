@@ -171,7 +171,7 @@ def loader(name, root, split, *, batch_size, seed, epoch=0, train, image_size=No
     else:
         ds = ds.map(finish)
     if num_workers is None:
-        workers = default_workers(total // process_count, size, res.spec.kind == "digits")
+        workers = default_workers(total // process_count, size, res.spec.kind == "builtin")
     else:
         workers = num_workers
     if workers < 0:

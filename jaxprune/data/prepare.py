@@ -138,8 +138,8 @@ def _prepare_folder(s: Spec, root: Path, archive) -> None:
 def prepare(name: str, root, archive=None) -> str:
     """Prepare `name` under `root` (see the module docstring); returns a one-line summary."""
     s = spec(name)
-    if s.kind == "digits":
-        return "digits ships inside scikit-learn: nothing to prepare"
+    if s.kind == "builtin":
+        return f"{name} is built from scikit-learn's digits: nothing to prepare"
     if root is None:
         raise UserError(f"preparing {name} needs --root DIR, the folder that will hold it")
     root = Path(root).expanduser()

@@ -2,12 +2,22 @@
 
 Three kinds of source (DESIGN.md §8):
 
-* `digits` — `sklearn.datasets.load_digits()` (1797 real 8x8 grey digits), embedded,
-  upsampled once to 32x32 RGB (bilinear). Stratified fixed split (seed 0):
-  1257 train / 270 val / 270 test. Normalized with mean = std = 0.5 (pixels land
-  in [-1, 1]; digits are not natural images, so ImageNet statistics mean nothing).
-  Train augmentation: random shifts of up to 2 px (zero fill). No flips: a
-  mirrored digit is a different symbol.
+* built in, no download (kind "builtin"):
+  - `digits` — `sklearn.datasets.load_digits()` (1797 real 8x8 grey digits),
+    upsampled once to 32x32 RGB (bilinear). Stratified fixed split (seed 0):
+    1257 train / 270 val / 270 test. Normalized with mean = std = 0.5 (pixels land
+    in [-1, 1]; digits are not natural images, so ImageNet statistics mean nothing).
+    Train augmentation: random shifts of up to 2 px (zero fill). No flips: a
+    mirrored digit is a different symbol.
+  - `digits_rot` — the same digits at any rotation, the construction of MNIST-rot
+    (Larochelle et al., "An empirical evaluation of deep architectures on problems
+    with many factors of variation", ICML 2007): each digit is drawn at 24x24 in a
+    32x32 frame and rendered `ROT_COPIES` (4) times at fixed angles drawn uniformly
+    from [0, 360) (seed 0). The digits split 60/20/20 % (stratified, seed 0), every
+    copy of a digit in its digit's split: 4316 train / 1436 val / 1436 test, so a
+    validation point is 14 images. A linear classifier reaches about 60 % on
+    rotated digits, a nonlinear one about 95 %: the nonlinearity a depth-reduction
+    method removes shows in the accuracy. Normalized and augmented as digits.
 * tfds (`cifar10`, `flowers102`, `dtd`, `imagenet2012`) — read with
   `tfds.data_source` from ArrayRecord files under `root` (no TensorFlow needed to
   read; `python -m jaxprune.data prepare NAME --root DIR` writes them once).
@@ -20,6 +30,7 @@ Splits (`train` / `val` / `test`), all fixed, independent of the run's seed:
 | data set | train | val | test |
 |---|---|---|---|
 | digits | 1257 | 270 | 270 (stratified, seed 0) |
+| digits_rot | 4316 | 1436 | 1436 (4 rotations of each of 60/20/20 % of the digits, stratified, seed 0) |
 | cifar10 | 45k of train | 5k of train (random, seed 0) | test 10k |
 | tiny_imagenet | 90% of train | 10% of train (seed 0) | the official val (10k) |
 | pacs, vlcs | 80% | 10% | 10% of all domains pooled (seed 0) |
@@ -45,7 +56,7 @@ from typing import Callable
 import numpy as np
 
 from jaxprune.data import transforms as T
-from jaxprune.errors import UserError, closest
+from jaxprune.errors import MissingInput, UserError, closest
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -76,8 +87,9 @@ def _scaled(size: tuple[int, int], quoted: int) -> tuple[int, int]:
 class Spec:
     name: str
     title: str
-    kind: str                   # "digits" | "tfds" | "folder"
+    kind: str                   # "builtin" | "tfds" | "folder"
     image_size: int
+    num_classes: int            # as published; what is on disk decides (`describe`)
     train_ops: Ops
     eval_ops: Ops
     mean: tuple[float, ...] = T.IMAGENET_MEAN
@@ -104,41 +116,44 @@ def _resize_crop(quoted: int, crop) -> Ops:
 _OFFICIAL = {"train": "train", "val": "validation", "test": "test"}
 
 SPECS: dict[str, Spec] = {s.name: s for s in [
-    Spec("digits", "digits (sklearn)", "digits", 32,
+    Spec("digits", "digits (sklearn)", "builtin", 32, 10,
          train_ops=_native(lambda s: (T.PadCrop(s, pad=max(1, round(min(s) / 16))),)),
          eval_ops=_native(), mean=(0.5,) * 3, std=(0.5,) * 3),
-    Spec("cifar10", "CIFAR-10", "tfds", 32,
+    Spec("digits_rot", "rotated digits (sklearn, MNIST-rot's construction)", "builtin", 32, 10,
+         train_ops=_native(lambda s: (T.PadCrop(s, pad=max(1, round(min(s) / 16))),)),
+         eval_ops=_native(), mean=(0.5,) * 3, std=(0.5,) * 3),
+    Spec("cifar10", "CIFAR-10", "tfds", 32, 10,
          train_ops=_native(lambda s: (T.PadCrop(s, pad=round(min(s) / 8)), T.Flip())),
          eval_ops=_native(), tfds_name="cifar10",
          tfds_splits={"train": "train", "val": None, "test": "test"}),
-    Spec("flowers102", "Oxford Flowers-102", "tfds", 224,
+    Spec("flowers102", "Oxford Flowers-102", "tfds", 224, 102,
          train_ops=lambda s: (T.ResizeCover(_scaled(s, 256)), T.Rotate(30), T.RandomCrop(s),
                               T.Flip(vertical=True)),
          eval_ops=_resize_crop(256, T.CenterCrop), tfds_name="oxford_flowers102", tfds_splits=_OFFICIAL),
-    Spec("dtd", "Describable Textures (DTD)", "tfds", 224,
+    Spec("dtd", "Describable Textures (DTD)", "tfds", 224, 47,
          train_ops=lambda s: (T.ResizeCover(_scaled(s, 256)), T.RandomCrop(s), T.Flip(vertical=True)),
          eval_ops=_resize_crop(256, T.CenterCrop), tfds_name="dtd", tfds_splits=_OFFICIAL),
-    Spec("imagenet2012", "ImageNet-2012", "tfds", 224,
+    Spec("imagenet2012", "ImageNet-2012", "tfds", 224, 1000,
          train_ops=lambda s: (T.RandomResizedCrop(s), T.Flip(), T.RandAugment(n=2, m=5)),
          eval_ops=_resize_crop(256, T.CenterCrop), holdout=10_000, tfds_name="imagenet2012",
          tfds_splits={"train": "train", "val": None, "test": "validation"},
          obtain="tfds cannot download ImageNet: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
                 "(from image-net.org) in ROOT/downloads/manual first"),
-    Spec("tiny_imagenet", "Tiny-ImageNet-200", "folder", 64,
+    Spec("tiny_imagenet", "Tiny-ImageNet-200", "folder", 64, 200,
          train_ops=_native(lambda s: (T.Flip(),)), eval_ops=_native(),
          dirs=("tiny-imagenet-200", "tiny_imagenet"),
          url="http://cs231n.stanford.edu/tiny-imagenet-200.zip"),
-    Spec("pacs", "PACS", "folder", 224,
+    Spec("pacs", "PACS", "folder", 224, 7,
          train_ops=lambda s: (T.RandomResizedCrop(s, scale=(0.7, 1.0)), T.Flip(), T.ColorJitter(0.4)),
          eval_ops=lambda s: (T.Resize(s),), dirs=("PACS",), layout="pooled",
          obtain="FILE: the PACS archive, domain folders art_painting/cartoon/photo/sketch, e.g. from "
                 "DomainBed's download script"),
-    Spec("vlcs", "VLCS", "folder", 224,
+    Spec("vlcs", "VLCS", "folder", 224, 5,
          train_ops=lambda s: (T.RandomResizedCrop(s, scale=(0.7, 1.0)), T.Flip(), T.ColorJitter(0.4)),
          eval_ops=lambda s: (T.Resize(s),), dirs=("VLCS",), layout="pooled",
          obtain="FILE: the VLCS archive, domain folders Caltech101/LabelMe/SUN09/VOC2007, e.g. from "
                 "DomainBed's download script"),
-    Spec("aircraft", "FGVC-Aircraft", "folder", 224,
+    Spec("aircraft", "FGVC-Aircraft", "folder", 224, 100,
          train_ops=_resize_crop(512, T.RandomCrop), eval_ops=_resize_crop(512, T.CenterCrop),
          dirs=("fgvc-aircraft-2013b", "aircraft", "fgvc_aircraft"),
          url="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz"),
@@ -232,26 +247,68 @@ def _info(s: Spec, classes, parts, channels=3) -> DatasetInfo:
                        {k: len(parts[k][1]) for k in SPLITS}, s.mean, s.std, tuple(classes))
 
 
-# ----------------------------------------------------------------------------- digits
+# ----------------------------------------------------------------------------- built in
 
-@functools.lru_cache(maxsize=1)
+def _grey_digits() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's 1797 digits as uint8 8x8 images (pixel values 0..16 scaled to 0..255)."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return np.round(d.images * (255.0 / 16.0)).astype(np.uint8), d.target.astype(np.int32)
+
+
+def _rgb(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _stratified(labels: np.ndarray, val: int, test: int) -> dict[str, np.ndarray]:
+    """Fixed stratified split (seed 0) of range(len(labels)) into train/val/test indices."""
+    from sklearn.model_selection import train_test_split
+    idx = np.arange(len(labels))
+    train, rest = train_test_split(idx, test_size=val + test, stratify=labels,
+                                   random_state=SPLIT_SEED)
+    v, t = train_test_split(rest, test_size=test, stratify=labels[rest], random_state=SPLIT_SEED)
+    return {"train": np.sort(train), "val": np.sort(v), "test": np.sort(t)}
+
+
 def _digits():
     from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    d = load_digits()
-    grey = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # pixel values are 0..16
+    grey, labels = _grey_digits()
     up = np.stack([np.asarray(Image.fromarray(g).resize((32, 32), T.BILINEAR)) for g in grey])
-    images = np.repeat(up[..., None], 3, axis=-1)
-    labels = d.target.astype(np.int32)
-    idx = np.arange(len(labels))
-    train, rest = train_test_split(idx, test_size=540, stratify=labels, random_state=SPLIT_SEED)
-    val, test = train_test_split(rest, test_size=270, stratify=labels[rest], random_state=SPLIT_SEED)
-    return images, labels, {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    return _rgb(up), labels, _stratified(labels, 270, 270)
 
 
-def _resolve_digits(s: Spec) -> Resolved:
-    images, labels, split_idx = _digits()
+ROT_COPIES = 4  # rotated renderings of every digit in digits_rot
+
+
+def _digits_rot():
+    """MNIST-rot's construction on sklearn's digits (see the module docstring)."""
+    from PIL import Image
+    grey, labels = _grey_digits()
+    n = len(labels)
+    split = _stratified(labels, round(0.2 * n), round(0.2 * n))
+    angles = np.random.default_rng(SPLIT_SEED).uniform(0.0, 360.0, (n, ROT_COPIES))
+    images = np.zeros((n, ROT_COPIES, 32, 32), np.uint8)
+    for i, g in enumerate(grey):
+        framed = Image.new("L", (32, 32))
+        framed.paste(Image.fromarray(g).resize((24, 24), T.BILINEAR), (4, 4))
+        for k, angle in enumerate(angles[i]):
+            images[i, k] = np.asarray(framed.rotate(angle, resample=T.BILINEAR))
+    # copy k of digit i is example i * ROT_COPIES + k: a split takes all copies of its digits
+    copies = {name: (idx[:, None] * ROT_COPIES + np.arange(ROT_COPIES)).ravel()
+              for name, idx in split.items()}
+    return _rgb(images.reshape(n * ROT_COPIES, 32, 32)), np.repeat(labels, ROT_COPIES), copies
+
+
+_BUILTIN = {"digits": _digits, "digits_rot": _digits_rot}
+
+
+@functools.lru_cache(maxsize=None)
+def _builtin_arrays(name: str):
+    return _BUILTIN[name]()
+
+
+def _resolve_builtin(s: Spec) -> Resolved:
+    images, labels, split_idx = _builtin_arrays(s.name)
     src = ArraySource(images, labels)
     parts = {k: (src, split_idx[k]) for k in SPLITS}
     return Resolved(s, _info(s, [str(c) for c in range(10)], parts), parts)
@@ -263,7 +320,7 @@ def _resolve_tfds(s: Spec, root: Path) -> Resolved:
     where = root / s.tfds_name
     prepared = [p.parent for p in where.glob("*/dataset_info.json")] if where.is_dir() else []
     if not prepared:
-        raise UserError(_missing(s, root, [where], "a prepared tfds data set"))
+        raise MissingInput(_missing(s, root, [where], "a prepared tfds data set"))
     if not any(p.glob("*.array_record*") for p in prepared):
         raise UserError(f"{s.title} in {where} is not in ArrayRecord format (tfds reads without TensorFlow "
                         f"only from ArrayRecord); prepare it again with: {prepare_command(s.name, root)}")
@@ -353,7 +410,7 @@ def _resolve_split_folder(s: Spec, d: Path, root: Path) -> Resolved:
                             f"val_annotations.txt); re-folder it by class with: {prepare_command(s.name, root)}")
     found = {k: _class_files(d / k) for k in SPLITS}
     if found["train"] is None:
-        raise UserError(_missing(s, root, [d / "train"], "class folders of images"))
+        raise MissingInput(_missing(s, root, [d / "train"], "class folders of images"))
     classes = sorted(found["train"])
     src = {k: _label(v, classes, d / k) for k, v in found.items() if v is not None}
     train = src["train"]
@@ -382,7 +439,7 @@ def _resolve_pooled_folder(s: Spec, d: Path, root: Path) -> Resolved:
         for c, files in (_class_files(domain) or {}).items():
             by_class.setdefault(c, []).extend(files)
     if not by_class:
-        raise UserError(_missing(s, root, [d], "<domain>/<class>/ folders of images"))
+        raise MissingInput(_missing(s, root, [d], "<domain>/<class>/ folders of images"))
     classes = sorted(by_class)
     src = _label(by_class, classes, d)
     n = len(src)
@@ -400,7 +457,7 @@ def _resolve_folder(s: Spec, root: Path) -> Resolved:
     if d is None:
         looked = [root / name for name in s.dirs]
         what = "<domain>/<class>/ image folders" if s.layout == "pooled" else "<split>/<class>/ image folders"
-        raise UserError(_missing(s, root, looked, what))
+        raise MissingInput(_missing(s, root, looked, what))
     if s.layout == "pooled":
         return _resolve_pooled_folder(s, d, root)
     return _resolve_split_folder(s, d, root)
@@ -409,10 +466,10 @@ def _resolve_folder(s: Spec, root: Path) -> Resolved:
 @functools.lru_cache(maxsize=32)
 def _resolve(name: str, root: str | None) -> Resolved:
     s = spec(name)
-    if s.kind == "digits":
-        return _resolve_digits(s)
+    if s.kind == "builtin":
+        return _resolve_builtin(s)
     if root is None:
-        raise UserError(f"data set {name!r} needs a root folder (data.root in the config, --root on the "
+        raise MissingInput(f"data set {name!r} needs a root folder (data.root in the config, --root on the "
                         f"command line); it is prepared there with: {prepare_command(name, 'DIR')}")
     path = Path(root).expanduser()
     return _resolve_tfds(s, path) if s.kind == "tfds" else _resolve_folder(s, path)
@@ -420,12 +477,13 @@ def _resolve(name: str, root: str | None) -> Resolved:
 
 def resolve(name: str, root) -> Resolved:
     """The data set `name` under `root`, its splits and info; UserError when it is not there."""
-    # digits ignores root: one cache entry, whatever root a caller passes
-    return _resolve(name, None if name == "digits" or root is None else str(root))
+    # a built-in data set ignores root: one cache entry, whatever root a caller passes
+    builtin = name in SPECS and SPECS[name].kind == "builtin"
+    return _resolve(name, None if builtin or root is None else str(root))
 
 
 def describe(name: str, root) -> DatasetInfo:
-    """Classes, image size and split sizes of `name` under `root` (ignored for digits)."""
+    """Classes, image size and split sizes of `name` under `root` (ignored when built in)."""
     return resolve(name, root).info
 
 

@@ -316,40 +316,53 @@ class SpatialMap:
 class DenseMap:
     """Linear part of a run of Linear / channelwise layers on the last axis, kept as the
     factors of a product (multiplied in the cheapest order at the end: a 25088->4096->10
-    classifier never forms a 25088x4096 product). A 1-D first factor is a diagonal."""
+    classifier never forms a 25088x4096 product). A map that is still channelwise keeps
+    one 1-D factor, its diagonal; the first Linear takes the diagonal into its matrix.
+
+    `stored` and `peak` count bytes (float64) in geometry mode too (no factors): what the
+    factors hold, and the most held at once so far (a residual sum forms both sides).
+    Fusing the run into one layer needs `peak_bytes + product_bytes`."""
     cin: int
     cout: int
     factors: tuple | None         # None in geometry mode
     diagonal: bool                # still channelwise (identities, BatchNorms only)
+    stored: int = 0
+    peak: int = 0
 
     @staticmethod
     def identity(c: int, weights: bool = True) -> "DenseMap":
-        return DenseMap(c, c, (np.ones(c),) if weights else None, True)
+        return DenseMap(c, c, (np.ones(c),) if weights else None, True, 8 * c, 8 * c)
 
     def dense(self) -> np.ndarray:
         """The (cin, cout) matrix."""
-        first, rest = self.factors[0], list(self.factors[1:])
-        if first.ndim == 2:
-            rest.insert(0, first)
-            first = None
-        if not rest:
-            return np.diag(first)
-        prod = rest[0] if len(rest) == 1 else np.linalg.multi_dot(rest)
-        return prod if first is None else first[:, None] * prod
+        if self.diagonal:
+            return np.diag(self.factors[0])
+        return self.factors[0] if len(self.factors) == 1 else np.linalg.multi_dot(self.factors)
 
     @property
     def peak_bytes(self) -> int:
-        return 8 * 2 * self.cin * self.cout
+        """Bytes held at the peak of composing this map so far; it only grows along a run."""
+        return max(self.peak, self.stored)
+
+    @property
+    def product_bytes(self) -> int:
+        """Bytes of the (cin, cout) product `dense` forms from the factors, at the end of a
+        run only: a longer run may need less (25088->4096->10 forms 25088x10)."""
+        return 0 if self.diagonal else 8 * self.cin * self.cout
 
     def linear(self, w: np.ndarray | None, cout: int) -> "DenseMap":
-        f = None if w is None or self.factors is None else self.factors + (np.asarray(w, np.float64),)
-        return DenseMap(self.cin, cout, f, False)
+        f = None
+        if w is not None and self.factors is not None:
+            w = np.asarray(w, np.float64)
+            f = (self.factors[0][:, None] * w,) if self.diagonal else self.factors + (w,)
+        stored = (0 if self.diagonal else self.stored) + 8 * self.cout * cout
+        return DenseMap(self.cin, cout, f, False, stored, max(self.peak, stored))
 
     def channelwise(self, scale: np.ndarray | None) -> "DenseMap":
         f = None
         if scale is not None and self.factors is not None:
             f = self.factors[:-1] + (self.factors[-1] * np.asarray(scale, np.float64),)
-        return DenseMap(self.cin, self.cout, f, self.diagonal)
+        return DenseMap(self.cin, self.cout, f, self.diagonal, self.stored, self.peak)
 
     def add(self, other: "DenseMap") -> "DenseMap":
         if self.cout != other.cout or self.cin != other.cin:
@@ -359,4 +372,7 @@ class DenseMap:
         if self.factors is not None and other.factors is not None:
             f = ((self.factors[0] + other.factors[0],) if diagonal
                  else (self.dense() + other.dense(),))
-        return DenseMap(self.cin, self.cout, f, diagonal)
+        stored = 8 * self.cin * (1 if diagonal else self.cout)
+        both = self.stored + other.stored + 3 * stored  # both sides densified, and their sum
+        return DenseMap(self.cin, self.cout, f, diagonal, stored,
+                        max(self.peak, other.peak, both))

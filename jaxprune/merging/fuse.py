@@ -211,6 +211,20 @@ def _spatial_layer(M: SpatialMap, bias: np.ndarray | None, model_size=None) -> C
     return layer
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _too_big(M) -> NotFusable | None:
+    """Why composing a run up to map `M` into one layer needs too much memory (quoting what
+    it needs), or None. A dense product is formed at the end of its run only."""
+    need = M.peak_bytes + (M.product_bytes if isinstance(M, DenseMap) else 0)
+    if need <= _COMPOSE_BYTES:
+        return None
+    return NotFusable(f"composing it exactly would need {_size(need)} "
+                      f"(limit {_size(_COMPOSE_BYTES)})")
+
+
 def _describe(layer) -> str:
     if isinstance(layer, (Conv, FusedConv)):
         kh, kw = layer.kernel_size
@@ -296,9 +310,9 @@ class _Planner:
         for n in self._ordered(nodes):
             maps[n] = compose(self.g.kind[n], self.m.layers[n],
                               [maps[i] for i in self.g.inputs[n]], weights)
-        if M.peak_bytes > _COMPOSE_BYTES or maps[n].peak_bytes > _COMPOSE_BYTES:
-            raise NotFusable(f"composing it exactly would need "
-                             f"{maps[n].peak_bytes / 2**30:.1f} GiB for its kernels")
+        # a spatial map's kernels only grow: a longer run would need more still
+        if isinstance(maps[n], SpatialMap) and (refusal := _too_big(maps[n])):
+            raise refusal
         return maps[n]
 
     def spatial(self, nodes) -> bool:
@@ -342,7 +356,7 @@ class _Planner:
                     if j - 1 > i and self.g.must_materialize(chain, j - 1):
                         break
                     M = self.extend(M, chain[j - 1].src, chain[j - 1].nodes, False)
-                    out[(i, j)] = M
+                    out[(i, j)] = _too_big(M) or M
                     self.chain_spatial[(src, chain[j - 1].dst)] = spatial
             except NotFusable as e:  # and so is every longer piece from i
                 out.update({(i, j): e for j in range(i + 1, len(chain) + 1) if (i, j) not in out})

@@ -9,14 +9,11 @@ from __future__ import annotations
 import dataclasses
 
 from jaxprune.context import RunContext
-from jaxprune.errors import UserError
 from jaxprune.train import Trainer, fit
 from models.net import Net
 
 
 def original_model(ctx: RunContext, pretrain_epochs: int) -> Net:
-    if pretrain_epochs < 0:
-        raise UserError(f"method.pretrain_epochs must be >= 0, got {pretrain_epochs}")
     m = ctx.build_model()
     if not pretrain_epochs:
         return m

@@ -12,6 +12,7 @@
   or a function of the parameters); the trainer uses it to spare biases and
   other 1-D parameters when `weight_decay_1d` is false.
 
+The options' ranges are checked when the config is read (`jaxprune.config`).
 The schedule reads the step count kept in the optimizer state, so a fresh
 `tx.init(params)` restarts both momentum and schedule without building (and
 compiling) a new step function.
@@ -21,21 +22,16 @@ from __future__ import annotations
 import optax
 
 from jaxprune.config import TrainConfig
-from jaxprune.errors import UserError
 
 
 def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     if cfg.schedule == "step":
         milestones = sorted(cfg.milestones)
-        if any(m <= 0 for m in milestones):
-            raise UserError(f"train.milestones must be positive epochs, got {cfg.milestones}")
         scales: dict[int, float] = {}
         for m in milestones:  # repeated milestones decay twice, as in torch's MultiStepLR
             scales[m * steps_per_epoch] = scales.get(m * steps_per_epoch, 1.0) * cfg.gamma
         return optax.piecewise_constant_schedule(cfg.lr, scales)
     if cfg.schedule == "cosine":
-        if not 0 <= cfg.min_lr <= cfg.lr:
-            raise UserError(f"train.min_lr must be between 0 and train.lr ({cfg.lr}), got {cfg.min_lr}")
         return optax.cosine_decay_schedule(cfg.lr, max(cfg.epochs * steps_per_epoch, 1),
                                            alpha=cfg.min_lr / cfg.lr)
     return optax.constant_schedule(cfg.lr)
@@ -45,8 +41,6 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, decay_mask=None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """`(tx, schedule)` for `train:` options; `schedule(step)` is the learning rate.
     `decay_mask` (optional): which parameters weight decay applies to (default all)."""
-    if cfg.lr <= 0:
-        raise UserError(f"train.lr must be positive, got {cfg.lr}")
     schedule = make_schedule(cfg, steps_per_epoch)
     parts = []
     if cfg.grad_clip is not None:

@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxprune.errors import UserError
 from models.layers.base import Layer, set_from_torch
-from models.layers.initializers import trunc_normal
+from models.layers.initializers import trunc_normal, zeros
 from models.layers.linear import Linear
 
 MASK_FILL = -100.0  # torchvision's value for attention between different shifted regions
@@ -95,7 +95,6 @@ class ShiftedWindowAttention(Layer):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.dim, self.num_heads, self.window, self.shift = dim, num_heads, window, shift
         init = trunc_normal(0.02)  # torchvision's init for every Linear and the table
-        zeros = jax.nn.initializers.zeros
         self.qkv = Linear(dim, 3 * dim, rngs=rngs, kernel_init=init, bias_init=zeros)
         self.proj = Linear(dim, dim, rngs=rngs, kernel_init=init, bias_init=zeros)
         self.relative_position_bias_table = nnx.Param(

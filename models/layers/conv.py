@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxprune.errors import UserError
 from models.layers.base import Layer, Pad, check_shape, pair, set_from_torch, sym_pad, windows
+from models.layers.initializers import kaiming_normal_fan_out
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -90,7 +91,7 @@ class Conv(Layer):
         self.stride = pair(stride)
         self.padding = sym_pad(padding)
         # torchvision's default for conv layers: kaiming normal, fan_out, relu gain
-        init = kernel_init or jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        init = kernel_init or kaiming_normal_fan_out()
         self.kernel = nnx.Param(init(rngs.params(), (kh, kw, cin // groups, cout), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((cout,), jnp.float32)) if bias else None
 

@@ -9,12 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import models
 from jaxprune.context import MethodResult, RunContext
 from jaxprune.errors import UserError
-from jaxprune.merging import COST_MODELS
-from jaxprune.methods.depthshrinker import (COST_KINDS, COST_SIGNS, PROGRESSIVE_MODES, STAGES,
-                                            DepthShrinkerConfig, gates, report)
+from jaxprune.methods.depthshrinker import KEEP_LISTS, DepthShrinkerConfig, gates, report
 from jaxprune.methods.depthshrinker.cost import cost_table
 from jaxprune.methods.depthshrinker.groups import Group, final_act_name, groups, set_group_masks
 from jaxprune.methods.distillation import Distillation
@@ -24,8 +21,6 @@ from jaxprune.train import Trainer, evaluate_model, fetch, fit
 from jaxprune.train.trainer import Hooks
 from models.layers import Act
 from models.net import Net
-
-KEEP_LISTS = "keep_lists.json"
 
 
 # -- the compiled-step hooks ----------------------------------------------------------------
@@ -120,42 +115,6 @@ def progressive_keep(keep, epoch: int, until: int, mode: str) -> np.ndarray:
 
 # -- stages ---------------------------------------------------------------------------------
 
-def _check(cfg, opts: DepthShrinkerConfig) -> None:
-    if models.entry(cfg.model.name).blocks is None:
-        with_blocks = [n for n in models.available() if models.entry(n).blocks is not None]
-        raise UserError(f"depthshrinker gates the blocks of inverted-residual networks: "
-                        f"model.name must be one of {with_blocks}, got {cfg.model.name!r}")
-    choices = {"stage": (opts.stage, STAGES), "cost": (opts.cost, COST_KINDS),
-               "cost_sign": (opts.cost_sign, COST_SIGNS),
-               "progressive_mode": (opts.progressive_mode, PROGRESSIVE_MODES)}
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise UserError(f"method.{key} must be one of {list(allowed)}, got {value!r}")
-    if opts.merge_cost not in COST_MODELS:
-        raise UserError(f"method.merge_cost must be one of {list(COST_MODELS)}, got {opts.merge_cost!r}")
-    if not 0.0 <= opts.ratio <= 1.0:
-        raise UserError(f"method.ratio is the kept fraction of the gates, in [0, 1]; got {opts.ratio}")
-    if not 0.0 <= opts.distill_alpha <= 1.0:
-        raise UserError(f"method.distill_alpha must be in [0, 1], got {opts.distill_alpha}")
-    if opts.cost_weight < 0 or opts.gumbel_scale < 0 or opts.gumbel_epochs < 0:
-        raise UserError("method.cost_weight, gumbel_scale and gumbel_epochs must be >= 0")
-    if opts.stage == "both" and opts.act_list is not None:
-        raise UserError("method.stage 'both' takes its keep-list from its own search; drop "
-                        "method.act_list, or set method.stage: finetune to finetune from it")
-    if opts.stage == "finetune" and opts.act_list is None and opts.search_run is None:
-        raise UserError("method.stage 'finetune' needs a keep-list: set method.act_list (one 0/1 "
-                        "per gate) or method.search_run (the run folder of a search)")
-    if opts.progressive and _progressive_until(cfg, opts) >= cfg.train.epochs:
-        raise UserError(f"method.progressive_epochs ({_progressive_until(cfg, opts)}) must be less "
-                        f"than train.epochs ({cfg.train.epochs}): the last epoch trains the final pattern")
-
-
-def _progressive_until(cfg, opts: DepthShrinkerConfig) -> int:
-    if opts.progressive_epochs is not None:
-        return opts.progressive_epochs
-    return (2 * cfg.train.epochs) // 3  # the released 120 of 180 epochs
-
-
 def _search(ctx: RunContext, original: Net, gs: list[Group]) -> dict:
     cfg, opts = ctx.cfg, ctx.cfg.method
     ckpt = ctx.checkpoints("search")
@@ -237,7 +196,7 @@ def _finetune(ctx: RunContext, original: Net, gs: list[Group], keep: np.ndarray,
     ckpt = ctx.checkpoints("finetune")
     if ckpt.latest() is not None:
         return student, ckpt.load(0, student)["finetune"]
-    until = _progressive_until(cfg, opts)
+    until = opts.progressive_until(cfg)
 
     def schedule(epoch: int) -> np.ndarray:
         return progressive_keep(keep, epoch, until, opts.progressive_mode) if opts.progressive else keep
@@ -276,7 +235,6 @@ def _finetune(ctx: RunContext, original: Net, gs: list[Group], keep: np.ndarray,
 
 def run(ctx: RunContext) -> MethodResult:
     cfg, opts = ctx.cfg, ctx.cfg.method
-    _check(cfg, opts)
     original = original_model(ctx, opts.pretrain_epochs)
     gs = groups(original)
     results = {"method": "depthshrinker", "model": cfg.model.name, "dataset": cfg.data.name,

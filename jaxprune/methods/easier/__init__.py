@@ -11,6 +11,13 @@ the one compiled train step.
       max_rounds: null     # linearization rounds after round 0; null: until a stop below
       acc_budget: 1.0      # largest allowed drop of validation accuracy vs round 0 (points)
       merge_cost: macs     # how jaxprune.merge decides which linear runs to fuse
+      pretrain_epochs: 0   # dense training before round 0 (checkpointed as stage "dense")
+
+With `pretrain_epochs`, the dense network is first trained that long (a
+schedule of its own); every round, round 0 included, then trains
+`train.epochs` from the weights before it, so round 0 is the reference the
+rounds are compared with at equal training. (The reference trains from scratch
+in round 0 with the same schedule as the others: `pretrain_epochs: 0`.)
 
 Stops after `max_rounds`, after the first round whose validation accuracy
 drops more than `acc_budget` points below round 0, or when every site is
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxprune.config import FuseConfig
+from jaxprune.config import FuseConfig, option
 from jaxprune.methods import register
 
 
@@ -36,5 +43,10 @@ from jaxprune.methods import register
 @dataclasses.dataclass(frozen=True)
 class EasierConfig(FuseConfig):
     name: str = "easier"
-    max_rounds: int | None = None  # linearization rounds after the dense round 0; None: no limit
-    acc_budget: float = 1.0        # points of validation accuracy that may be lost vs round 0
+    # linearization rounds after the dense round 0; None: no limit
+    max_rounds: int | None = option(None, ge=0, why="rounds after round 0; null: no limit")
+    # points of validation accuracy that may be lost vs round 0
+    acc_budget: float = option(1.0, ge=0, why="a drop in points of validation accuracy")
+    # dense training before round 0 (a model without pretrained weights), so that the
+    # rounds, round 0 included, each finetune a trained network for train.epochs
+    pretrain_epochs: int = option(0, ge=0)

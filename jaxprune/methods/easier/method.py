@@ -6,12 +6,11 @@ import time
 
 from jaxprune.activation_sites import dense_copy, linearize, linearized
 from jaxprune.context import MethodResult, RunContext
-from jaxprune.errors import UserError
-from jaxprune.merging import COST_MODELS
-from jaxprune.methods.easier import EasierConfig, report
+from jaxprune.methods.easier import report
 from jaxprune.methods.easier.entropy import layer_entropy
 from jaxprune.methods.easier.selection import select_round, select_sites, stop_reason
 from jaxprune.methods.fuse_export import fuse_and_export
+from jaxprune.methods.pretrain import original_model
 from jaxprune.train import Diverged, Trainer, fit
 from jaxprune.train.trainer import Hooks
 
@@ -25,21 +24,9 @@ class EntropyHooks(Hooks):
         return layer_entropy(on_frac)
 
 
-def _check(opts: EasierConfig) -> None:
-    if opts.merge_cost not in COST_MODELS:
-        raise UserError(f"method.merge_cost must be one of {list(COST_MODELS)}, "
-                        f"got {opts.merge_cost!r}")
-    if opts.max_rounds is not None and opts.max_rounds < 0:
-        raise UserError(f"method.max_rounds must be >= 0 or null, got {opts.max_rounds}")
-    if opts.acc_budget < 0:
-        raise UserError(f"method.acc_budget is a drop in points and must be >= 0, "
-                        f"got {opts.acc_budget}")
-
-
 def run(ctx: RunContext) -> MethodResult:
     cfg, opts = ctx.cfg, ctx.cfg.method
-    _check(opts)
-    m = ctx.build_model()
+    m = original_model(ctx, opts.pretrain_epochs)
     names = m.sites()
     ckpt = ctx.checkpoints("rounds")
     rounds: list[dict] = []
@@ -57,8 +44,9 @@ def run(ctx: RunContext) -> MethodResult:
         t0 = time.perf_counter()
         trainer.start_round()
         try:
-            last = fit(trainer, ctx.data, cfg.train.epochs, journal=ctx.journal,
-                       tag={"round": r}, epoch_offset=r * cfg.train.epochs)[-1]
+            # each round reads data epochs of its own, after the pretraining's
+            last = fit(trainer, ctx.data, cfg.train.epochs, journal=ctx.journal, tag={"round": r},
+                       epoch_offset=opts.pretrain_epochs + r * cfg.train.epochs)[-1]
         except Diverged as e:
             if not rounds:
                 raise  # no round to select from
@@ -83,7 +71,7 @@ def run(ctx: RunContext) -> MethodResult:
     ckpt.load(chosen["round"], m)
     results = {
         "method": "easier", "model": cfg.model.name, "dataset": cfg.data.name, "sites": names,
-        "rounds": rounds,
+        "pretrain_epochs": opts.pretrain_epochs, "rounds": rounds,
         "selected": {"round": chosen["round"], "linearized": chosen["linearized"],
                      "n_linear": chosen["n_linear"], "n_sites": chosen["n_sites"],
                      "val_acc": chosen["val_acc"], "test_acc": chosen["test_acc"],

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 
 from jaxprune.context import MethodResult, RunContext
-from jaxprune.errors import UserError
 from jaxprune.report import Report, Section, Table, table
 
 
@@ -12,13 +11,8 @@ def run(ctx: RunContext) -> MethodResult:
     from converters import torch_reference
     from converters.check import max_abs_diff, torch_pair
     cfg, opts = ctx.cfg, ctx.cfg.method
-    if cfg.model.pretrained:
-        raise UserError("method parity checks the weights named by method.source; "
-                        "model.pretrained is not used: move it to method.source")
-    if opts.batch < 1 or any(s < 1 for s in opts.sizes):
-        raise UserError(f"method.batch and method.sizes must be positive, got batch "
-                        f"{opts.batch}, sizes {opts.sizes}")
-    classes = cfg.model.num_classes or (ctx.num_classes if opts.source == "random" else None)
+    # a random torch original is built with the run's class count; weights bring their own
+    classes = ctx.num_classes if opts.source == "random" else cfg.model.num_classes
     t, m = torch_pair(cfg.model.name, dict(cfg.model.options), classes, opts.source, cfg.seed)
     tol = torch_reference.tolerance(m.spec.arch)
     sizes = opts.sizes or [m.spec.input_size[0]]

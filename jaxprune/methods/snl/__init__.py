@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxprune.config import MethodConfig
+from jaxprune.config import Config, MethodConfig, option
+from jaxprune.errors import UserError
 from jaxprune.methods import register
 
 GRANULARITIES = ("channel", "pixel")
@@ -36,15 +37,25 @@ GRANULARITIES = ("channel", "pixel")
 @dataclasses.dataclass(frozen=True)
 class SNLConfig(MethodConfig):
     name: str = "snl"
-    granularity: str = "channel"        # channel: α of shape (C,); pixel: (H, W, C)
-    relu_budget: int | None = None      # ReLUs per image to keep ...
-    relu_fraction: float | None = 0.5   # ... or the fraction of the model's ReLUs to keep
-    lam: float = 1e-5                   # initial weight of Σ ‖α‖₁
-    lam_growth: float = 1.1             # λ factor after an epoch that did not lower the count
-    lam_from_epoch: int = 5             # the first epoch (1-based) λ may grow after
-    threshold: float = 1e-2             # an α above it keeps its ReLU
-    search_epochs: int = 100            # the most search epochs; it stops at the budget
-    search_lr: float = 1e-3             # Adam, on the weights and α
-    alpha_lr_scale: float = 1.0         # α's step size relative to the weights' (1: the paper)
-    temperature: float = 4.0            # distillation temperature (search and finetune)
-    pretrain_epochs: int = 0            # dense training first (models without pretrained weights)
+    # channel: α of shape (C,); pixel: (H, W, C)
+    granularity: str = option("channel", choices=GRANULARITIES)
+    relu_budget: int | None = option(None, ge=0)         # ReLUs per image to keep ...
+    relu_fraction: float | None = option(0.5, gt=0, le=1)  # ... or the fraction of the model's
+    lam: float = option(1e-5, gt=0)         # initial weight of Σ ‖α‖₁ (it grows by a factor)
+    # λ factor after an epoch that did not lower the count
+    lam_growth: float = option(1.1, ge=1)
+    lam_from_epoch: int = option(5, ge=1)   # the first epoch (1-based) λ may grow after
+    threshold: float = option(1e-2, ge=0)   # an α above it keeps its ReLU
+    search_epochs: int = option(100, ge=1)  # the most search epochs; it stops at the budget
+    search_lr: float = option(1e-3, gt=0)   # Adam, on the weights and α
+    # α's step size relative to the weights' (1: the paper)
+    alpha_lr_scale: float = option(1.0, gt=0)
+    temperature: float = option(4.0, gt=0)  # distillation temperature (search and finetune)
+    # dense training first (models without pretrained weights)
+    pretrain_epochs: int = option(0, ge=0)
+
+    def check(self, cfg: Config) -> None:
+        if (self.relu_budget is None) == (self.relu_fraction is None):
+            raise UserError("set exactly one of method.relu_budget (ReLUs per image) and "
+                            "method.relu_fraction (fraction of the model's ReLUs); set the "
+                            "other to null")

@@ -14,7 +14,7 @@ from jaxprune.errors import UserError
 from jaxprune.methods.distillation import Distillation, DistillHooks
 from jaxprune.methods.fuse_export import export_torch
 from jaxprune.methods.pretrain import original_model
-from jaxprune.methods.snl import SNLConfig, report
+from jaxprune.methods.snl import report
 from jaxprune.methods.snl.masks import (binarize, mask_shapes, relu_count, relu_weights,
                                         set_masks)
 from jaxprune.train import Trainer, evaluate_model, fetch, fit
@@ -51,21 +51,6 @@ class SNLHooks(Hooks):
         total, kd = self.distill(logits, batch, aux)
         l1 = sum(jnp.sum(jnp.abs(a)) for a in self.alpha(extra).values())
         return total + aux["lam"] * l1, {"kd": kd, "l1": l1}
-
-
-def _check(opts: SNLConfig) -> None:
-    if (opts.relu_budget is None) == (opts.relu_fraction is None):
-        raise UserError("set exactly one of method.relu_budget (ReLUs per image) and "
-                        "method.relu_fraction (fraction of the model's ReLUs); set the other to null")
-    if opts.relu_fraction is not None and not 0.0 < opts.relu_fraction <= 1.0:
-        raise UserError(f"method.relu_fraction must be in (0, 1], got {opts.relu_fraction}")
-    if opts.relu_budget is not None and opts.relu_budget < 0:
-        raise UserError(f"method.relu_budget must be >= 0, got {opts.relu_budget}")
-    for key in ("lam", "search_lr", "alpha_lr_scale", "temperature"):
-        if getattr(opts, key) <= 0:
-            raise UserError(f"method.{key} must be positive, got {getattr(opts, key)}")
-    if opts.lam_growth < 1.0 or opts.threshold < 0 or opts.search_epochs < 1:
-        raise UserError("method.lam_growth must be >= 1, threshold >= 0, search_epochs >= 1")
 
 
 def _search(ctx: RunContext, original: Net, m: Net, weights: dict, budget: int) -> dict:
@@ -138,7 +123,6 @@ def _finetune(ctx: RunContext, original: Net, m: Net, weights: dict, budget: int
 
 def run(ctx: RunContext) -> MethodResult:
     cfg, opts = ctx.cfg, ctx.cfg.method
-    _check(opts)
     original = original_model(ctx, opts.pretrain_epochs)
     hw = ctx.image_size
     dense = evaluate_model(original, cfg.train, ctx.data, ctx.mesh)
