@@ -76,7 +76,7 @@ def test_every_latency_figure_comes_from_the_module(monkeypatch, tmp_path):
         return _fake_timings([f"{n} {r}" for n in named for r in kw.get("runtimes", ("jax", "torch"))])
     monkeypatch.setattr(measure_models, "model_latency", fake_latency)
     m = models.create("resnet18_cifar", num_classes=10, width=4)
-    ctx = RunContext(from_dict({"method": {"name": "easier"}}), tmp_path)
+    ctx = RunContext(from_dict({"method": {"name": "easier"}}), tmp_path, 10)
     monkeypatch.setattr(RunContext, "image_size", (16, 16))
     table = fuse_export.latency_table(ctx, m, m, tmp_path / "export")
     assert seen["programs"] == {"fused": tmp_path / "export"}
@@ -117,7 +117,7 @@ def test_a_real_latency_table_of_a_fused_model(tmp_path):
     from jaxprune.methods.fuse_export import fuse_and_export
     cfg = from_dict({"model": {"options": {"width": 4}}, "data": {"image_size": 16},
                      "method": {"name": "easier"}})
-    ctx = RunContext(cfg, tmp_path)
+    ctx = RunContext(cfg, tmp_path, 10)
     m = models.create("resnet18_cifar", num_classes=10, width=4)
     jaxprune.linearize(m, [s for s in m.sites() if s.endswith("relu1")])
     out, small = fuse_and_export(ctx, m, dense_copy(m), cost="none")
