@@ -4,10 +4,11 @@ from converters.torch_in import from_torch, load_state, read_file, torch_state_d
 
 # Loaded on first use: they import torch and the merge pass.
 _LAZY = {"to_torch": "converters.torch_out", "export": "converters.torch_out",
-         "to_torchvision": "converters.torch_out"}
+         "to_torchvision": "converters.torch_out", "trace": "converters.torch_graph",
+         "from_program": "converters.torch_graph"}
 
-__all__ = ["export", "from_torch", "load_pretrained", "load_state", "read_file", "to_torch",
-           "to_torchvision", "torch_state_dict"]
+__all__ = ["export", "from_program", "from_torch", "load_pretrained", "load_state", "read_file",
+           "to_torch", "to_torchvision", "torch_state_dict", "trace"]
 
 
 def __getattr__(name):

@@ -9,6 +9,8 @@ or fresh ones.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,18 +60,31 @@ def _build(spec: dict, source: str, rngs: nnx.Rngs) -> Net:
     return Net(layers, tuple(graph), model_spec)
 
 
-def _unfilled(spec: dict, source: str) -> Net:
-    """The described `Net` with NaN weights, to be filled from a state dict, built without
-    running its initialisers: on CPU, random initialisation compiles one program per
-    weight shape (about 20 s for a ResNet-18). Masks start at 1. A model holding any other
-    state (a dropout's random stream) is initialised as usual."""
-    abstract = nnx.eval_shape(lambda: _build(spec, source, nnx.Rngs(0)))
+def with_weights(build: Callable[[], Net], state: dict, source: str) -> Net:
+    """The model `build()` makes, holding the weights of the torch state dict `state` (every
+    key and shape checked: `converters.load_state`).
+
+    It is built without running its initialisers: on CPU, random initialisation compiles
+    one program per weight shape (about 20 s for a ResNet-18), all thrown away here. The
+    model is built as shapes, its weights are filled from `state` and its masks start at
+    1; a model holding any other state (a dropout's random stream) is initialised as
+    usual."""
+    from converters.torch_in import load_state
+    abstract = nnx.eval_shape(build)
     graphdef, weights, masks, rest = nnx.split(abstract, (nnx.Param, nnx.BatchStat), Mask, ...)
     if jax.tree.leaves(rest):
-        return _build(spec, source, nnx.Rngs(0))
+        return load_state(build(), state, source)
     fill = lambda value: lambda s: jnp.asarray(np.full(s.shape, value, s.dtype))  # noqa: E731
-    return nnx.merge(graphdef, jax.tree.map(fill(np.nan), weights),
-                     jax.tree.map(fill(1), masks), rest)
+    m = nnx.merge(graphdef, jax.tree.map(fill(np.nan), weights), jax.tree.map(fill(1), masks),
+                  rest)
+    load_state(m, state, source)
+    unset = [".".join(map(str, path)) for path, v in
+             nnx.to_flat_state(nnx.state(m, (nnx.Param, nnx.BatchStat)))
+             if np.isnan(np.asarray(v.get_value())).all()]
+    if unset:
+        raise UserError(f"{source}: the weights leave {unset[:3]} unset; a layer kind keeps "
+                        f"state that its torch_state() does not list")
+    return m
 
 
 def net_from_arch(spec: dict, source: str = "arch.json", state: dict | None = None) -> Net:
@@ -82,17 +97,8 @@ def net_from_arch(spec: dict, source: str = "arch.json", state: dict | None = No
     if spec.get("version", 0) > VERSION:
         raise UserError(f"{source}: export format version {spec['version']} is newer than this "
                         f"jaxprune reads ({VERSION}); update jaxprune")
-    m = _build(spec, source, nnx.Rngs(0)) if state is None else _unfilled(spec, source)
+    build = lambda: _build(spec, source, nnx.Rngs(0))  # noqa: E731
+    m = build() if state is None else with_weights(build, state, source)
     for site, value in spec.get("masks", {}).items():
         m.layers[site].mask.value = jnp.asarray(value, jnp.float32)
-    if state is None:
-        return m
-    from converters.torch_in import load_state
-    load_state(m, state, source)
-    unset = [".".join(map(str, path)) for path, v in
-             nnx.to_flat_state(nnx.state(m, (nnx.Param, nnx.BatchStat)))
-             if np.isnan(np.asarray(v.get_value())).all()]
-    if unset:
-        raise UserError(f"{source}: the weights leave {unset[:3]} unset; a layer kind keeps "
-                        f"state that its torch_state() does not list")
     return m

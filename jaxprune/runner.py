@@ -95,9 +95,19 @@ def prepare_run_dir(cfg: Config) -> tuple[Path, str]:
 
 def check_model(cfg: Config) -> None:
     """A UserError now, not after a run folder exists, when the model section cannot build
-    (unknown name, option or option value). Shapes only: no weights are initialised."""
+    (unknown name, option or option value). Shapes only: no weights are initialised. A
+    torch model is found here (its factory or file) and imported when the method builds it,
+    before any training."""
     import models
     from flax import nnx
+    if cfg.model.source is not None:
+        from converters.torch_program import load_program
+        load_program(cfg.model.source)
+        return
+    from converters.torch_factory import PREFIX, factory
+    if cfg.model.name.startswith(PREFIX):
+        factory(cfg.model.name)
+        return
     nnx.eval_shape(lambda: models.create(cfg.model.name, seed=cfg.seed, **cfg.model.options))
 
 
@@ -154,15 +164,16 @@ def plan(cfg: Config) -> str:
     state = check_run_dir(cfg)  # a refusal first: it is what the run would hit first
     desc = data.describe(cfg.data.name, cfg.data.root)
     n = cfg.model.num_classes or desc.num_classes
+    size = (cfg.data.image_size,) * 2 if cfg.data.image_size else tuple(desc.image_size)
     classes = f"{n} classes"
     ref = cfg.model.pretrained
     if ref and not ref.startswith("torchvision:"):
-        m = build_model(cfg, n)  # reads the file and checks every key and shape
+        m = build_model(cfg, n, size)  # reads the file and checks every key and shape
         weights = f"weights from {ref} (read and checked)"
     else:
         # Shapes only: the plan needs the graph, not initialised weights (seconds on CPU).
         no_download = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))
-        m = nnx.eval_shape(lambda: build_model(no_download, n))
+        m = nnx.eval_shape(lambda: build_model(no_download, n, size))
         weights = (f"weights {ref} (downloaded when the run starts)" if ref
                    else f"fresh weights (seed {cfg.seed})")
     params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))

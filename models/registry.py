@@ -79,6 +79,20 @@ def create(name: str, num_classes: int = 1000, seed: int = 0, **options) -> Net:
     return e.build(num_classes=num_classes, seed=seed, **options)
 
 
+def match(state: dict, module=None) -> tuple[str, dict] | None:
+    """(arch, create kwargs) of the registered architecture these torch weights (and
+    module, when given) are, else None."""
+    _load_families()
+    for name, e in _REGISTRY.items():
+        # A module shows what a state dict cannot (e.g. strides), so name-only entries
+        # may claim a module; their detect must then check it.
+        if e.detect is not None and (e.auto or module is not None):
+            kwargs = e.detect(state, module)
+            if kwargs is not None:
+                return name, kwargs
+    return None
+
+
 def detect(state: dict, module=None, arch: str | None = None) -> tuple[str, dict]:
     """(arch, create kwargs) of torch weights, or a UserError saying what to pass."""
     if arch is not None:
@@ -88,16 +102,11 @@ def detect(state: dict, module=None, arch: str | None = None) -> tuple[str, dict
             raise UserError(f"these torch weights are not a {arch!r} (their keys or shapes "
                             f"do not match); check arch=, or leave it out to detect it")
         return arch, kwargs
-    _load_families()
-    for name, e in _REGISTRY.items():
-        # A module shows what a state dict cannot (e.g. strides), so name-only entries
-        # may claim a module; their detect must then check it.
-        if e.detect is not None and (e.auto or module is not None):
-            kwargs = e.detect(state, module)
-            if kwargs is not None:
-                return name, kwargs
-    raise UserError("could not recognise the architecture of these torch weights; "
-                    f"pass arch=... (one of {sorted(_REGISTRY)})")
+    found = match(state, module)
+    if found is None:
+        raise UserError("could not recognise the architecture of these torch weights; "
+                        f"pass arch=... (one of {sorted(_REGISTRY)})")
+    return found
 
 
 def blocks(m: Net) -> list[Block]:
