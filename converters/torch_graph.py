@@ -129,13 +129,10 @@ def _shape(node) -> tuple:
     return tuple(out)
 
 
-def _pair(v, name: str) -> tuple[int, int]:
+def _pair(v) -> tuple[int, int]:
+    """An (h, w) argument of a 2-D op: an int or a list of one or two (torch's forms)."""
     v = [v] if isinstance(v, int) else list(v)
-    if len(v) == 1:
-        v = v * 2
-    if len(v) != 2:
-        raise ValueError(f"{name} {v}")
-    return int(v[0]), int(v[1])
+    return int(v[0]), int(v[-1])
 
 
 class _Mapper:
@@ -199,7 +196,8 @@ class _Mapper:
 
     # -- the walk ------------------------------------------------------------------------
 
-    def add(self, node, kind: str, config: dict, inputs, op: str, prefix=None) -> _Tensor:
+    def add(self, node, kind: str, config: dict, inputs, op: str, prefix=None) -> int:
+        """Record a layer; returns its index."""
         self.layers.append(_Layer(kind, config, tuple(inputs), node, op, prefix))
         return len(self.layers) - 1
 
@@ -253,7 +251,7 @@ def _conv(mp: _Mapper, node):
     if a["bias"] is not None:
         mp.param(node, a["bias"], "bias", prefix)
     cout, cin_g, kh, kw = mp.values[a["weight"]].shape
-    stride, dilation = _pair(a["stride"], "stride"), _pair(a["dilation"], "dilation")
+    stride, dilation = _pair(a["stride"]), _pair(a["dilation"])
     padding = a["padding"]
     if isinstance(padding, str):  # aten.conv2d.padding: 'valid' or 'same'
         if padding == "same" and stride == (1, 1) and all(d * (k - 1) % 2 == 0 for d, k in
@@ -265,7 +263,7 @@ def _conv(mp: _Mapper, node):
             mp.refuse(node, f"pads '{padding}' asymmetrically",
                       "jaxprune maps symmetric padding: an int or pair, 'valid', or 'same' "
                       "with stride 1 and an odd dilated kernel")
-    ph, pw = _pair(padding, "padding")
+    ph, pw = _pair(padding)
     groups = int(a["groups"])
     config = dict(cin=cin_g * groups, cout=cout, kernel=[kh, kw], stride=list(stride),
                   padding=[[ph, ph], [pw, pw]], groups=groups, dilation=list(dilation),
@@ -347,7 +345,7 @@ def _gelu(mp: _Mapper, node):
 
 
 def _same_layout(mp: _Mapper, node, xs: list[_Tensor]) -> tuple:
-    if len({(x.perm) for x in xs}) != 1:
+    if len({x.perm for x in xs}) != 1:
         mp.refuse(node, "combines tensors held in different layouts",
                   "jaxprune combines tensors whose dims are in the same order")
     return xs[0].perm
@@ -402,7 +400,7 @@ def _cat(mp: _Mapper, node):
 
 
 def _square(mp: _Mapper, node, value, name: str) -> int:
-    h, w = _pair(value, name)
+    h, w = _pair(value)
     if h != w:
         mp.refuse(node, f"has a {h}x{w} {name}", f"jaxprune's pools take a square {name}")
     return h
@@ -411,7 +409,7 @@ def _square(mp: _Mapper, node, value, name: str) -> int:
 def _max_pool(mp: _Mapper, node):
     a = _bind(node)
     x = mp.spatial(node, a["self"])
-    if a["ceil_mode"] or _pair(a["dilation"], "dilation") != (1, 1):
+    if a["ceil_mode"] or _pair(a["dilation"]) != (1, 1):
         mp.refuse(node, "uses ceil_mode or dilation", "jaxprune maps floor-mode, undilated "
                         "max pooling")
     k = _square(mp, node, a["kernel_size"], "kernel")
@@ -436,7 +434,9 @@ def _avg_pool(mp: _Mapper, node):
 def _adaptive_avg_pool(mp: _Mapper, node):
     a = _bind(node)
     x = mp.spatial(node, a["self"])
-    out_hw = list(_pair(a["output_size"], "output_size"))
+    if None in list(a["output_size"]):
+        mp.refuse(node, "keeps a dim (output size None)", "jaxprune maps fixed output sizes")
+    out_hw = list(_pair(a["output_size"]))
     return _Tensor(mp.add(node, "AdaptiveAvgPool", dict(out_hw=out_hw), [x.src], "avgpool"),
                    NCHW)
 
@@ -521,9 +521,11 @@ def _table() -> dict:
 
 
 OPS = _table()
-# for messages: what a user's model may call (getitem and sym_size only come with others)
-SUPPORTED = ", ".join(sorted(k.removeprefix("aten.").lstrip("_") for k in OPS
-                             if k not in ("getitem", "aten.sym_size")))
+# for messages: the ops as a user knows them (getitem and sym_size only come with others)
+_SHOWN = {"aten._native_batch_norm_legit_no_training": "batch_norm (eval)",
+          "getitem": None, "aten.sym_size": None, "aten._unsafe_view": None}
+SUPPORTED = ", ".join(sorted(_SHOWN.get(k, k.removeprefix("aten.")) for k in OPS
+                             if _SHOWN.get(k, k) is not None))
 
 
 # -- names ------------------------------------------------------------------------------------

@@ -160,6 +160,8 @@ def plan(cfg: Config) -> str:
     they fit); downloads nothing, reads no data, trains nothing, writes nothing.
     """
     from flax import nnx
+
+    from converters.torch_factory import PREFIX
     from jaxprune import data
     state = check_run_dir(cfg)  # a refusal first: it is what the run would hit first
     desc = data.describe(cfg.data.name, cfg.data.root)
@@ -172,8 +174,12 @@ def plan(cfg: Config) -> str:
         weights = f"weights from {ref} (read and checked)"
     else:
         # Shapes only: the plan needs the graph, not initialised weights (seconds on CPU).
+        # A torch model's graph comes from tracing it, with the weights it has anyway.
         no_download = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))
-        m = nnx.eval_shape(lambda: build_model(no_download, n, size))
+        if cfg.model.name.startswith(PREFIX):
+            m = build_model(no_download, n, size)
+        else:
+            m = nnx.eval_shape(lambda: build_model(no_download, n, size))
         weights = (f"weights {ref} (downloaded when the run starts)" if ref
                    else f"fresh weights (seed {cfg.seed})")
     params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
