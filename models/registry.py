@@ -63,6 +63,10 @@ def available() -> list[str]:
 
 def entry(name: str) -> Entry:
     _load_families()
+    if name.startswith("torch:"):  # converters.torch_factory's names: no builder, no blocks
+        raise UserError(f"model {name!r} is a torch model imported through its graph "
+                        f"(converters.trace), not a registered architecture; this needs one "
+                        f"of {sorted(_REGISTRY)}")
     if name not in _REGISTRY:
         raise UserError(f"unknown model {name!r}; {closest(name, _REGISTRY)}")
     return _REGISTRY[name]

@@ -22,6 +22,7 @@ from flax import nnx
 
 import converters
 import jaxprune
+import models
 from jaxprune import config, runner
 from jaxprune.errors import UserError
 from jaxprune.methods.easier.method import EntropyHooks
@@ -294,6 +295,9 @@ def test_torch_names_that_cannot_build():
         factory("torch:torchvision.models:resnet5")
     with pytest.raises(UserError, match="check model.options"):
         build("torch:tests.torch_ref:OwnNet", options={"width": 3}, input_size=(32, 32))
+    # a traced model has no builder: what needs one (DepthShrinker's blocks) says so
+    with pytest.raises(UserError, match="imported through its graph .* not a registered"):
+        models.blocks(build("torch:tests.torch_ref:OwnNet", input_size=(32, 32)))
 
 
 # -- refusals -----------------------------------------------------------------------------------
