@@ -532,8 +532,10 @@ SUPPORTED = ", ".join(sorted(_SHOWN.get(k, k.removeprefix("aten.")) for k in OPS
 
 def _names(layers: list[_Layer], what: str) -> list[str]:
     """Each layer's name (see the module doc), in mapping order."""
-    paths = {_owner(layer.node)[1] for layer in layers} | {l.prefix for l in layers if l.prefix}
-    containers = {p.rpartition(".")[0] for p in paths if p} | {""}
+    paths = {_owner(layer.node)[1] for layer in layers}
+    paths |= {layer.prefix for layer in layers if layer.prefix}
+    # every module that holds another (its path a dot-prefix of one seen): never a leaf
+    containers = {p[:i] for p in paths for i, c in enumerate(p) if c == "."} | {""}
     calls = defaultdict(list)  # module call -> its layers
     for i, layer in enumerate(layers):
         calls[_owner(layer.node)[0]].append(i)
