@@ -283,6 +283,18 @@ def test_pretrained_weights_for_a_torch_model(tmp_path, monkeypatch):
         torchvision_state("IMAGENET1K_V2", "torch:torchvision.models:resnet50")
 
 
+def test_parity_check_of_an_export_reads_its_program_without_torch_load(imported, tmp_path,
+                                                                        monkeypatch):
+    """`method: parity` on an export folder compares it with its own `model.pt2`, read by
+    `load_program` (torch.export.load would unpickle what the file holds)."""
+    from converters.check import max_abs_diff, torch_pair
+    converters.export(imported("own").jax, tmp_path / "own")
+    monkeypatch.setattr(torch.export, "load", None)  # never called
+    program, back = torch_pair("own", {}, None, str(tmp_path / "own"))
+    x = images(2, 224)
+    assert max_abs_diff(program, back, x) <= TOL * float(np.abs(torch_logits(program, x)).max())
+
+
 def test_torch_names_that_cannot_build():
     from converters.torch_factory import build, factory
     with pytest.raises(UserError, match="torch:<module>:<factory>"):
