@@ -10,7 +10,8 @@ _EXPORTS = {"from_torch": "converters.torch_in", "load_state": "converters.torch
             "read_file": "converters.torch_in", "torch_state_dict": "converters.torch_in",
             "load_pretrained": "converters.pretrained",
             "to_torch": "converters.torch_out", "export": "converters.torch_out",
-            "to_torchvision": "converters.torch_out"}
+            "to_torchvision": "converters.torch_out",
+            "trace": "converters.torch_graph", "from_program": "converters.torch_graph"}
 
 __all__ = sorted(_EXPORTS)
 

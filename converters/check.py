@@ -40,12 +40,12 @@ def _load_into_torch(module, state: dict[str, np.ndarray], source: str) -> None:
 
 
 def _exported_program(folder: Path):
-    import torch
+    from converters.torch_program import load_program  # torch.export.load would unpickle
     program = folder / "model.pt2"
     if not program.is_file():
         raise UserError(f"{folder} has arch.json but no model.pt2 to check it against; "
                         f"export it again with converters.export")
-    return torch.export.load(str(program)).module()  # traced in eval mode
+    return load_program(program).module()  # traced in eval mode
 
 
 def torch_pair(arch: str, options: dict, num_classes: int, source: str, seed: int = 0):

@@ -21,15 +21,24 @@ TORCHVISION_BUILDERS = {
 }
 
 
+def _torchvision_builder(arch: str) -> str | None:
+    """The torchvision builder whose weights `arch` takes: a built-in model's, or the
+    factory a traced model was made by (`torch:torchvision.models:resnet50`)."""
+    module, _, factory = arch.removeprefix("torch:").partition(":")
+    if arch.startswith("torch:") and module.split(".")[0] == "torchvision" and factory:
+        return factory
+    return TORCHVISION_BUILDERS.get(arch)
+
+
 def torchvision_state(ref: str, arch: str) -> dict[str, np.ndarray]:
     """torchvision's weights `ref` (a weights enum name) of `arch`, downloaded by torchvision."""
     from jaxprune.torch_compat import torchvision
     tv = torchvision()
-    builder = TORCHVISION_BUILDERS.get(arch)
+    builder = _torchvision_builder(arch)
     if builder is None:
         raise UserError(f"model.pretrained: torchvision has no weights for {arch!r}; "
                         f"use a .pth/.safetensors path (torchvision weights exist for "
-                        f"{sorted(TORCHVISION_BUILDERS)})")
+                        f"{sorted(TORCHVISION_BUILDERS)} and torch:torchvision.models:<name>)")
     try:
         weights = tv.models.get_model_weights(builder)[ref]
     except KeyError:

@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxprune.errors import UserError
 from models.net import Net
-from models.registry import create, detect
+from models.registry import create, detect, match
 
 # torch keeps a step counter in every BatchNorm; it carries no information here.
 _DROPPED_SUFFIXES = ("num_batches_tracked",)
@@ -248,7 +248,8 @@ def from_torch(obj: Any, arch: str | None = None) -> Net:
     """A jaxprune model holding the weights of `obj` (module, state dict or file path).
 
     The class count comes from the classifier's shape; the architecture is
-    detected from the weights unless `arch` names it.
+    detected from the weights unless `arch` names it. A module of no registered
+    architecture is traced (`converters.trace`, at 224x224).
     """
     module, source, spec = None, "torch weights", None
     if isinstance(obj, (str, os.PathLike)):
@@ -265,12 +266,16 @@ def from_torch(obj: Any, arch: str | None = None) -> Net:
                         f"not {type(obj).__name__}")
     if spec is not None and "graph" in spec:  # an export describes its whole graph (fused too)
         from converters.torch_arch import net_from_arch
-        return load_state(net_from_arch(spec, source), state, source)
+        return net_from_arch(spec, source, state)
     if spec is not None:  # an exported folder names its own architecture
         return load_state(create(spec["arch"], num_classes=spec["num_classes"], **spec["options"]),
                           state, source)
+    if module is not None and arch is None and match(state, module) is None:
+        from converters.torch_graph import trace  # no builder knows it: import its graph
+        return trace(module)
     name, kwargs = detect(state, module, arch)
-    return load_state(create(name, **kwargs), state, source)
+    from converters.torch_arch import with_weights
+    return with_weights(lambda: create(name, **kwargs), state, source)
 
 
 def torch_state_dict(m: Net, with_counters: bool = False) -> dict[str, np.ndarray]:

@@ -41,15 +41,16 @@ def _conv_plan(padding, stride):
     return None, tuple(pads), tuple(starts)
 
 
-def _conv(x, weight, bias, stride, padding, groups, plan):
+def _conv(x, weight, bias, stride, padding, groups, plan, dilation=(1, 1)):
     """F.conv2d with jaxprune's padding (output cropped to the exact size)."""
     pre_pad, conv_pad, (r0, c0) = plan
     if pre_pad is not None:
-        return F.conv2d(F.pad(x, pre_pad), weight, bias, stride, 0, 1, groups)
-    y = F.conv2d(x, weight, bias, stride, conv_pad, 1, groups)
+        return F.conv2d(F.pad(x, pre_pad), weight, bias, stride, 0, dilation, groups)
+    y = F.conv2d(x, weight, bias, stride, conv_pad, dilation, groups)
     (plo, phi), (qlo, qhi) = padding
-    ho = (x.shape[2] + plo + phi - weight.shape[2]) // stride[0] + 1
-    wo = (x.shape[3] + qlo + qhi - weight.shape[3]) // stride[1] + 1
+    (dh, dw), (kh, kw) = dilation, weight.shape[2:]
+    ho = (x.shape[2] + plo + phi - dh * (kh - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] + qlo + qhi - dw * (kw - 1) - 1) // stride[1] + 1
     if (r0, c0, ho, wo) != (0, 0, y.shape[2], y.shape[3]):
         y = y[:, :, r0:r0 + ho, c0:c0 + wo]
     return y
@@ -60,13 +61,14 @@ class Conv(nn.Conv2d):
 
     def __init__(self, layer: L.Conv):
         super().__init__(layer.cin, layer.cout, layer.kernel_size, layer.stride,
-                         groups=layer.groups, bias=layer.bias is not None)
+                         dilation=layer.dilation, groups=layer.groups,
+                         bias=layer.bias is not None)
         self.jax_padding = layer.padding
         self.plan = _conv_plan(layer.padding, layer.stride)
 
     def forward(self, x):
         return _conv(x, self.weight, self.bias, self.stride, self.jax_padding, self.groups,
-                     self.plan)
+                     self.plan, self.dilation)
 
 
 def _window_conv(x, k, r0: int, c0: int, rows: int, cols: int, stride, groups: int):
@@ -139,7 +141,9 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"BatchNorm expects (N, C) or (N, C, H, W), got {tuple(x.shape)}")
 
 
-_ACTS = {"relu": F.relu, "relu6": F.relu6, "gelu": F.gelu}  # F.gelu is exact (erf) by default
+# the torch function of every activation kind (models.layers.ACTIVATIONS); F.gelu is exact (erf)
+_ACTS = {"relu": F.relu, "relu6": F.relu6, "gelu": F.gelu, "silu": F.silu,
+         "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "sigmoid": torch.sigmoid}
 
 
 class Act(_Same):
@@ -187,6 +191,39 @@ class Add(_Same):
         return out
 
 
+class Mul(_Same):
+    def __init__(self, layer=None):
+        super().__init__()
+
+    def forward(self, a, b, channels_first: bool):
+        return a * b
+
+
+class Concat(_Same):
+    """Channel concatenation: dim 1 of NCHW maps, the last dim otherwise."""
+
+    def __init__(self, layer=None):
+        super().__init__()
+
+    def forward(self, *xs, channels_first: bool):
+        return torch.cat(xs, 1 if channels_first and xs[0].dim() == 4 else -1)
+
+
+class Scale(_Same):
+    """A per-channel factor held as the torch parameter `layer.param` in its torch shape."""
+
+    def __init__(self, layer: L.Scale):
+        super().__init__()
+        self.param = layer.param
+        self.register_parameter(layer.param, nn.Parameter(torch.ones(layer.torch_shape)))
+
+    def forward(self, x, channels_first: bool):
+        gamma = getattr(self, self.param).reshape(-1)
+        if channels_first and x.dim() == 4:
+            gamma = gamma.reshape(-1, 1, 1)
+        return x * gamma
+
+
 class GlobalAvgPool(_Same):
     def __init__(self, layer=None):
         super().__init__()
@@ -214,6 +251,14 @@ class MaxPool(nn.MaxPool2d):
 
     def __init__(self, layer: L.MaxPool):
         super().__init__(layer.kernel, layer.stride, layer.padding)
+
+
+class AvgPool(nn.AvgPool2d):
+    layout = "nchw"
+
+    def __init__(self, layer: L.AvgPool):
+        super().__init__(layer.kernel, layer.stride, layer.padding,
+                         count_include_pad=layer.count_include_pad)
 
 
 class AdaptiveAvgPool(nn.AdaptiveAvgPool2d):

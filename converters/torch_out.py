@@ -43,15 +43,21 @@ def _layout(t: torch.Tensor, channels_first: bool, want: bool) -> torch.Tensor:
 
 def _attach(root: nn.Module, name: str, module: nn.Module) -> None:
     """Register `module` at the dotted path `name` (containers made as needed), so the
-    state dict keys are the torch module paths the layer names already are."""
+    state dict keys are the torch module paths the layer names already are. A layer may
+    sit at the path of a module holding others, as torch's own modules do (ConvNeXt's
+    block keeps its layer scale beside its sub-layers): it takes over their container."""
     *parents, leaf = name.split(".")
     node = root
     for p in parents:
         if p not in node._modules:
             node.add_module(p, nn.Module())
         node = node._modules[p]
-    if leaf in node._modules:
+    held = node._modules.get(leaf)
+    if held is not None and type(held) is not nn.Module:
         raise UserError(f"to_torch: two layers at the torch path {name!r}")
+    if held is not None:
+        for child, sub in held._modules.items():
+            module.add_module(child, sub)
     node.add_module(leaf, module)
 
 

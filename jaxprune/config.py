@@ -102,6 +102,7 @@ class ModelConfig:
     num_classes: int | None = option(None, ge=1, why="null: the data set's class count")
     pretrained: str | None = None   # .pth/.pt/.safetensors path, or "torchvision:<WEIGHTS>"
     options: dict = dataclasses.field(default_factory=dict)  # models.create(**options), e.g. width
+    source: str | None = None       # a torch.export program (.pt2); name becomes "torch:<source>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +262,19 @@ def _build(cls, raw: Any, prefix: str):
     return cls(**values)
 
 
+def _name_source(cfg: Config, raw_model: dict) -> Config:
+    """A model read from `model.source` is named `torch:<source>` (results and reports say
+    which file it was); a different `model.name` beside it is refused."""
+    source = cfg.model.source
+    if source is None:
+        return cfg
+    name = f"torch:{source}"
+    if "name" in raw_model and raw_model["name"] != name:
+        raise UserError(f"config keys 'model.name' ({raw_model['name']!r}) and 'model.source' "
+                        f"({source!r}) both name a model: remove model.name")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name))
+
+
 def from_dict(raw: dict) -> Config:
     """Validate a plain dict (as read from YAML) into a `Config`."""
     from jaxprune import methods
@@ -269,6 +283,7 @@ def from_dict(raw: dict) -> Config:
     if not isinstance(method_raw, dict):
         raise UserError(f"config key 'method' must be a mapping, got {method_raw!r}")
     cfg = _build(Config, raw, "")
+    cfg = _name_source(cfg, raw.get("model") or {})
     method_name = method_raw.get("name", MethodConfig.name)
     if not isinstance(method_name, str):
         raise UserError(f"config key 'method.name' must be str, got {method_name!r}")

@@ -74,8 +74,9 @@ class RunContext:
 
     def build_model(self):
         """The config's model, fresh: `model.name` with `model.options`, `num_classes`
-        classes, seeded by `seed`, loaded from `model.pretrained` when given."""
-        return build_model(self.cfg, self.num_classes)
+        classes, seeded by `seed`, loaded from `model.pretrained` when given (a torch
+        model is imported at the run's image size)."""
+        return build_model(self.cfg, self.num_classes, self.image_size)
 
     def checkpoints(self, stage: str):
         """Model checkpoints of one stage or of the rounds (`checkpoints/<stage>/`)."""
@@ -99,13 +100,20 @@ class RunContext:
         return time.perf_counter() - self.started
 
 
-def build_model(cfg: Config, num_classes: int):
+def build_model(cfg: Config, num_classes: int, image_size: tuple[int, int] = (224, 224)):
     """`model.name` with `model.options` and `num_classes` classes, seeded by `seed`,
-    starting from `model.pretrained` when given."""
+    starting from `model.pretrained` when given. A torch model (`torch:<module>:<factory>`
+    or `model.source`, `converters.torch_factory`) is imported at `image_size`."""
     import models
     from converters import load_pretrained
-    m = models.create(cfg.model.name, num_classes=num_classes, seed=cfg.seed,
-                      **cfg.model.options)
+    from converters.torch_factory import PREFIX
+    if cfg.model.name.startswith(PREFIX):
+        from converters.torch_factory import build
+        m = build(cfg.model.name, source=cfg.model.source, num_classes=num_classes,
+                  seed=cfg.seed, options=cfg.model.options, input_size=image_size)
+    else:
+        m = models.create(cfg.model.name, num_classes=num_classes, seed=cfg.seed,
+                          **cfg.model.options)
     if cfg.model.pretrained:
         load_pretrained(m, cfg.model.pretrained)
     return m

@@ -62,7 +62,7 @@ def check(cfg: Config) -> Preflight:
     _check_can_write(run_dir)
     missing: list[str] = []
     info, num_classes = _data(cfg, missing)
-    model, weights = _model(cfg, num_classes, missing)
+    model, weights = _model(cfg, num_classes, info, missing)
     sizes = cfg.method.input_sizes(cfg, model.spec.input_size) or [_image_size(cfg, info, model)]
     for hw in sizes:
         _check_takes(cfg, model, hw)
@@ -112,15 +112,21 @@ def _data(cfg: Config, missing: list[str]):
     return info, n or info.num_classes
 
 
-def _model(cfg: Config, num_classes: int, missing: list[str]):
+def _model(cfg: Config, num_classes: int, info, missing: list[str]):
     """(the config's model, a line saying where its weights come from). A weights file is
-    read (every key and shape checked); otherwise only shapes are built."""
+    read (every key and shape checked); otherwise only shapes are built, except for a torch
+    model (`torch:` names, `model.source`): its graph comes from tracing it, at the run's
+    image size, with the weights it has anyway."""
     from flax import nnx
 
+    from converters.torch_factory import PREFIX
     from jaxprune.context import build_model
     ref = cfg.model.pretrained
+    traced = cfg.model.name.startswith(PREFIX)
+    size = ((cfg.data.image_size,) * 2 if cfg.data.image_size else
+            tuple(info.image_size) if info is not None else (224, 224))
     if is_file_reference(ref) and Path(ref).exists():
-        return build_model(cfg, num_classes), f"weights from {ref} (read and checked)"
+        return build_model(cfg, num_classes, size), f"weights from {ref} (read and checked)"
     if is_file_reference(ref):
         missing.append(f"model.pretrained: {ref} not found; download the weights there or "
                        f"correct the path")
@@ -131,6 +137,8 @@ def _model(cfg: Config, num_classes: int, missing: list[str]):
         weights = f"fresh weights (seed {cfg.seed})"
     # Shapes only: the plan needs the graph, not initialised weights.
     shapes = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))
+    if traced:
+        return build_model(shapes, num_classes, size), weights
     try:
         return nnx.eval_shape(lambda: build_model(shapes, num_classes)), weights
     except (ValueError, TypeError, ZeroDivisionError) as e:  # a bad option value (width 0)

@@ -5,7 +5,7 @@
     models.available()
 """
 from models.net import Block, GraphBuilder, ModelSpec, Net
-from models.registry import available, blocks, create, detect, entry, register
+from models.registry import available, blocks, create, detect, entry, match, register
 
 __all__ = ["Block", "GraphBuilder", "ModelSpec", "Net", "available", "blocks", "create", "detect",
-           "entry", "register"]
+           "entry", "match", "register"]

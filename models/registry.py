@@ -63,6 +63,10 @@ def available() -> list[str]:
 
 def entry(name: str) -> Entry:
     _load_families()
+    if name.startswith("torch:"):  # converters.torch_factory's names: no builder, no blocks
+        raise UserError(f"model {name!r} is a torch model imported through its graph "
+                        f"(converters.trace), not a registered architecture; this needs one "
+                        f"of {sorted(_REGISTRY)}")
     if name not in _REGISTRY:
         raise UserError(f"unknown model {name!r}; {closest(name, _REGISTRY)}")
     return _REGISTRY[name]
@@ -79,11 +83,25 @@ def create(name: str, num_classes: int = 1000, seed: int = 0, **options) -> Net:
     return e.build(num_classes=num_classes, seed=seed, **options)
 
 
+def match(state: dict, module=None) -> tuple[str, dict] | None:
+    """(arch, create kwargs) of the registered architecture these torch weights (and
+    module, when given) are, else None."""
+    _load_families()
+    for name, e in _REGISTRY.items():
+        # A module shows what a state dict cannot (e.g. strides), so name-only entries
+        # may claim a module; their detect must then check it.
+        if e.detect is not None and (e.auto or module is not None):
+            kwargs = e.detect(state, module)
+            if kwargs is not None:
+                return name, kwargs
+    return None
+
+
 def detect(state: dict, module=None, arch: str | None = None) -> tuple[str, dict]:
     """(arch, create kwargs) of torch weights, or a UserError saying what the weights are
     and what to do: with `arch` named, the architecture they are when it is another; when
     none fits, what their keys look like against what the architecture expects."""
-    found = _detect_any(state, module)
+    found = match(state, module)
     if arch is None:
         if found is not None:
             return found
@@ -97,18 +115,6 @@ def detect(state: dict, module=None, arch: str | None = None) -> tuple[str, dict
         raise UserError(f"these torch weights are a {found[0]!r} {found[1]}, not a {arch!r}: "
                         f"pass arch={found[0]!r}, or leave arch out")
     raise UserError(f"these torch weights are not a {arch!r}: {_keys_against(state, arch)}")
-
-
-def _detect_any(state: dict, module) -> tuple[str, dict] | None:
-    _load_families()
-    for name, e in _REGISTRY.items():
-        # A module shows what a state dict cannot (e.g. strides), so name-only entries
-        # may claim a module; their detect must then check it.
-        if e.detect is not None and (e.auto or module is not None):
-            kwargs = e.detect(state, module)
-            if kwargs is not None:
-                return name, kwargs
-    return None
 
 
 def _keys_against(state: dict, arch: str | None) -> str:

@@ -58,6 +58,8 @@ def _detect(cifar: bool):
         w = sd.get("conv1.weight")
         if w is None or "layer4.1.conv2.weight" not in sd or "fc.weight" not in sd:
             return None
+        if "layer4.2.conv1.weight" in sd or "layer1.0.conv3.weight" in sd:
+            return None  # a deeper ResNet (34: three blocks in stage 4) or a bottleneck one
         if tuple(w.shape[2:]) != ((3, 3) if cifar else (7, 7)):
             return None
         return {"num_classes": int(sd["fc.weight"].shape[0]), "width": int(w.shape[0])}

@@ -69,7 +69,8 @@ def vgg16_bn(num_classes: int = 1000, seed: int = 0, dropout: float = 0.5) -> Ne
 
 def _detect(sd: dict) -> dict | None:
     convs = {int(k.split(".")[1]) for k, v in sd.items()
-             if k.startswith("features.") and k.endswith(".weight") and len(v.shape) == 4}
+             if k.startswith("features.") and k.split(".")[1].isdigit()
+             and k.endswith(".weight") and len(v.shape) == 4}
     # the conv indices alone tell VGG-16-BN from plain VGG-16 and the other depths
     if convs != set(_conv_indices()) or "classifier.6.weight" not in sd:
         return None

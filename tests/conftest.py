@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# torch on one thread: beside XLA's host devices on a shared 2-core machine, two OpenMP
+# threads spin against each other (a small torch forward measured 160 ms, 1 ms on one thread).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Many tests build the same small model and train step, each in a new jit (a new Trainer, a
 # new `run.py` process): XLA compiles the same program again, seconds each time on CPU. A
 # persistent cache for this session (inherited by the subprocesses) compiles it once.

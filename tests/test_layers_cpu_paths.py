@@ -12,21 +12,24 @@ from models.layers import Conv, MaxPool, conv_as_matmul
 from models.layers.conv import small_map
 
 
-@pytest.mark.parametrize("hw,cin,cout,k,stride,pad,groups", [
-    ((2, 3), 8, 16, 3, 1, 1, 1),   # 2x2 map, 3x3 kernel: ResNet stage 4 at 32 px
-    ((1, 2), 8, 8, 3, 1, 1, 1),
-    ((3, 3), 6, 6, 5, 2, 2, 1),
-    ((2, 3), 8, 8, 3, 1, 1, 8),    # depthwise
-    ((4, 5), 8, 12, 5, 1, 2, 4),   # grouped
-    ((7, 6), 4, 4, 3, 2, 1, 1),
+@pytest.mark.parametrize("hw,cin,cout,k,stride,pad,groups,dilation", [
+    ((2, 3), 8, 16, 3, 1, 1, 1, 1),   # 2x2 map, 3x3 kernel: ResNet stage 4 at 32 px
+    ((1, 2), 8, 8, 3, 1, 1, 1, 1),
+    ((3, 3), 6, 6, 5, 2, 2, 1, 1),
+    ((2, 3), 8, 8, 3, 1, 1, 8, 1),    # depthwise
+    ((4, 5), 8, 12, 5, 1, 2, 4, 1),   # grouped
+    ((7, 6), 4, 4, 3, 2, 1, 1, 1),
+    ((3, 4), 4, 6, 3, 1, 2, 2, 2),    # dilated: taps 2 apart
 ])
-def test_conv_as_matmul_is_lax_conv(hw, cin, cout, k, stride, pad, groups):
+def test_conv_as_matmul_is_lax_conv(hw, cin, cout, k, stride, pad, groups, dilation):
     x = jax.random.normal(jax.random.key(0), (3, *hw, cin))
     w = jax.random.normal(jax.random.key(1), (k, k, cin // groups, cout))
     args = ((stride, stride), ((pad, pad), (pad, pad)))
-    ref = jax.lax.conv_general_dilated(x, w, *args, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    ref = jax.lax.conv_general_dilated(x, w, *args, rhs_dilation=(dilation, dilation),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                        feature_group_count=groups)
-    np.testing.assert_allclose(conv_as_matmul(x, w, *args, groups), ref, atol=1e-5)
+    np.testing.assert_allclose(conv_as_matmul(x, w, *args, groups, (dilation, dilation)), ref,
+                               atol=1e-5)
 
 
 def test_conv_picks_the_matmul_form_only_for_small_maps():

@@ -11,39 +11,10 @@ import jaxprune
 import models
 from jaxprune.errors import UserError
 from jaxprune.methods.depthshrinker.groups import groups
-from tests.torch_ref import images, jax_logits, max_diff, randomize, timm, torch_logits, torchvision
+from tests.torch_ref import images, jax_logits, max_diff, ready, timm, torch_logits, torchvision
 
 TOL = 1e-4
 NUM_CLASSES = 3
-
-
-def _ready(module: torch.nn.Module, seed: int, calib_size: int) -> torch.nn.Module:
-    """Random weights and BN statistics whose scale fits the data.
-
-    `randomize` alone draws running statistics unrelated to the activations, and
-    after ~50 layers the logits no longer depend on the input (every image gives
-    the same logits, so parity would prove little). Here the statistics are
-    measured on random images, then perturbed at random. Linear layers get torch's
-    default init: torchvision's N(0, 0.01) classifiers give logits near 1e-2.
-    """
-    torch.manual_seed(seed)
-    for mod in module.modules():
-        if isinstance(mod, torch.nn.Linear):
-            mod.reset_parameters()
-    randomize(module, seed)
-    bns = [mod for mod in module.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average: one batch sets the statistics
-    with torch.no_grad():
-        module.train()(torch.randn(8, 3, calib_size, calib_size, generator=torch.Generator().manual_seed(seed)))
-        g = torch.Generator().manual_seed(seed + 1)
-        for bn in bns:
-            bn.momentum = 0.1
-            c = bn.num_features
-            bn.running_mean.add_(torch.randn(c, generator=g) * 0.3 * bn.running_var.sqrt())
-            bn.running_var.mul_(torch.rand(c, generator=g) + 0.5)
-    return module.eval()
 
 
 def _cifar_mbv2(**kw) -> torch.nn.Module:
@@ -75,7 +46,7 @@ CASES = {
 def _pair(case: str):
     """(torch module, jaxprune model converted from the module), built once per case."""
     sizes = CASES[case][3]
-    tm = _ready(CASES[case][0](), seed=len(case), calib_size=min(sizes + (64,)))
+    tm = ready(CASES[case][0](), seed=len(case), calib_size=min(sizes + (64,)))
     return tm, converters.from_torch(tm)
 
 
@@ -168,7 +139,7 @@ def test_cifar_variant_detection():
 
 
 def test_width_read_from_weights():
-    tm = _ready(torchvision().models.mobilenet_v2(num_classes=NUM_CLASSES, width_mult=0.5), seed=5,
+    tm = ready(torchvision().models.mobilenet_v2(num_classes=NUM_CLASSES, width_mult=0.5), seed=5,
                 calib_size=64)
     m = converters.from_torch(tm)
     assert dict(m.spec.options)["width_mult"] == 0.5

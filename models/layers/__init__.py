@@ -7,18 +7,20 @@ names its layers exactly as the torch module paths, so converting a whole model
 is a loop over layers. Layers avoid `padding='SAME'` and fast variance: both
 silently break parity with torch weights (DESIGN.md §4).
 """
-from models.layers.activation import ACTIVATIONS, Act
+from models.layers.activation import ACTIVATIONS, GATES, Act
 from models.layers.attention import PatchMerging, ShiftedWindowAttention
 from models.layers.base import LINEAR_KINDS, Layer, Mask
-from models.layers.combine import Add
+from models.layers.combine import Add, Concat, Mul
 from models.layers.conv import Conv, FusedConv, conv2d, conv_as_matmul
 from models.layers.initializers import trunc_normal, uniform
-from models.layers.linear import Linear
+from models.layers.linear import Linear, Scale
 from models.layers.norm import BatchNorm, LayerNorm
-from models.layers.pooling import AdaptiveAvgPool, FlattenNCHW, GlobalAvgPool, MaxPool
+from models.layers.pooling import (AdaptiveAvgPool, AvgPool, FlattenNCHW, GlobalAvgPool,
+                                   MaxPool)
 from models.layers.regularization import Dropout, StochasticDepth
 
-__all__ = ["ACTIVATIONS", "LINEAR_KINDS", "Act", "AdaptiveAvgPool", "Add", "BatchNorm", "Conv",
-           "Dropout", "FlattenNCHW", "FusedConv", "GlobalAvgPool", "Layer", "LayerNorm", "Linear",
-           "Mask", "MaxPool", "PatchMerging", "ShiftedWindowAttention", "StochasticDepth",
-           "conv2d", "conv_as_matmul", "trunc_normal", "uniform"]
+__all__ = ["ACTIVATIONS", "GATES", "LINEAR_KINDS", "Act", "AdaptiveAvgPool", "Add", "AvgPool",
+           "BatchNorm", "Concat", "Conv", "Dropout", "FlattenNCHW", "FusedConv", "GlobalAvgPool",
+           "Layer", "LayerNorm", "Linear", "Mask", "MaxPool", "Mul", "PatchMerging", "Scale",
+           "ShiftedWindowAttention", "StochasticDepth", "conv2d", "conv_as_matmul",
+           "trunc_normal", "uniform"]

@@ -12,7 +12,17 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
     "relu6": jax.nn.relu6,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,                # x * sigmoid(x)
+    "hardswish": jax.nn.hard_swish,     # x * relu6(x + 3) / 6, as torch
+    "hardsigmoid": jax.nn.hard_sigmoid,  # relu6(x + 3) / 6, as torch
+    "sigmoid": jax.nn.sigmoid,
 }
+# Activations that make a gate: a factor in [0, 1] that scales another tensor
+# (squeeze-excitation). Their sites are sites like any other, but merging never
+# treats them as identities: the gated product is nonlinear in the block input
+# whatever the gate's mask, so nothing downstream of a gate fuses with the branch
+# that feeds it, and keeping the gate keeps its site (and mask) in the merged model.
+GATES = frozenset({"sigmoid", "hardsigmoid"})
 
 
 class Act(Layer):
@@ -23,7 +33,8 @@ class Act(Layer):
     so a jitted function sees a new mask without recompiling.
     With `record=True` the site sows `on_frac`: the per-channel fraction of
     pre-activations `>= 0`, averaged over every axis but the last.
-    Merging treats a site as an identity only while its mask is 0 everywhere.
+    Merging treats a site as an identity only while its mask is 0 everywhere, and
+    a gate (`GATES`) never.
     """
     torch_counterpart = "Act"
 
@@ -48,4 +59,6 @@ class Act(Layer):
         return 0  # elementwise work
 
     def linear_kind(self):
-        return "identity" if not np.any(np.asarray(self.mask.value) != 0) else None
+        if self.kind in GATES or np.any(np.asarray(self.mask.value) != 0):
+            return None
+        return "identity"

@@ -147,11 +147,13 @@ def sym_pad(p) -> Pad:
     return tuple(tuple(q) for q in p)
 
 
-def windows(x, kernel: tuple[int, int], stride: tuple[int, int]) -> list:
+def windows(x, kernel: tuple[int, int], stride: tuple[int, int],
+            dilation: tuple[int, int] = (1, 1)) -> list:
     """The kh*kw strided views (row-major) of an already padded NHWC map that a
     window of size `kernel` moving by `stride` reads: view (i, j) holds, at every
-    output position, the input under the window's tap (i, j)."""
-    (kh, kw), (sh, sw) = kernel, stride
-    oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-    return [x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+    output position, the input under the window's tap (i, j), taps `dilation` apart."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    oh = (x.shape[1] - dh * (kh - 1) - 1) // sh + 1
+    ow = (x.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    return [x[:, dh * i:dh * i + sh * (oh - 1) + 1:sh, dw * j:dw * j + sw * (ow - 1) + 1:sw]
             for i in range(kh) for j in range(kw)]

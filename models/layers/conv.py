@@ -28,8 +28,9 @@ from models.layers.initializers import kaiming_normal_fan_out
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
-def conv_as_matmul(x, kernel, stride: tuple[int, int], padding: Pad, groups: int = 1):
-    """`lax.conv_general_dilated` (NHWC, HWIO, explicit padding, groups) as one
+def conv_as_matmul(x, kernel, stride: tuple[int, int], padding: Pad, groups: int = 1,
+                   dilation: tuple[int, int] = (1, 1)):
+    """`lax.conv_general_dilated` (NHWC, HWIO, explicit padding, groups, dilation) as one
     contraction of the kh*kw shifted windows of the padded input.
 
     XLA's CPU backend leaves its fast convolution path when a convolution's input
@@ -41,7 +42,7 @@ def conv_as_matmul(x, kernel, stride: tuple[int, int], padding: Pad, groups: int
     """
     kh, kw, cin_g, cout = kernel.shape
     x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    stacked = jnp.stack(windows(x, (kh, kw), stride), axis=3)
+    stacked = jnp.stack(windows(x, (kh, kw), stride, dilation), axis=3)
     n, oh, ow = stacked.shape[:3]
     stacked = stacked.reshape(n, oh, ow, kh * kw, groups, cin_g)
     k = kernel.reshape(kh * kw, cin_g, groups, cout // groups)
@@ -49,26 +50,27 @@ def conv_as_matmul(x, kernel, stride: tuple[int, int], padding: Pad, groups: int
 
 
 def small_map(in_hw, kernel_size, stride, padding) -> bool:
-    """Input or output map smaller than the kernel: forward or gradient convolutions
-    would leave XLA CPU's fast path (see `conv_as_matmul`)."""
+    """Input or output map smaller than the kernel (its dilated extent): forward or
+    gradient convolutions would leave XLA CPU's fast path (see `conv_as_matmul`)."""
     (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = kernel_size, stride, padding
     h, w = in_hw
     oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
     return min(h, oh) < kh or min(w, ow) < kw
 
 
-def conv2d(x, kernel, stride, padding, groups: int):
-    """A conv with explicit, possibly negative (cropping) padding, NHWC/HWIO; on maps
-    smaller than the kernel it is `conv_as_matmul`."""
+def conv2d(x, kernel, stride, padding, groups: int, dilation: tuple[int, int] = (1, 1)):
+    """A conv with explicit, possibly negative (cropping) padding and kernel taps
+    `dilation` apart, NHWC/HWIO; on maps smaller than the kernel it is `conv_as_matmul`."""
     if isinstance(padding, str):  # "VALID"
         padding = ((0, 0), (0, 0))
     (pt, pb), (pl, pr) = padding
     x = x[:, max(-pt, 0):x.shape[1] - max(-pb, 0), max(-pl, 0):x.shape[2] - max(-pr, 0)]
     padding = ((max(pt, 0), max(pb, 0)), (max(pl, 0), max(pr, 0)))
-    if small_map(x.shape[1:3], kernel.shape[:2], stride, padding):
-        return conv_as_matmul(x, kernel, stride, padding, groups)
-    return jax.lax.conv_general_dilated(x, kernel, stride, padding, dimension_numbers=_DN,
-                                        feature_group_count=groups)
+    extent = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel.shape[:2]))
+    if small_map(x.shape[1:3], extent, stride, padding):
+        return conv_as_matmul(x, kernel, stride, padding, groups, dilation)
+    return jax.lax.conv_general_dilated(x, kernel, stride, padding, rhs_dilation=dilation,
+                                        dimension_numbers=_DN, feature_group_count=groups)
 
 
 def _conv_macs(out_shape: tuple, kernel_shape: tuple) -> int:
@@ -78,11 +80,13 @@ def _conv_macs(out_shape: tuple, kernel_shape: tuple) -> int:
 
 
 class Conv(Layer):
-    """2-D convolution, NHWC, kernel HWIO, explicit symmetric padding, optional groups."""
+    """2-D convolution, NHWC, kernel HWIO, explicit symmetric padding, optional groups and
+    dilation. Merging composes undilated convs only: a dilated one bounds the runs."""
     torch_counterpart = "Conv"
 
     def __init__(self, cin: int, cout: int, kernel: int | Sequence[int], *, stride=1, padding=0,
-                 groups: int = 1, bias: bool = False, rngs: nnx.Rngs, kernel_init=None):
+                 groups: int = 1, dilation=1, bias: bool = False, rngs: nnx.Rngs,
+                 kernel_init=None):
         kh, kw = pair(kernel)
         if cin % groups or cout % groups:
             raise ValueError(f"channels {cin}->{cout} not divisible by groups={groups}")
@@ -90,13 +94,14 @@ class Conv(Layer):
         self.kernel_size = (kh, kw)
         self.stride = pair(stride)
         self.padding = sym_pad(padding)
+        self.dilation = pair(dilation)
         # torchvision's default for conv layers: kaiming normal, fan_out, relu gain
         init = kernel_init or kaiming_normal_fan_out()
         self.kernel = nnx.Param(init(rngs.params(), (kh, kw, cin // groups, cout), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((cout,), jnp.float32)) if bias else None
 
     def __call__(self, x):
-        y = conv2d(x, self.kernel.value, self.stride, self.padding, self.groups)
+        y = conv2d(x, self.kernel.value, self.stride, self.padding, self.groups, self.dilation)
         if self.bias is not None:
             y = y + self.bias.value
         return y
@@ -104,13 +109,13 @@ class Conv(Layer):
     def config(self):
         return dict(cin=self.cin, cout=self.cout, kernel=list(self.kernel_size),
                     stride=list(self.stride), padding=[list(p) for p in self.padding],
-                    groups=self.groups, bias=self.bias is not None)
+                    groups=self.groups, dilation=list(self.dilation), bias=self.bias is not None)
 
     def macs(self, in_shapes, out_shape):
         return _conv_macs(out_shape, self.kernel.value.shape)
 
     def linear_kind(self):
-        return "conv"
+        return "conv" if self.dilation == (1, 1) else None
 
     def weight_layers(self):
         return 1

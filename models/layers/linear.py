@@ -1,4 +1,4 @@
-"""`Linear`: a dense layer over the last axis."""
+"""`Linear`, a dense layer over the last axis, and `Scale`, a learned per-channel factor."""
 from __future__ import annotations
 
 import math
@@ -51,3 +51,44 @@ class Linear(Layer):
                        lambda w: w.T)
         if self.bias is not None:
             set_from_torch(self.bias, state["bias"], f"{name}.bias", (self.dout,), lambda b: b)
+
+
+class Scale(Layer):
+    """`x * gamma` with one learned factor per channel (last axis): ConvNeXt's layer scale.
+
+    The torch model keeps `gamma` as the parameter `param` of the module this layer is
+    named after (`features.1.0.layer_scale`), in the shape `torch_shape` that broadcasts
+    it over its maps ((C, 1, 1) for NCHW, (C,) for channels-last); jaxprune stores (C,).
+    Merging folds it like BatchNorm: a per-channel scale with no shift.
+    """
+    torch_counterpart = "Scale"
+
+    def __init__(self, dim: int, *, param: str = "weight", torch_shape=None):
+        self.dim, self.param = dim, param
+        self.torch_shape = tuple(torch_shape) if torch_shape is not None else (dim,)
+        if math.prod(self.torch_shape) != dim:
+            raise ValueError(f"torch_shape {self.torch_shape} does not hold {dim} channels")
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+
+    def __call__(self, x):
+        return x * self.scale.value
+
+    def config(self):
+        return dict(dim=self.dim, param=self.param, torch_shape=list(self.torch_shape))
+
+    def macs(self, in_shapes, out_shape):
+        return 0  # elementwise work
+
+    def linear_kind(self):
+        return "channelwise"
+
+    def channel_affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """`x * scale + shift` per channel, float64 (see `BatchNorm.channel_affine`)."""
+        return np.asarray(self.scale.value, np.float64), np.zeros((self.dim,))
+
+    def torch_state(self):
+        return {self.param: np.asarray(self.scale.value).reshape(self.torch_shape)}
+
+    def load_torch_state(self, state, name):
+        set_from_torch(self.scale, state[self.param], f"{name}.{self.param}", self.torch_shape,
+                       lambda v: v.reshape(-1))

@@ -1,8 +1,9 @@
-"""Pooling and the reshapes around classifiers: `MaxPool`, `GlobalAvgPool`,
+"""Pooling and the reshapes around classifiers: `MaxPool`, `AvgPool`, `GlobalAvgPool`,
 `AdaptiveAvgPool`, `FlattenNCHW`. None of them is fused by merging (linear kind None)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from models.layers.base import Layer, windows
 
@@ -30,6 +31,37 @@ class MaxPool(Layer):
 
     def macs(self, in_shapes, out_shape):
         return 0  # comparisons, not multiply-accumulates
+
+    def linear_kind(self):
+        return None
+
+
+class AvgPool(Layer):
+    """torch.nn.AvgPool2d (floor mode): zero padding, counted in the divisor unless
+    `count_include_pad` is False (then each window divides by its real positions)."""
+    torch_counterpart = "AvgPool"
+
+    def __init__(self, kernel: int, stride: int, padding: int = 0, count_include_pad: bool = True):
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.count_include_pad = count_include_pad
+
+    def __call__(self, x):
+        p, k, s = self.padding, self.kernel, self.stride
+        x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        total = sum(windows(x, (k, k), (s, s)))
+        if self.count_include_pad or p == 0:
+            return total / (k * k)
+        # real positions under each window: a function of the map size alone
+        ones = np.pad(np.ones((1, x.shape[1] - 2 * p, x.shape[2] - 2 * p, 1), np.float32),
+                      ((0, 0), (p, p), (p, p), (0, 0)))
+        return total / sum(windows(ones, (k, k), (s, s)))
+
+    def config(self):
+        return dict(kernel=self.kernel, stride=self.stride, padding=self.padding,
+                    count_include_pad=self.count_include_pad)
+
+    def macs(self, in_shapes, out_shape):
+        return 0  # additions, not multiply-accumulates
 
     def linear_kind(self):
         return None
