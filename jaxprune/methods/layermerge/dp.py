@@ -126,7 +126,7 @@ class Space:
             if p not in ends:
                 raise SearchError(f"act_free position {p} ends no segment: drop it or add a "
                                   f"segment ending at {p}")
-        for i, j in options:
+        for i, j in self.options:
             crossed = [f for f in sorted(self.forced) if i < f < j]
             if crossed:
                 raise SearchError(f"segment {(i, j)} crosses the forced boundary {crossed[0]}: "
@@ -455,6 +455,8 @@ class Plan:
 
 
 _FIELD_TYPES = {"int": int, "str": str, "bool": bool, "float": float}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               dict: "an object", list: "a list"}
 
 
 def _field(d: dict, key: str, typ: type, where: str):
@@ -466,7 +468,7 @@ def _field(d: dict, key: str, typ: type, where: str):
     ok = (isinstance(v, (int, float)) and not isinstance(v, bool) if typ is float else
           isinstance(v, int) and not isinstance(v, bool) if typ is int else isinstance(v, typ))
     if not ok:
-        raise SearchError(f"plan JSON {where}{key} is {v!r}, not a {typ.__name__}")
+        raise SearchError(f"plan JSON {where}{key} is {v!r}, not {_TYPE_NAMES[typ]}")
     return v
 
 
