@@ -12,8 +12,8 @@ positions (ECDC's block ends), where the search picks a in {0, 1}.
 * `extend_importance` — ECDC's extended importance (Algorithm 3, App. B).
 * `solve` — the exact dynamic program of both papers in one: state (t, m, a), maximise the
   summed importance subject to the summed discretised latency <= the budget (ECDC stage 2,
-  Algorithm 1, with T = T_opt; LayerMerge, Kim et al., ICML 2024, Algorithm 1, with the
-  kernel options and the raw T).
+  Algorithm 1, with T = T_opt; LayerMerge, Kim et al., ICML 2024, with the kernel options
+  and the raw T).
 * `brute_force` — every plan enumerated, same objective and tie-break (a check, L <= 10).
 * `Plan` — what the search chose, as JSON (`PLAN_SCHEMA`).
 
@@ -38,6 +38,7 @@ MERGED = "merged"                      # the one option of a segment in an ECDC 
 PLAN_SCHEMA = "jaxprune.layermerge.plan/1"
 ROUNDINGS = ("ceil", "floor")
 BRUTE_FORCE_MAX_POSITIONS = 10
+DEFAULT_BINS = 1000
 DECIMALS = 7  # importance sums are compared rounded to this many decimals, as the reference
 
 
@@ -275,7 +276,7 @@ def _grid(budget_ms, bins, prec, rounding) -> _Grid:
     if bins is not None and prec is not None:
         raise SearchError("give bins (over the budget) or prec (bins per ms), not both")
     if prec is None:
-        bins = 1000 if bins is None else bins
+        bins = DEFAULT_BINS if bins is None else bins
         if not _is_int(bins) or bins < 1:
             raise SearchError(f"bins is {bins!r}: give an integer >= 1")
         per_ms = Fraction(int(bins)) / Fraction(budget)
