@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxprune.errors import UserError
+from jaxprune.errors import UserError, closest
 from jaxprune.merging import COST_MODELS
 from models.layers import Conv, FusedConv, Linear
 from models.net import Net
@@ -248,9 +248,9 @@ class _Planner:
     by `jaxprune.measure` (`timed`), and the runs are planned again with the times."""
 
     def __init__(self, m: Net, hw: tuple[int, int], cost: str, batch: int,
-                 timings: dict | None = None):
+                 timings: dict | None = None, cuts=frozenset()):
         self.m, self.hw, self.model, self.batch = m, hw, cost, batch
-        self.g = GraphInfo(m)
+        self.g = GraphInfo(m, cuts)
         self.shapes = prof.tensor_shapes(m, hw)
         self.built: dict = {}      # (src, dst) -> layer, None (identity) or NotFusable
         self.atom_plans: dict = {}
@@ -380,6 +380,8 @@ class _Planner:
             return None  # only BatchNorms / sums: fusing would add a weight layer
         if isinstance(M, NotFusable):
             return M
+        if self.g.cuts & (set(nodes) - {dst}):
+            return None  # a requested cut inside (e.g. in a residual branch): not one layer
         est = self.estimate(M, dst, nodes)
         piece = Atom(src, dst, frozenset(nodes))
         if self.model != "latency" or est.layers == 0:
@@ -498,30 +500,38 @@ def _fmt(c: Cost, model: str) -> str:
 
 
 def merge(m: Net, *, input_size=None, cost: str = "macs", batch: int = 1, verify: bool = True,
-          return_report: bool = False):
+          return_report: bool = False, cuts=()):
     """A new, shallower model computing the same function as `m` in eval mode.
 
     `input_size` (H, W): the size the fused border data are made for (default:
     the model's native size). `cost`: "macs", "latency" (timed at `batch`) or
     "none" (fuse every fusable run). `verify` compares both models on random
     inputs. With `return_report=True` returns `(model, MergeReport)`.
+    `cuts`: layer names whose outputs stay materialized, so no fused layer spans them
+    (a plan chosen elsewhere, e.g. LayerMerge's, with `cost="none"` to fuse every piece
+    between them); an unknown name raises `UserError` listing the closest.
     """
     if not isinstance(m, Net):
         raise UserError(f"merge takes a jaxprune model (models.Net), not {type(m).__name__}")
     if cost not in COST_MODELS:
         raise UserError(f"merge: unknown cost model {cost!r}; use one of {list(COST_MODELS)}")
     hw = prof.input_hw(m, input_size)
+    cuts = frozenset(cuts)
+    unknown = sorted(cuts - set(m.layers))
+    if unknown:
+        raise UserError(f"merge: cut {unknown[0]!r} is not a layer of the model; "
+                        f"{closest(unknown[0], m.layers)}")
     with eval_mode(m):
-        new, report = _merge(m, hw, cost, batch, verify)
+        new, report = _merge(m, hw, cost, batch, verify, cuts)
     return (new, report) if return_report else new
 
 
-def _merge(m: Net, hw, cost: str, batch: int, verify: bool):
-    planner = _Planner(m, hw, cost, batch)
+def _merge(m: Net, hw, cost: str, batch: int, verify: bool, cuts=frozenset()):
+    planner = _Planner(m, hw, cost, batch, cuts=cuts)
     g = planner.g
     plans = [(chain, *planner.chain_plan(chain)) for chain in g.chains()]
     if planner.requests:  # the latency cost model: time what was asked for, plan again
-        planner = _Planner(m, hw, cost, batch, planner.timed())
+        planner = _Planner(m, hw, cost, batch, planner.timed(), cuts)
         plans = [(chain, *planner.chain_plan(chain)) for chain in g.chains()]
     fused, kept, skipped = [], set(), []
     for chain, plan, whole in plans:
@@ -532,9 +542,12 @@ def _merge(m: Net, hw, cost: str, batch: int, verify: bool):
                 g.kind[n] != "identity" for n in nodes) < 2:
             continue  # fused whole, or nothing to fuse
         run = [planner._ordered(chain[0].nodes)[0], chain[-1].dst]
-        cuts = [a.src for k, a in enumerate(chain) if k and g.must_materialize(chain, k)]
-        if cuts:
-            reason = f"an intermediate result is read elsewhere (after {', '.join(cuts)})"
+        inner = [a.src for k, a in enumerate(chain) if k and g.must_materialize(chain, k)]
+        asked = [n for n in planner._ordered(nodes) if n in g.cuts and n != chain[-1].dst]
+        if asked:
+            reason = f"cut on request (after {', '.join(asked)})"
+        elif inner:
+            reason = f"an intermediate result is read elsewhere (after {', '.join(inner)})"
         elif isinstance(whole, NotFusable):
             reason = f"not one layer: {whole}"
         elif isinstance(whole, Plan):

@@ -25,7 +25,9 @@ class Atom:
 
 
 class GraphInfo:
-    def __init__(self, net: Net):
+    def __init__(self, net: Net, cuts=frozenset()):
+        # tensors kept materialized on request (a plan's cuts): no region spans one
+        self.cuts = frozenset(cuts)
         self.order = [n for n, _ in net.graph]
         self.inputs = {n: tuple(ins) for n, ins in net.graph}
         self.pos = {INPUT: -1, **{n: i for i, n in enumerate(self.order)}}
@@ -114,9 +116,10 @@ class GraphInfo:
         return out
 
     def must_materialize(self, chain: list[Atom], k: int) -> bool:
-        """Whether the tensor between atoms k-1 and k is read outside atom k (a forced cut)."""
+        """Whether the tensor between atoms k-1 and k is read outside atom k, or cut on
+        request (a forced cut)."""
         t = chain[k].src
-        return t == self.output or any(c not in chain[k].nodes for c in self.consumers[t])
+        return t == self.output or t in self.cuts or any(c not in chain[k].nodes for c in self.consumers[t])
 
     def branches(self, atom: Atom) -> list[tuple[str, frozenset]] | None:
         """An atom ending in a sum, as its branches (input of the sum, nodes on the way);
