@@ -1,0 +1,194 @@
+"""The ECDC search space of the project's models (`jaxprune.methods.layermerge.space`):
+positions, breaks, residual blocks and segment counts against the reference rules
+(ResNet-18 derived, MobileNetV2 as the released tables), positions against the models'
+activation sites, and plans applied to a model: the sites linearized, the activations
+inserted, and `merge` cutting exactly at the plan's pieces, with the fused model equal to
+the planned one (merge's own check)."""
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxprune
+import models
+from jaxprune.errors import UserError
+from jaxprune.methods.layermerge.dp import MERGED, Plan, PlanSegment, SearchError, solve, t_opt
+from jaxprune.methods.layermerge.space import apply_edits, build_space
+from models.net import randomize_bn
+
+
+def _shape_only(arch, **options):
+    """The model's graph and layer attributes, without initialising weights."""
+    return nnx.eval_shape(lambda: models.create(arch, num_classes=10, **options))
+
+
+# arch, options -> L, segments, breaks, residual blocks, forced boundaries (no segment crosses)
+RESNET18 = (16, 22, (5, 9, 13), tuple((2 * b, 2 * b + 2) for b in range(8)),
+            [0, 4, 5, 6, 8, 9, 10, 12, 13, 14, 16])
+MBV2 = (50, 171, (5, 11, 20, 41),
+        ((5, 8), (11, 14), (14, 17), (20, 23), (23, 26), (26, 29), (32, 35), (35, 38),
+         (41, 44), (44, 47)), [0, 5, 11, 20, 41, 50])
+EXPECTED = [("resnet18_cifar", {}, RESNET18), ("resnet18", {}, RESNET18),
+            ("mobilenet_v2", {}, MBV2), ("mobilenet_v2", {"width_mult": 1.4}, MBV2),
+            ("mobilenet_v2", {"layout": "timm"}, MBV2)]
+
+
+@pytest.mark.parametrize("arch,options,expected", EXPECTED)
+def test_space_matches_the_reference_rules(arch, options, expected):
+    ms = build_space(_shape_only(arch, **options))
+    L, n_segments, breaks, residual, forced = expected
+    assert ms.space.positions == L
+    assert len(ms.segments) == n_segments
+    assert ms.breaks == breaks and ms.residual == residual
+    assert sorted(ms.space.forced) == forced
+
+
+def test_resnet_positions_are_its_sites():
+    m = _shape_only("resnet18")
+    ms = build_space(m)
+    assert ms.positions[0].site == "relu" and ms.positions[0].tensor == "maxpool"
+    blocks = [f"layer{s}.{k}" for s in range(1, 5) for k in range(2)]
+    for b, p in enumerate(blocks):
+        assert ms.positions[2 * b + 1].site == f"{p}.relu1"
+        assert ms.positions[2 * b + 2].site == f"{p}.relu2"
+        assert ms.convs(2 * b, 2 * b + 2) == (f"{p}.conv1", f"{p}.conv2")
+    assert not ms.space.act_free and ms.free_after == {}
+    # the reference rules leave six ReLUs a plan can remove (strictly inside a segment)
+    removable = {q.site for i, j in ms.segments for q in ms.positions[i + 1:j]}
+    assert removable == {"layer1.0.relu1", "layer1.0.relu2", "layer1.1.relu1",
+                         "layer2.1.relu1", "layer3.1.relu1", "layer4.1.relu1"}
+
+
+def test_mobilenet_positions_are_its_sites_and_block_ends():
+    m = _shape_only("mobilenet_v2")
+    ms = build_space(m)
+    pos = ms.positions
+    assert (pos[0].site, pos[1].site, pos[2].site) == ("features.0.act", "features.1.act_dw",
+                                                       None)
+    for n in range(2, 18):
+        p = 3 * (n - 2)
+        assert pos[p + 3].site == f"features.{n}.act_expand"
+        assert pos[p + 4].site == f"features.{n}.act_dw"
+        assert pos[p + 5].site is None
+        add = f"features.{n}.add"
+        assert pos[p + 5].tensor == (add if add in m.layers else f"features.{n}.conv.3")
+    block_ends = [2] + [3 * (n - 2) + 5 for n in range(2, 18)]
+    assert sorted(ms.space.act_free) == block_ends
+    assert ms.free_after[5] == ("features.2.conv.3", "features.2.final_act")
+    removable = {q.site for i, j in ms.segments for q in pos[i + 1:j] if q.site}
+    assert len(removable) == 33 and "features.18.act" not in removable
+    assert {q.site for q in pos if q.site} == set(m.sites()) - {"features.18.act"}
+
+
+def test_cifar_mobilenet_breaks_follow_its_strides():
+    # stage 2 runs at stride 1 here: no break after features.2's depthwise conv
+    ms = build_space(_shape_only("mobilenet_v2_cifar"))
+    assert ms.breaks == (11, 20, 41)
+    # features.2's depthwise conv and projection may merge with features.3 (whole)
+    assert (4, 8) in ms.segments and (4, 8) not in build_space(_shape_only("mobilenet_v2")).segments
+
+
+def test_unsupported_model_is_refused():
+    with pytest.raises(UserError, match="layermerge has search-space rules for"):
+        build_space(_shape_only("vgg16_bn"))
+
+
+# -- plans applied to a model ---------------------------------------------------------------
+
+SMALL = {"resnet18_cifar": dict(width=4), "mobilenet_v2_cifar": dict(width_mult=0.1)}
+HW = (8, 8)
+
+
+@pytest.fixture(scope="module")
+def small():
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = randomize_bn(models.create(arch, num_classes=10, **SMALL[arch]))
+        return nnx.clone(cache[arch])
+    return get
+
+
+def _plan(L, boundaries, act_on=frozenset()):
+    segs = tuple(PlanSegment(i, j, MERGED, j in act_on, 0.0, 0, 0.0)
+                 for i, j in zip(boundaries, boundaries[1:]))
+    assert boundaries[-1] == L
+    return Plan(L, segs, 0.0, 0.0, 0, 1.0, 1, 1.0, "ceil")
+
+
+def _every_site_kept(ms):
+    return {p.index for p in ms.positions if p.site}
+
+
+def _dense(ms):
+    """Every conv its own segment; the block ends stay linear: the model as it is."""
+    L = ms.space.positions
+    return _plan(L, list(range(L + 1)), _every_site_kept(ms))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_the_unmerged_plan_changes_nothing(arch):
+    ms = build_space(_shape_only(arch))
+    # MobileNetV2's block ends stay linear and unmerged: the plan cuts there
+    ends = [ms.positions[p].tensor for p in sorted(ms.free_after)]
+    assert ms.edits(_dense(ms)).as_dict() == {"linearize": [], "insert_act": {}, "cuts": ends}
+
+
+def _fewest(ms):
+    """Only the forced boundaries; an activation inserted at every free one."""
+    L = ms.space.positions
+    return _plan(L, sorted(ms.space.forced), set(range(L + 1))), None
+
+
+def _searched(ms):
+    """The DP's plan on random tables, each segment run as its T_opt pieces."""
+    rng = np.random.default_rng(1)
+    T = {s: float(rng.uniform(0.5, 1.5)) for s in ms.segments}
+    topt, pieces = t_opt(T, ms.segments)
+    imp = {(i, j, a, b): float(rng.normal()) for i, j in ms.segments
+           for a in ms.space.acts(i) for b in ms.space.acts(j)}
+    full = sum(topt[(k, k + 1)] for k in range(ms.space.positions))
+    return solve(ms.space, topt, imp, 0.9 * full), pieces
+
+
+@pytest.mark.parametrize("arch", sorted(SMALL))
+@pytest.mark.parametrize("make", [_fewest, _searched])
+def test_plan_applied_and_merged_is_exact(small, arch, make):
+    m = small(arch)
+    ms = build_space(m)
+    plan, pieces = make(ms)
+    edits = ms.edits(plan, pieces)
+    apply_edits(m, edits)
+    inside = {q.site for s in plan.segments for q in ms.positions[s.start + 1:s.end] if q.site}
+    assert set(jaxprune.linearized(m)) == inside == set(edits.linearize)
+    inserted = {ms.free_after[s.end][1] for s in plan.segments
+                if s.end in ms.free_after and s.act_end}
+    assert set(edits.insert_act) == inserted and inserted <= set(m.sites())
+    fused, rep = jaxprune.merge(m, input_size=HW, cost="none", cuts=edits.cuts,
+                                return_report=True)
+    assert rep.max_abs_diff <= 1e-5 * max(rep.logit_scale, 1.0)
+    # every piece of the plan is one layer of the merged model, and nothing else merges convs
+    want = set()
+    for s in plan.segments:
+        run = (pieces or {}).get((s.start, s.end), (s.start, s.end))
+        want |= {frozenset(ms.convs(a, b)) for a, b in zip(run, run[1:])}
+    main = {p.conv for p in ms.positions if p.conv}
+    got = {frozenset(main & set(f["replaces"])) for f in rep.fused} - {frozenset()}
+    assert got == want
+
+
+def test_bad_plans_are_refused(small):
+    ms = build_space(small("resnet18_cifar"))
+    with pytest.raises(SearchError, match="the plan has 3 positions, this model's space 16"):
+        ms.edits(_plan(3, [0, 3]))
+    # (0, 5) ends inside the residual block 4 -> 6
+    with pytest.raises(SearchError, match=r"segment \(0, 5\) is not in this model's space"):
+        ms.edits(_plan(16, [0, 5, *range(6, 17)], set(range(17))))
+    with pytest.raises(SearchError, match="drops the activation at position 1"):
+        ms.edits(_plan(16, list(range(17)), set(range(2, 17))))
+
+
+def test_merge_refuses_an_unknown_cut(small):
+    m = small("resnet18_cifar")
+    with pytest.raises(UserError, match="cut 'layer1.0.relu3' is not a layer.*layer1.0.relu1"):
+        jaxprune.merge(m, input_size=HW, cuts=["layer1.0.relu3"])
