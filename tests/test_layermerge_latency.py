@@ -1,0 +1,90 @@
+"""The latency table of a layermerge search space (`jaxprune.methods.layermerge.latency`):
+each segment is timed as the layer `merge` makes of it in the planned model, tables are
+refused for another model, size, batch, device or space, and one tiny table measured
+through `jaxprune.measure` and cached."""
+import json
+
+import pytest
+from flax import nnx
+
+import jaxprune
+import models
+from jaxprune.errors import UserError
+from jaxprune.methods.layermerge.dp import MERGED, Plan, PlanSegment
+from jaxprune.methods.layermerge.latency import (
+    TABLE_SCHEMA, latency_table, load_table, segment_net, table_key)
+from jaxprune.methods.layermerge.space import apply_edits, build_space
+from models.net import randomize_bn
+
+HW = (8, 8)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    m = randomize_bn(models.create("resnet18_cifar", num_classes=10, width=4))
+    return m, build_space(m)
+
+
+def test_segment_is_timed_as_the_layer_merge_makes(resnet):
+    m, ms = resnet
+    bounds = sorted(ms.space.forced)     # (0, 4): two residual blocks in one conv, ...
+    plan = Plan(16, tuple(PlanSegment(i, j, MERGED, True, 0.0, 0, 0.0)
+                          for i, j in zip(bounds, bounds[1:])), 0.0, 0.0, 0, 1.0, 1, 1.0, "ceil")
+    planned = apply_edits(nnx.clone(m), ms.edits(plan))
+    fused = jaxprune.merge(planned, input_size=HW, cost="none", verify=False)
+    for i, j in [(0, 4), (4, 5), (5, 6), (6, 8)]:
+        sub = segment_net(m, ms, i, j, HW)
+        (name, layer), = sub.named_layers()   # one layer
+        assert name == ms.convs(i, j)[0]
+        assert type(layer) is type(fused.layers[name])
+        # the same layer; `model_size` (the input size a fused layer accepts) names the
+        # segment's own input there, the model's here
+        mine, theirs = layer.config(), fused.layers[name].config()
+        assert mine.pop("model_size", None) in (None, [*sub.spec.input_size])
+        theirs.pop("model_size", None)
+        assert mine == theirs
+    # its input is the tensor at position i, pooled and strided as in the model
+    assert segment_net(m, ms, 0, 4, HW).spec.input_size == (4, 4)
+    assert segment_net(m, ms, 5, 6, HW).spec.input_size == (2, 2)
+    assert jaxprune.linearized(m) == []   # the model itself is left as it was
+
+
+def _table(key, ms):
+    return {"schema": TABLE_SCHEMA, "key": key.as_dict(),
+            "ms": {f"{i},{j}": 1.0 for i, j in ms.segments}}
+
+
+def test_table_from_another_setting_is_refused(resnet, tmp_path):
+    m, ms = resnet
+    key = table_key(ms, HW, 2)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(_table(key, ms)))
+    assert load_table(path, key) == {s: 1.0 for s in ms.segments}
+    other = table_key(ms, (16, 16), 4)
+    with pytest.raises(UserError, match=r"measured for another setting \(input_size is \[8, 8\], "
+                                        r"here \[16, 16\]; batch is 2, here 4\)"):
+        load_table(path, other)
+    data = _table(key, ms)
+    data["key"]["device"] = "gpu: NVIDIA H200"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="device is 'gpu: NVIDIA H200', here 'cpu"):
+        load_table(path, key)
+    mb = build_space(nnx.eval_shape(lambda: models.create("mobilenet_v2_cifar", width_mult=0.1)))
+    with pytest.raises(UserError, match="arch is 'resnet18_cifar', here 'mobilenet_v2_cifar'.*"
+                                        "space_hash is"):
+        load_table(tmp_path / "t.json", table_key(mb, HW, 2))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(UserError, match="not a layermerge latency table"):
+        load_table(tmp_path / "bad.json", key)
+
+
+@pytest.mark.slow
+def test_table_is_measured_once_and_cached(resnet, tmp_path):
+    m, ms = resnet
+    key = table_key(ms, HW, 2)
+    cache = tmp_path / "latency_table.json"
+    table = latency_table(m, ms, key, cache, rounds=1, warmup=1, repeats=2)
+    assert set(table) == set(ms.segments) and all(v > 0 for v in table.values())
+    data = json.loads(cache.read_text())
+    assert data["key"] == key.as_dict() and data["rounds"] == 1
+    assert latency_table(m, ms, key, cache) == table   # read back, not measured again
