@@ -45,7 +45,7 @@ def dies_at_epoch_checkpoint():
 
 
 # Wall-clock measurements: the only entries of results and metrics an interruption may change.
-TIMINGS = ("seconds", "img_s", "latency_ms_before", "latency_ms_after")
+TIMINGS = ("seconds", "img_s", "latency_ms_before", "latency_ms_after", "latency_ms_border")
 
 
 @pytest.fixture
