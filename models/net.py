@@ -77,6 +77,17 @@ class Net(nnx.Module):
         for name, _ in self.graph:
             yield name, self.layers[name]
 
+    def input_sizes(self) -> tuple[str, tuple[int, int]] | None:
+        """The input sizes this model runs at when a layer restricts them (a fused
+        model's border terms): ("fixed", (H, W)) or ("min", (H, W)); None: any size."""
+        rules = [r for _, layer in self.named_layers() if (r := layer.input_sizes()) is not None]
+        for kind, size in rules:
+            if kind == "fixed":
+                return kind, tuple(size)
+        if not rules:
+            return None
+        return "min", tuple(max(size[a] for _, size in rules) for a in (0, 1))
+
     def sites(self) -> list[str]:
         return [n for n, layer in self.named_layers() if isinstance(layer, Act)]
 
