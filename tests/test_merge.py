@@ -235,6 +235,54 @@ def _inverted_residual(b, rngs):
     b.add("a6", Act("relu6"))
 
 
+def _new_kinds(b, rngs):
+    # a layer scale folds into its run; a dilated conv, an average pool, a gate product and
+    # a concatenation end runs and stay
+    from models.layers import AvgPool, Concat, Mul, Scale
+    b.add("c1", Conv(3, 4, 3, padding=1, bias=True, rngs=rngs))
+    b.add("a1", _identity_act())
+    s = b.add("ls", Scale(4))
+    b.layers["ls"].scale.value = jnp.asarray(np.random.default_rng(3).uniform(0.5, 2.0, 4), jnp.float32)
+    b.add("c2", Conv(4, 4, 3, padding=1, rngs=rngs))
+    b.add("bn2", BatchNorm(4))
+    b.add("a2", _identity_act())
+    d = b.add("dil", Conv(4, 4, 3, padding=2, dilation=2, rngs=rngs))
+    b.add("a3", _identity_act())
+    b.add("avg", AvgPool(3, 1, 1, count_include_pad=False))
+    b.add("a4", _identity_act())
+    p = b.add("c4", Conv(4, 4, 1, rngs=rngs))
+    g = b.add("gate", Act("sigmoid"), inputs=(d,))
+    m = b.add("mul", Mul(), inputs=(p, g))
+    b.add("cat", Concat(), inputs=(m, s))
+    b.add("c5", Conv(8, 4, 3, padding=1, rngs=rngs))
+    b.add("a5", _identity_act())
+    b.add("ls2", Scale(4))
+    b.layers["ls2"].scale.value = jnp.asarray(np.random.default_rng(4).uniform(0.5, 2.0, 4),
+                                              jnp.float32)
+    b.add("c6", Conv(4, 4, 3, padding=1, rngs=rngs))
+    b.add("a6", Act("relu"))
+
+
+def test_new_layer_kinds_fold_or_end_runs_and_stay_exact():
+    """Scale folds like a BatchNorm (into c1); the dilated conv, the
+    average pool, the product and the concatenation stay as they are; exact at 13x11,
+    an odd size and a larger one."""
+    from models.layers import AvgPool, Concat, Mul
+    m = _net(_new_kinds, (13, 11))
+    small, rep = merge(m, input_size=(13, 11), cost="none", verify=False, return_report=True)
+    kinds = {n: type(layer) for n, layer in small.named_layers()}
+    # the scaled map is also read by the concatenation: the run ends there
+    assert kinds["c1"] is Conv and "ls" not in kinds and "bn2" not in kinds
+    assert kinds["dil"] is Conv and small.layers["dil"].dilation == (2, 2)
+    assert (kinds["avg"], kinds["mul"], kinds["cat"]) == (AvgPool, Mul, Concat)
+    assert kinds["c5"] is FusedConv and "ls2" not in kinds and "c6" not in kinds
+    m.eval()
+    for hw in ((13, 11), (17, 19), (40, 37)):
+        x = images(hw)
+        ref = logits(m, x)
+        assert np.abs(logits(small, x) - ref).max() <= TOL * np.abs(ref).max(), hw
+
+
 SMALL_GRAPHS = {"pair": _conv_pair, "two_strides": _two_strides, "odd_strides": _odd_strides,
                 "inverted_residual": _inverted_residual}
 

@@ -656,7 +656,6 @@ def _merge(m: Net, hw, cost: str, batch: int, verify: bool, fixed_size: bool):
             removed.extend(names)
         elif len(names) > 1:
             ins = lambda n: [planner.shapes[i] for i in g.inputs[n]]  # noqa: E731
-            h, w = planner.shapes[piece.src][1:3]
             border = isinstance(layer, FusedConv)
             report_fused.append({
                 "layer": _fused_name(planner, piece), "replaces": names, "op": _describe(layer),
@@ -666,7 +665,8 @@ def _merge(m: Net, hw, cost: str, batch: int, verify: bool, fixed_size: bool):
                 "macs_before": sum(m.layers[n].macs(ins(n), planner.shapes[n]) for n in names),
                 "macs_after": layer.macs([planner.shapes[piece.src]], planner.shapes[piece.dst]),
                 "border_params": layer.border_params() if border else 0,
-                "border_macs": layer.border_macs(h, w) if border else 0})
+                "border_macs": (layer.border_macs(*planner.shapes[piece.src][1:3]) if border
+                                else 0)})
     diff = scale = None
     if verify:
         diff, scale = _verify(m, new, hw)
@@ -692,11 +692,14 @@ def _why_fixed(planner: _Planner, forced, fixed_size: bool) -> str:
 
 def _smallest_input(m: Net, hw, needs) -> tuple[int, int]:
     """The smallest model input (H, W) at which every fused layer gets at least its
-    smallest input: `needs` = [(the tensor it reads, its smallest (h, w))]."""
+    smallest input, `needs` = [(the tensor it reads, its smallest (h, w))], and the
+    original runs: every map of it keeps a row and a column (VGG's five poolings need 32
+    pixels; below, the original's output is not a number, and neither is the fused one's)."""
     if not needs:
         return tuple(hw)
     return prof.smallest_input(m, hw, lambda shapes, axis: all(
-        shapes[src][axis + 1] >= least[axis] for src, least in needs))
+        shapes[src][axis + 1] >= least[axis] for src, least in needs) and all(
+        s[axis + 1] >= 1 for s in shapes.values() if len(s) == 4))
 
 
 def _fused_name(planner: _Planner, piece) -> str:

@@ -451,10 +451,9 @@ class FusedConv(Layer):
                     win = jax.lax.slice_in_dim(win, first, first + k.shape[axis], axis=axis + 1)
                 pads.append(pad)
                 strides.append(s)
-            out = conv2d(win, k, tuple(strides), tuple(pads), self.groups)
-            one = (slice(None), 0 if rslot is not None else slice(None),
-                   0 if cslot is not None else slice(None))
-            y = y.at[:, _at(g.out_index(rslot, ho)), _at(g.out_index(cslot, wo))].add(out[one])
+            out = _border_conv(win, k, rslot is not None, cslot is not None, tuple(strides),
+                               tuple(pads), self.groups)
+            y = y.at[:, _at(g.out_index(rslot, ho)), _at(g.out_index(cslot, wo))].add(out)
         return y
 
     def torch_state(self):
@@ -478,6 +477,30 @@ class FusedConv(Layer):
             value = np.asarray(state[key], np.float32)
             check_shape(f"{name}.{key}", value.shape, expected[key].shape)
             var.value = jnp.asarray(to_jax(value))
+
+
+def _border_conv(win, k, one_row: bool, one_col: bool, stride, padding, groups: int):
+    """A border kernel `k` (dh, dw, cin/groups, cout) over its window `win` of the input:
+    at one position (`one_row` and `one_col`: `win` is exactly (N, dh, dw, cin)) a single
+    contraction -> (N, cout); along a row (column) strip of dh rows (dw columns) a conv
+    along the other axis with the strip's rows (columns) folded into the channels ->
+    (N, positions, cout). Both keep the program one op per term: a conv whose output is
+    one row would take `conv_as_matmul`'s dh*dw shifted windows, slow to compile."""
+    dh, dw, ci, cout = k.shape
+    n = win.shape[0]
+    if one_row and one_col:
+        return jnp.einsum("nabgc,abcgo->ngo", win.reshape(n, dh, dw, groups, ci),
+                          k.reshape(dh, dw, ci, groups, cout // groups)).reshape(n, cout)
+    if one_col:  # a column strip: the same with the axes swapped
+        return _border_conv(win.transpose(0, 2, 1, 3), k.transpose(1, 0, 2, 3), True, False,
+                            stride[::-1], padding[::-1], groups)
+    length = win.shape[2]   # the row strip's dh rows folded into the channels, per group
+    folded = (win.reshape(n, dh, length, groups, ci).transpose(0, 2, 3, 1, 4)
+              .reshape(n, 1, length, groups * dh * ci))
+    kernel = k.transpose(1, 0, 2, 3).reshape(1, dw, dh * ci, cout)
+    out = jax.lax.conv_general_dilated(folded, kernel, (1, stride[1]), ((0, 0), padding[1]),
+                                       dimension_numbers=_DN, feature_group_count=groups)
+    return out[:, 0]
 
 
 def _at(index):
