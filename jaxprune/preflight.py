@@ -63,7 +63,8 @@ def check(cfg: Config) -> Preflight:
     missing: list[str] = []
     info, num_classes = _data(cfg, missing)
     model, weights = _model(cfg, num_classes, info, missing)
-    sizes = cfg.method.input_sizes(cfg, model.spec.input_size) or [_image_size(cfg, info, model)]
+    sizes = (cfg.method.input_sizes(cfg, model.spec.input_size)
+             or [_image_size(cfg, info, tuple(model.spec.input_size))])
     for hw in sizes:
         _check_takes(cfg, model, hw)
     cfg.method.check_model(cfg, model)
@@ -123,8 +124,7 @@ def _model(cfg: Config, num_classes: int, info, missing: list[str]):
     from jaxprune.context import build_model
     ref = cfg.model.pretrained
     traced = cfg.model.name.startswith(PREFIX)
-    size = ((cfg.data.image_size,) * 2 if cfg.data.image_size else
-            tuple(info.image_size) if info is not None else (224, 224))
+    size = _image_size(cfg, info, (224, 224))  # a torch model's size before it is traced
     if is_file_reference(ref) and Path(ref).exists():
         return build_model(cfg, num_classes, size), f"weights from {ref} (read and checked)"
     if is_file_reference(ref):
@@ -147,12 +147,12 @@ def _model(cfg: Config, num_classes: int, info, missing: list[str]):
                         f"model.options") from None
 
 
-def _image_size(cfg: Config, info, model) -> tuple[int, int]:
-    """The (H, W) the loaders produce: data.image_size, else the data set's (else the
-    model's own, when the data set is missing)."""
+def _image_size(cfg: Config, info, missing_data: tuple[int, int]) -> tuple[int, int]:
+    """The (H, W) the loaders produce: data.image_size, else the data set's, else
+    `missing_data` (the data set is not on disk, or not read)."""
     if cfg.data.image_size is not None:
         return cfg.data.image_size, cfg.data.image_size
-    return tuple(info.image_size) if info is not None else tuple(model.spec.input_size)
+    return tuple(info.image_size) if info is not None else missing_data
 
 
 def _check_takes(cfg: Config, model, hw: tuple[int, int]) -> None:

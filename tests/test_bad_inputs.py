@@ -333,6 +333,8 @@ def _elsewhere(tmp: Path) -> dict:
         "model.name": ("resnet19", [], "unknown model 'resnet19'", False),
         "model.pretrained": (str(a_file), [], f"{a_file} is neither a torch file", False),
         "model.options": ("{width: 0}", [], "cannot be built with options {'width': 0}", False),
+        "model.source": (str(a_file), [f"model.name=torch:{a_file}", "model.options={}"],
+                         f"{a_file}: it is not a .pt2 archive", False),
         "data.name": ("digitz", [], "unknown data set 'digitz'", False),
         "data.root": (str(tmp / "no-data"), ["data.name=cifar10"], "CIFAR-10 not found", True),
         "method.name": ("easierr", [], "unknown method 'easierr'", False),

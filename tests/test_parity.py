@@ -54,10 +54,12 @@ def test_bad_options(tmp_path):
         cfg = _cfg()
         _run(config.from_dict({**config.to_dict(cfg), "model": {
             **config.to_dict(cfg)["model"], "pretrained": "w.pth"}}), tmp_path)
-    with pytest.raises(UserError, match=r"must be positive, got batch 2, sizes \[32, 0\]"):
+    with pytest.raises(UserError, match=r"config key 'method.sizes\[1\]' must be >= 8, got 0"):
         _run(_cfg(sizes=[32, 0]), tmp_path)
-    with pytest.raises(UserError, match="torch weights not found"):
-        _run(_cfg(source=str(tmp_path / "absent.pth")), tmp_path)
+    absent = tmp_path / "absent.pth"  # a missing input: refused by the preflight
+    with pytest.raises(UserError, match=f"method.source: {absent} not found; correct "
+                                        f"method.source"):
+        _run(_cfg(source=str(absent)), tmp_path)
     assert not (tmp_path / "parity").exists()  # refused runs leave no run folder
 
 

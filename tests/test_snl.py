@@ -96,7 +96,7 @@ def test_snl_reaches_a_budget(tmp_path, untimed, dies_at_epoch_checkpoint):
     overrides = [
         "name=snl-test", "model.name=resnet18_cifar", "model.options={width: 4}",
         "data.batch_size=128", "data.image_size=16", "train.epochs=1", "train.lr=0.01",
-        "method.name=snl", "method.relu_fraction=0.6", "method.lam=0.01",
+        "method.name=snl", "method.relu_fraction=0.6", "method.lam=0.03",
         "method.lam_from_epoch=1", "method.search_epochs=12", "method.alpha_lr_scale=50"]
     _, res = runner.run(config.load(None, [f"out={tmp_path}", *overrides]))
     s, f = res["search"], res["finetune"]

@@ -77,10 +77,12 @@ def test_optimizer_matches_torch(cfg):
 
 
 def test_bad_optimizer_options_are_user_errors():
-    with pytest.raises(jaxprune.UserError, match="train.lr"):
-        make_optimizer(TrainConfig(lr=0.0), 10)
-    with pytest.raises(jaxprune.UserError, match="train.milestones"):
-        make_optimizer(TrainConfig(milestones=[0, 5]), 10)
+    """Refused when the config is read, before an optimizer is made."""
+    from jaxprune import config
+    with pytest.raises(jaxprune.UserError, match=r"config key 'train.lr' must be > 0, got 0.0"):
+        config.from_dict({"train": {"lr": 0.0}})
+    with pytest.raises(jaxprune.UserError, match=r"config key 'train.milestones\[0\]' must be >= 1"):
+        config.from_dict({"train": {"milestones": [0, 5]}})
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +203,9 @@ def test_one_and_four_devices_agree():
     assert (one["devices"], four["devices"]) == (1, 4)
     np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-5)
     np.testing.assert_allclose(four["entropy"], one["entropy"], atol=1e-6)
-    np.testing.assert_allclose(four["logits"], one["logits"], atol=1e-4)
+    # float32 sums in another order, through three steps: 1e-4 of the logits' scale
+    scale = float(np.abs(one["logits"]).max())
+    np.testing.assert_allclose(four["logits"], one["logits"], atol=1e-4 * scale)
 
 
 def test_fit_logs_every_epoch(tmp_path):
