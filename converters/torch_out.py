@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from jaxprune.errors import UserError
-from models.net import INPUT, Net
+from models.net import INPUT, Net, size_refusal
 
 from converters.torch_arch import arch_dict
 from converters.torch_in import torch_state_dict
@@ -76,8 +76,9 @@ class TorchNet(nn.Module):
         self.input_sizes = m.input_sizes()
 
     def forward(self, x):
-        if self.input_sizes is not None:
-            _check_size(self.input_sizes, x.shape[2], x.shape[3])
+        if self.input_sizes is not None and (why := size_refusal(self.input_sizes, *x.shape[2:4])):
+            raise ValueError(f"{why}, or merge the linearized model for your input size "
+                             f"(jaxprune.merge(m, input_size=(H, W))) and re-export")
         env = {INPUT: (x, True)}
         for name, inputs, module in self.steps:
             if module.layout == "same":  # elementwise: the layout its first input has
@@ -88,18 +89,6 @@ class TorchNet(nn.Module):
                 cf = module.layout == "nchw"
                 env[name] = (module(*[_layout(*env[i], cf) for i in inputs]), cf)
         return _layout(*env[self.output], True)
-
-
-def _check_size(rule, h, w) -> None:
-    kind, (mh, mw) = rule
-    if kind == "fixed" and (h, w) != (mh, mw):
-        raise ValueError(f"this merged model was fused for {mh}x{mw} inputs, got {h}x{w}: "
-                         f"merge it again for that size (jaxprune.merge(m, input_size=...)) "
-                         f"and re-export")
-    if kind == "min" and (h < mh or w < mw):
-        raise ValueError(f"this merged model runs at inputs of at least {mh}x{mw}, got "
-                         f"{h}x{w}: use a larger input, or merge it for that size "
-                         f"(jaxprune.merge(m, input_size=...)) and re-export")
 
 
 def _tensors(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -357,8 +357,9 @@ class SpatialMap:
                                          groups, mode, g)
             biases = self._conv_biases(w, rkeys, ckeys, groups,
                                        np.zeros(cout) if bias is None else bias)
-        pairs = len(self.rows.classes) * len(self.cols.classes)
-        temporaries = 8 * pairs * self.rows.extent * self.cols.extent * (self.cin // g) * kh * kw * cout
+        # the interior's products with every tap, and one per tap of each border pair
+        temporaries = (8 * self._distinct_kernels() * self.rows.extent * self.cols.extent
+                       * (self.cin // g) * kh * kw * cout)
         new = SpatialMap(rows, cols, self.cin, cout, g, pointwise, kernels, biases, deltas)
         new.peak_bytes = max(self.peak_bytes, self.kernel_bytes() + temporaries + new.kernel_bytes())
         new.biased = self.biased or has_bias
@@ -404,8 +405,8 @@ class SpatialMap:
                 for b, rr in enumerate(rk):
                     for d, cc in enumerate(ck):
                         x, y = _linear(rr), _linear(cc)
-                        if x == y == 0:
-                            continue  # same as the interior
+                        if INVALID not in (rr, cc) and self.deltas[(x, y)] is None:
+                            continue  # the pair read shares the interior's kernel
                         shift_add(acc, part(0, 0, b, d), b, d, -1.0)
                         if INVALID not in (rr, cc):
                             shift_add(acc, part(x, y, b, d), b, d, 1.0)
@@ -439,21 +440,25 @@ class SpatialMap:
         rows, rkeys, (ra, rb) = self.rows.add(other.rows)
         cols, ckeys, (ca, cb) = self.cols.add(other.cols)
         g = math.gcd(self.groups, other.groups)
+        deltas = {(r, c): _union(_shift(self.deltas[(r1, c1)], ra, ca),
+                                 _shift(other.deltas[(r2, c2)], rb, cb))
+                  for r, (r1, r2) in enumerate(rkeys) for c, (c1, c2) in enumerate(ckeys)}
         kernels = biases = None
         if self.kernels is not None and other.kernels is not None:
             kernels, biases = {}, {}
             for r, (r1, r2) in enumerate(rkeys):
                 for c, (c1, c2) in enumerate(ckeys):
+                    biases[(r, c)] = self.biases[(r1, c1)] + other.biases[(r2, c2)]
+                    if (r, c) != (0, 0) and deltas[(r, c)] is None:
+                        continue  # shares the interior's, filled in below
                     acc = np.zeros((rows.extent, cols.extent, self.cin // g, self.cout))
                     for m, (x, y), (dr, dc) in ((self, (r1, c1), (ra, ca)),
                                                 (other, (r2, c2), (rb, cb))):
                         k = regroup(m.kernels[(x, y)], m.groups, g)
                         acc[dr:dr + k.shape[0], dc:dc + k.shape[1]] += k
                     kernels[(r, c)] = acc
-                    biases[(r, c)] = self.biases[(r1, c1)] + other.biases[(r2, c2)]
-        deltas = {(r, c): _union(_shift(self.deltas[(r1, c1)], ra, ca),
-                                 _shift(other.deltas[(r2, c2)], rb, cb))
-                  for r, (r1, r2) in enumerate(rkeys) for c, (c1, c2) in enumerate(ckeys)}
+            for pair in deltas:
+                kernels.setdefault(pair, kernels[(0, 0)])
         new = SpatialMap(rows, cols, self.cin, self.cout, g,
                          self.pointwise and other.pointwise, kernels, biases, deltas)
         new.peak_bytes = max(self.peak_bytes, other.peak_bytes,
@@ -461,10 +466,16 @@ class SpatialMap:
         new.biased = self.biased or other.biased
         return new
 
+    def _distinct_kernels(self) -> int:
+        """How many kernels the pairs hold: the interior's, which every pair whose kernel
+        cannot differ shares, and one per other pair."""
+        return 1 + sum(box is not None for pair, box in self.deltas.items() if pair != (0, 0))
+
     def kernel_bytes(self) -> int:
-        """Memory the exact composition of this map holds (float64 kernels of every pair)."""
-        pairs = len(self.rows.classes) * len(self.cols.classes)
-        return 8 * pairs * self.rows.extent * self.cols.extent * (self.cin // self.groups) * self.cout
+        """Memory the exact composition of this map holds (float64 kernels, the interior's
+        shared by every pair whose kernel cannot differ)."""
+        return (8 * self._distinct_kernels() * self.rows.extent * self.cols.extent
+                * (self.cin // self.groups) * self.cout)
 
 
 @dataclasses.dataclass
