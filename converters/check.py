@@ -40,12 +40,30 @@ def _load_into_torch(module, state: dict[str, np.ndarray], source: str) -> None:
 
 
 def _exported_program(folder: Path):
+    """The export's model.pt2 as a callable that first checks the input sizes it was traced
+    for (arch.json's `pt2`), so a size it does not take is one line naming the sizes."""
+    import json
+
     from converters.torch_program import load_program  # torch.export.load would unpickle
     program = folder / "model.pt2"
     if not program.is_file():
         raise UserError(f"{folder} has arch.json but no model.pt2 to check it against; "
                         f"export it again with converters.export")
-    return load_program(program).module()  # traced in eval mode
+    module = load_program(program).module()  # traced in eval mode
+    sizes = json.loads((folder / "arch.json").read_text()).get("pt2")
+
+    def run(x):
+        h, w = x.shape[2:]
+        if sizes is not None and (
+                sizes["dynamic"] and (h < sizes["min"][0] or w < sizes["min"][1])
+                or not sizes["dynamic"] and [h, w] != sizes["size"]):
+            taken = (f"inputs of at least {sizes['min'][0]}x{sizes['min'][1]}"
+                     if sizes["dynamic"] else f"{sizes['size'][0]}x{sizes['size'][1]} inputs "
+                                              f"only ({sizes['why']})")
+            raise UserError(f"{program} was traced for {taken}, not {h}x{w}; check it at "
+                            f"such a size")
+        return module(x)
+    return run
 
 
 def torch_pair(arch: str, options: dict, num_classes: int, source: str, seed: int = 0):

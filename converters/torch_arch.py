@@ -21,7 +21,7 @@ from models.layers import Act, Layer, Mask
 from models.net import ModelSpec, Net
 
 FORMAT = "jaxprune-export"
-VERSION = 1
+VERSION = 2   # 2: fused layers' border terms relative to the edges (FusedConv config)
 
 
 def _mask_value(mask: np.ndarray):
@@ -97,6 +97,10 @@ def net_from_arch(spec: dict, source: str = "arch.json", state: dict | None = No
     if spec.get("version", 0) > VERSION:
         raise UserError(f"{source}: export format version {spec['version']} is newer than this "
                         f"jaxprune reads ({VERSION}); update jaxprune")
+    if spec.get("version", 0) < 2 and any(e["type"] == "FusedConv" for e in spec["graph"]):
+        raise UserError(f"{source}: a fused model exported in format version "
+                        f"{spec.get('version', 0)}, whose border data this jaxprune does not "
+                        f"read; merge the linearized model again and re-export it")
     build = lambda: _build(spec, source, nnx.Rngs(0))  # noqa: E731
     m = build() if state is None else with_weights(build, state, source)
     for site, value in spec.get("masks", {}).items():

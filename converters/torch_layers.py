@@ -26,13 +26,14 @@ class _Same(nn.Module):
 def _conv_plan(padding, stride):
     """How torch runs a conv with jaxprune's ((lo, hi), (lo, hi)) padding without copying
     the input when it can: (F.pad argument or None, conv padding, first output row/col to
-    keep). A larger symmetric padding computes a few extra output rows, sliced off."""
+    keep). A larger symmetric padding computes a few extra first rows, sliced off; the
+    output's end is always exact, so the same holds for symbolic sizes (torch.export)."""
     pads, starts = [], []
     for (lo, hi), s in zip(padding, stride):
-        if lo >= hi:
+        if lo == hi:
             pads.append(lo)
             starts.append(0)
-        elif (hi - lo) % s == 0:
+        elif lo < hi and (hi - lo) % s == 0:
             pads.append(hi)
             starts.append((hi - lo) // s)
         else:
@@ -42,18 +43,13 @@ def _conv_plan(padding, stride):
 
 
 def _conv(x, weight, bias, stride, padding, groups, plan, dilation=(1, 1)):
-    """F.conv2d with jaxprune's padding (output cropped to the exact size)."""
+    """F.conv2d with jaxprune's padding (`plan`: `_conv_plan`; the first rows / columns a
+    larger symmetric padding adds are sliced off)."""
     pre_pad, conv_pad, (r0, c0) = plan
     if pre_pad is not None:
         return F.conv2d(F.pad(x, pre_pad), weight, bias, stride, 0, dilation, groups)
     y = F.conv2d(x, weight, bias, stride, conv_pad, dilation, groups)
-    (plo, phi), (qlo, qhi) = padding
-    (dh, dw), (kh, kw) = dilation, weight.shape[2:]
-    ho = (x.shape[2] + plo + phi - dh * (kh - 1) - 1) // stride[0] + 1
-    wo = (x.shape[3] + qlo + qhi - dw * (kw - 1) - 1) // stride[1] + 1
-    if (r0, c0, ho, wo) != (0, 0, y.shape[2], y.shape[3]):
-        y = y[:, :, r0:r0 + ho, c0:c0 + wo]
-    return y
+    return y[:, :, r0:, c0:] if r0 or c0 else y
 
 
 class Conv(nn.Conv2d):
@@ -71,61 +67,89 @@ class Conv(nn.Conv2d):
                      self.plan, self.dilation)
 
 
-def _window_conv(x, k, r0: int, c0: int, rows: int, cols: int, stride, groups: int):
-    """A conv of kernel `k` over input rows [r0, r0+rows) x cols [c0, c0+cols) of `x` (zero
-    outside), as one einsum over unfolded patches: border corrections are a few output
-    rows, far too small for F.conv2d's per-call cost."""
-    h, w = x.shape[2:]
-    a, b, c, d = max(r0, 0), min(r0 + rows, h), max(c0, 0), min(c0 + cols, w)
-    win = x[:, :, a:b, c:d]
-    pad = (c - c0, c0 + cols - d, a - r0, r0 + rows - b)
-    if any(pad):
-        win = F.pad(win, pad)
-    o, ci, kh, kw = k.shape
-    p = win.unfold(2, kh, stride[0]).unfold(3, kw, stride[1])   # N, C, oh, ow, kh, kw
-    n, _, oh, ow = p.shape[:4]
-    p = p.reshape(n, groups, ci, oh, ow, kh, kw)
-    out = torch.einsum("ngchwab,gocab->ngohw", p, k.reshape(groups, o // groups, ci, kh, kw))
-    return out.reshape(n, o, oh, ow)
+def _add_at(y, i, j, value) -> None:
+    """y[:, :, i, j] += value in place; i or j None: every row or column."""
+    if i is not None:
+        y = y.narrow(2, i, 1)
+    if j is not None:
+        y = y.narrow(3, j, 1)
+    y.add_(value)
 
 
 class FusedConv(nn.Module):
-    """`models.layers.FusedConv` in torch (NCHW): base conv + bias (map) + border corrections."""
+    """`models.layers.FusedConv` in torch (NCHW): base conv + bias + border terms, placed
+    by the layer's own `BorderGeometry`, so one module runs at every input size the layer
+    takes, traced with symbolic sizes too (`torch.export` with dynamic height and width):
+    the terms of positions counted from the end, which depend on the size modulo the
+    stride, are picked by indexing with that residue."""
     layout = "nchw"
 
     def __init__(self, layer: L.FusedConv):
         super().__init__()
-        kh, kw = layer.kernel_size
-        ho, wo = layer.out_size
-        self.weight = nn.Parameter(torch.zeros(layer.cout, layer.cin // layer.groups, kh, kw))
-        if layer.bias_map is not None:
-            self.bias, self.bias_map = None, nn.Parameter(torch.zeros(layer.cout, ho, wo))
-        else:
-            self.bias, self.bias_map = nn.Parameter(torch.zeros(layer.cout)), None
+        g = self.geometry = layer.geometry
+        kh, kw = g.kernel_size
+        ci = layer.cin // layer.groups
+        self.weight = nn.Parameter(torch.zeros(layer.cout, ci, kh, kw))
+        self.bias = nn.Parameter(torch.zeros(layer.cout))
+        self.edge_bias = (nn.Parameter(torch.zeros(len(g.bias_terms), layer.cout))
+                          if g.bias_terms else None)
         self.border = nn.ParameterList(
-            [nn.Parameter(torch.zeros(tuple(k.value.shape[i] for i in (3, 2, 0, 1))))
-             for k in layer.border])
-        self.jax_padding, self.stride, self.groups = layer.padding, layer.stride, layer.groups
-        self.plan = _conv_plan(layer.padding, layer.stride)
-        (plo, _), (qlo, _) = layer.border_pad
-        # correction windows in unpadded input coordinates
-        self.windows = [(n, i, j, r0 - plo, c0 - qlo, stride)
-                        for n, i, j, r0, c0, stride in layer.windows()]
-        self.out_size = layer.out_size
+            [nn.Parameter(torch.zeros(layer.cout, ci, *d)) for *_, d in g.terms])
+        self.groups = layer.groups
+        self.plan = _conv_plan(g.padding, g.stride)
+        # per bias plan entry: edge bias row per residue pair (the last row: zeros)
+        for n, (*_, table) in enumerate(g.bias_plan):
+            self.register_buffer(f"bias_rows{n}", torch.tensor(
+                [len(g.bias_terms) if t is None else t for t in table]), persistent=False)
+
+    def _kernel(self, table, res):
+        """The border kernel of a plan entry at residue `res`, and its (u, v): the term's
+        own where every residue has the same, else all of them on their common window,
+        indexed by the residue (zeros where a residue has none)."""
+        g = self.geometry
+        if len(set(table)) == 1:
+            return self.border[table[0]], g.terms[table[0]][1]
+        (u, dh), (v, dw) = g.union(table)
+        ks = []
+        for t in table:
+            if t is None:
+                ks.append(self.weight.new_zeros(self.weight.shape[0], self.weight.shape[1], dh, dw))
+                continue
+            (a, b), (kh, kw) = g.terms[t][1:]
+            ks.append(F.pad(self.border[t], (b - v, v + dw - b - kw, a - u, u + dh - a - kh)))
+        return torch.stack(ks)[res], (u, v)
 
     def forward(self, x):
-        y = _conv(x, self.weight, self.bias, self.stride, self.jax_padding, self.groups,
-                  self.plan)
-        if self.bias_map is not None:
-            y = y + self.bias_map
-        (sh, sw), (ho, wo) = self.stride, self.out_size
-        for n, i, j, r0, c0, stride in self.windows:
-            k = self.border[n]
-            rows = k.shape[2] if i is not None else sh * (ho - 1) + k.shape[2]
-            cols = k.shape[3] if j is not None else sw * (wo - 1) + k.shape[3]
-            out = _window_conv(x, k, r0, c0, rows, cols, stride, self.groups)
-            y[:, :, slice(None) if i is None else slice(i, i + 1),
-              slice(None) if j is None else slice(j, j + 1)] += out
+        g = self.geometry
+        h, w = x.shape[2], x.shape[3]
+        y = _conv(x, self.weight, self.bias, g.stride, g.padding, self.groups, self.plan)
+        ho, wo = y.shape[2], y.shape[3]
+        res = g.residue(h, w)
+        if g.bias_plan:
+            rows = torch.cat([self.edge_bias, self.edge_bias.new_zeros(1, y.shape[1])])
+            for n, (rslot, cslot, _) in enumerate(g.bias_plan):
+                b = rows[getattr(self, f"bias_rows{n}")[res]]
+                _add_at(y, g.out_index(rslot, ho), g.out_index(cslot, wo), b[:, None, None])
+        if not g.kernel_plan:
+            return y
+        (plo, phi, *_), (qlo, qhi, *_) = g.border_pad
+        xp = F.pad(x, (qlo, qhi, plo, phi))
+        for rslot, cslot, table in g.kernel_plan:
+            k, uv = self._kernel(table, res)
+            win, pads, strides = xp, [], []
+            for axis, (slot, n) in enumerate(((rslot, h), (cslot, w))):
+                d = k.shape[2 + axis]
+                strip, start, pad, s = g.window(axis, slot, uv[axis], d, n)
+                if strip is not None:
+                    end_len = g.border_pad[axis][3]
+                    if strip == 1:  # the strip at the end: its start is the size minus a constant
+                        win = win.narrow(2 + axis, win.shape[2 + axis] - end_len, end_len)
+                    win = win.narrow(2 + axis, start, d)
+                pads.append(pad)
+                strides.append(s)
+            out = _conv(win, k, None, tuple(strides), tuple(pads), self.groups,
+                        _conv_plan(tuple(pads), tuple(strides)))
+            _add_at(y, g.out_index(rslot, ho), g.out_index(cslot, wo), out)
         return y
 
 

@@ -11,8 +11,9 @@ state dict *is* the torchvision / timm state dict. NCHW images in, logits out.
 The export folder: `model.safetensors` (the torch-layout state dict),
 `arch.json` (spec, graph, masks: `converters.from_torch(folder)` rebuilds
 the model from it, fused or not) and `model.pt2` (`torch.export` of the
-module, batch dimension dynamic), which loads with
-`torch.export.load(path).module()` in a process that never imports jaxprune.
+module, batch dimension dynamic, height and width too where the graph allows),
+which loads with `torch.export.load(path).module()` in a process that never
+imports jaxprune.
 """
 from __future__ import annotations
 
@@ -27,8 +28,7 @@ import torch
 from torch import nn
 
 from jaxprune.errors import UserError
-from models.layers import FusedConv
-from models.net import INPUT, Net
+from models.net import INPUT, Net, size_refusal
 
 from converters.torch_arch import arch_dict
 from converters.torch_in import torch_state_dict
@@ -72,16 +72,13 @@ class TorchNet(nn.Module):
             _attach(self, name, module)
             self.steps.append((name, tuple(inputs), module))
         self.output = m.graph[-1][0]
-        # a merged model's border data hold for the input size it was merged at
-        fixed = any(isinstance(layer, FusedConv) for _, layer in m.named_layers())
-        self.fixed_size = tuple(m.spec.input_size) if fixed else None
+        # a merged model's border terms hold from one size on, or at one size only
+        self.input_sizes = m.input_sizes()
 
     def forward(self, x):
-        if self.fixed_size is not None and tuple(x.shape[2:]) != self.fixed_size:
-            h, w = self.fixed_size
-            raise ValueError(f"this merged model was fused for {h}x{w} inputs, got "
-                             f"{x.shape[2]}x{x.shape[3]}: merge it again for that size "
-                             f"(jaxprune.merge(m, input_size=...)) and re-export")
+        if self.input_sizes is not None and (why := size_refusal(self.input_sizes, *x.shape[2:4])):
+            raise ValueError(f"{why}, or merge the linearized model for your input size "
+                             f"(jaxprune.merge(m, input_size=(H, W))) and re-export")
         env = {INPUT: (x, True)}
         for name, inputs, module in self.steps:
             if module.layout == "same":  # elementwise: the layout its first input has
@@ -107,15 +104,45 @@ def to_torch(m: Net) -> TorchNet:
     return tm.eval()
 
 
+def pt2_sizes(m: Net) -> dict:
+    """The input sizes `export` traces `model.pt2` for: {"dynamic": True, "min": [H, W]}
+    (every size from there on), or {"dynamic": False, "size": [H, W], "why": ...} where
+    the model is fixed to one size or its graph fixes it in torch.export. torch.export
+    takes a dynamic size to be at least 2, so `min` is also where every map of the
+    network has at least 2 rows and columns."""
+    from jaxprune.merging.profiling import smallest_input, tensor_shapes
+    hw = tuple(m.spec.input_size)
+    fixed = {"dynamic": False, "size": list(hw)}
+    rule = m.input_sizes()
+    if rule is not None and rule[0] == "fixed":
+        return {**fixed, "why": "the fused model is made for this input size only"}
+    for name, layer in m.named_layers():
+        if not type(layer).torch_dynamic_size:
+            return {**fixed, "why": f"torch.export traces layer {name!r} "
+                                    f"({type(layer).__name__}) at one input size"}
+    least = rule[1] if rule is not None else (1, 1)
+
+    def holds(shapes, axis):
+        return all(s[axis + 1] >= 2 for s in shapes.values() if len(s) == 4) \
+            and shapes[INPUT][axis + 1] >= least[axis]
+    native = tensor_shapes(m, hw)
+    if not (holds(native, 0) and holds(native, 1)):
+        return {**fixed, "why": f"a map of the network has a single row or column at "
+                                f"{hw[0]}x{hw[1]}"}
+    return {"dynamic": True, "min": list(smallest_input(m, hw, holds))}
+
+
 def export(m: Net, out_dir: str | os.PathLike, *, batch: int = 2) -> Path:
     """Write `model.safetensors`, `arch.json` and `model.pt2` for `m` into `out_dir`.
 
     `model.pt2` is traced on `batch` images of the model's input size with a
-    dynamic batch dimension. Returns the folder.
+    dynamic batch dimension, and dynamic height and width from the smallest size the
+    model takes where the graph allows (`pt2_sizes`, recorded in arch.json as
+    `pt2`; the program then refuses smaller inputs). Returns the folder.
     """
     from safetensors.numpy import save_file
     tm = to_torch(m)  # refuses a layer without a torch counterpart before writing anything
-    arch = arch_dict(m)
+    arch = {**arch_dict(m), "pt2": pt2_sizes(m)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: np.ascontiguousarray(v) for k, v in torch_state_dict(m, with_counters=True).items()}
@@ -123,9 +150,12 @@ def export(m: Net, out_dir: str | os.PathLike, *, batch: int = 2) -> Path:
     (out / "arch.json").write_text(json.dumps(arch, indent=1) + "\n")
     h, w = m.spec.input_size
     example = torch.randn(batch, m.spec.in_channels, h, w, generator=torch.Generator().manual_seed(0))
+    dims = {0: torch.export.Dim("batch", min=1)}
+    if arch["pt2"]["dynamic"]:
+        mh, mw = arch["pt2"]["min"]
+        dims.update({2: torch.export.Dim("height", min=mh), 3: torch.export.Dim("width", min=mw)})
     with torch.no_grad():
-        program = torch.export.export(tm, (example,),
-                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        program = torch.export.export(tm, (example,), dynamic_shapes=(dims,))
     torch.export.save(program, str(out / "model.pt2"))
     return out
 

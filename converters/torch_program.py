@@ -15,7 +15,9 @@ untrusted source", and in torch 2.13 a `.pt2` archive can make it
 from raw bytes (never pickle), the example inputs are not read, no AOTInductor
 entry is accepted, every shape expression must consist of symbol names,
 numbers, operators and sympy's own function names, guard code is dropped, and
-every graph node must call a torch operator (`torch.ops.*`). What remains is
+every graph node must call a torch operator (`torch.ops.*`) or, in a program
+traced with dynamic sizes, integer arithmetic on sizes (the `operator` and
+`torch.sym_*` functions torch's own deserializer accepts there). What remains is
 handed to torch's JSON deserializer. The result maps onto jaxprune layers
 (`converters.from_program`) and may be run (`.module()`).
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import operator
 import re
 import zipfile
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 from torch._export.serde import schema
+from torch._export.serde import serialize as _serialize
 from torch._export.serde.serialize import (ExportedProgramDeserializer, _dict_to_dataclass,
                                            deserialize_scalar_type, deserialize_size,
                                            deserialize_storage_offset, deserialize_stride)
@@ -47,6 +51,8 @@ _SYMPY_NAMES = frozenset(
        "zero", "nonzero", "even", "odd"})
 _TOKEN = re.compile(r"'[A-Za-z_][A-Za-z0-9_]*'|[A-Za-z_][A-Za-z0-9_]*"
                     r"|[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|[-+*/%(),=<> ]")
+# Size arithmetic of dynamic-shape programs (`h // 2 + 1`): pure functions on integers.
+_SIZE_OPS = frozenset(getattr(_serialize, "_SYM_OPS", ())) | {operator.getitem}
 _SYMBOL = re.compile(r"[a-z]+[0-9]+")  # s0, u3: the names torch gives symbolic sizes
 
 
@@ -137,13 +143,20 @@ def load_program(path: str | Path) -> "torch.export.ExportedProgram":
     constants = _tensors(path, archive, root, C.CONSTANTS_DIR,
                          C.CONSTANTS_CONFIG_FILENAME_FORMAT.format(MODEL),
                          C.TENSOR_CONSTANT_FILENAME_PREFIX)
+    # a program traced with dynamic sizes may list symbols of sizes the tracer derived and
+    # then dropped; torch warns about each ("did not appear in the graph"), harmlessly
+    quiet = logging.getLogger(_serialize.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         program = ExportedProgramDeserializer().deserialize(serialized, weights, constants, None)
     except Exception as e:  # a version mismatch or a damaged description
         _refuse(path, f"torch cannot read its program ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''})")
+    finally:
+        quiet.setLevel(level)
     for node in program.graph.nodes:
         if node.op == "get_attr" or (node.op == "call_function" and not (
-                isinstance(node.target, torch._ops.OpOverload) or node.target is operator.getitem)):
+                isinstance(node.target, torch._ops.OpOverload) or node.target in _SIZE_OPS)):
             _refuse(path, f"graph node '{node.name}' calls {node.target}, not a torch operator")
     return program

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxprune.errors import UserError
 from models.layers import Act, BatchNorm, Layer
 
 INPUT = "input"
@@ -58,6 +59,20 @@ class Block:
     output: str                # the block's last layer (the Add, or the projection's BN)
 
 
+def size_refusal(rule: tuple[str, tuple[int, int]], h: int, w: int) -> str | None:
+    """Why an (h, w) input is refused by a model whose `Net.input_sizes()` is `rule`
+    (None: it runs). The merged model's border terms hold from its smallest size on
+    (kind "min"), or at one size only ("fixed"); below the smallest the original network
+    itself may have no output (pooled to nothing)."""
+    kind, (mh, mw) = rule
+    if kind == "fixed" and (h, w) != (mh, mw):
+        return f"this merged model was fused for {mh}x{mw} inputs, got {h}x{w}: use that size"
+    if kind == "min" and (h < mh or w < mw):
+        return (f"this merged model runs at inputs of at least {mh}x{mw}, got {h}x{w}: use a "
+                f"larger input")
+    return None
+
+
 class Net(nnx.Module):
     """A model: `layers[name]` executed in `graph` order. NHWC in, logits out."""
 
@@ -68,6 +83,10 @@ class Net(nnx.Module):
         self.spec = spec
 
     def __call__(self, x):
+        rule = self.input_sizes()
+        if rule is not None and (why := size_refusal(rule, *x.shape[1:3])):
+            raise UserError(f"{why}, or merge the linearized model for your input size: "
+                            f"jaxprune.merge(m, input_size=(H, W))")
         env = {INPUT: x}
         for name, inputs in self.graph:
             env[name] = self.layers[name](*(env[i] for i in inputs))
@@ -76,6 +95,17 @@ class Net(nnx.Module):
     def named_layers(self) -> Iterator[tuple[str, Layer]]:
         for name, _ in self.graph:
             yield name, self.layers[name]
+
+    def input_sizes(self) -> tuple[str, tuple[int, int]] | None:
+        """The input sizes this model runs at when a layer restricts them (a fused
+        model's border terms): ("fixed", (H, W)) or ("min", (H, W)); None: any size."""
+        rules = [r for _, layer in self.named_layers() if (r := layer.input_sizes()) is not None]
+        for kind, size in rules:
+            if kind == "fixed":
+                return kind, tuple(size)
+        if not rules:
+            return None
+        return "min", tuple(max(size[a] for _, size in rules) for a in (0, 1))
 
     def sites(self) -> list[str]:
         return [n for n, layer in self.named_layers() if isinstance(layer, Act)]

@@ -237,32 +237,37 @@ def test_pretrained_from_another_architecture_in_a_real_run(tmp_path, weights):
     assert _tree(tmp_path) == before
 
 
-# --- a fused model at another input size ---------------------------------------------------------
+# --- a fused model below its smallest input size -------------------------------------------------
 
-def test_fused_export_fed_another_input_size(tmp_path, work):
-    """A pruned and fused export has border corrections and a bias map made for one input
-    size: checked at that size it matches its torch program; at another it is refused."""
+def test_fused_export_below_its_smallest_input_size(tmp_path, work):
+    """A pruned and fused export's border terms are placed relative to the edges: checked
+    against its own torch program it matches at the size it was merged at and at another;
+    below the smallest size it runs at, it is refused with that size and the fix."""
     import converters
     import jaxprune
     import models
     from models.net import randomize_bn
     m = randomize_bn(models.create("resnet18_cifar", num_classes=10, width=4))
-    jaxprune.linearize(m, ["layer1.0.relu1", "layer2.1.relu1"])
-    fused = jaxprune.merge(m, input_size=(16, 16), cost="none")
-    assert any(getattr(layer, "bias_map", None) is not None for layer in fused.layers.values())
+    # a block of the last stage fused: border terms on 4x4 maps, so the smallest input (17)
+    # is above the smallest size a run may check (8)
+    jaxprune.linearize(m, ["layer1.0.relu1", "layer4.1.relu1"])
+    fused = jaxprune.merge(m, cost="none")
+    assert any(getattr(layer, "edge_bias", None) is not None for layer in fused.layers.values())
+    (kind, (h0, w0)) = fused.input_sizes()
+    assert kind == "min" and 1 < h0 == w0 < 32
     converters.export(fused, tmp_path / "fused")
     _, out, cwd = work
     cfg = tmp_path / "fused.yaml"
     cfg.write_text(yaml.safe_dump({"name": "fused", "model": {"name": "resnet18_cifar"},
                                    "method": {"name": "parity", "source": str(tmp_path / "fused"),
-                                              "sizes": [16]}}))
+                                              "sizes": [32, 37]}}))
     r = _run("--config", cfg, "--out", out, cwd=cwd)
-    assert r.returncode == 0 and "pass" in r.stdout, r.stderr[-2000:]
+    assert r.returncode == 0 and r.stdout.count("pass") == 2, (r.stdout, r.stderr[-2000:])
     msg = _error(_run("--config", cfg, "--out", out, "--set", "name=other", "--set",
-                      "method.sizes=[20]", cwd=cwd))
-    assert msg.startswith("this merged model was fused for 16x16 inputs")
-    assert msg.endswith("merge the linearized model again for your input size: "
-                        "jaxprune.merge(m, input_size=(H, W))")
+                      f"method.sizes=[{h0 - 1}]", cwd=cwd))
+    assert msg.startswith(f"this merged model runs at inputs of at least {h0}x{w0}")
+    assert msg.endswith("use a larger input, or merge the linearized model for your input "
+                        "size: jaxprune.merge(m, input_size=(H, W))")
     assert not (out / "other").exists()
 
 

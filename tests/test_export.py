@@ -78,8 +78,11 @@ def test_to_torch_dense_linearized_fused(built, arch):
     dense, lin = built(arch)
     hw = FAMILIES[arch][1]
     x = images(hw)
-    for m in (dense, lin, merge(lin, input_size=hw, cost="none", verify=False)):
+    fused = merge(lin, input_size=hw, cost="none", verify=False)
+    for m in (dense, lin, fused):
         assert_close(torch_logits(converters.to_torch(m), x), jax_logits(m, x))
+    x = images((hw[0] + 5, hw[1] + 3))  # the fused model at another size
+    assert_close(torch_logits(converters.to_torch(fused), x), jax_logits(lin, x))
 
 
 @pytest.mark.parametrize("arch", ["resnet18_cifar", "mobilenet_v2_cifar", "mobilenet_v2",
@@ -106,29 +109,43 @@ def _fresh_process(code: str) -> str:
 
 @pytest.mark.parametrize("arch", ["resnet18_cifar", "mobilenet_v2_cifar"])
 def test_export_round_trip_and_pt2_without_jaxprune(built, tmp_path, arch):
+    """A fused export runs at its native size and at another one, from arch.json and in
+    a process that imports only torch, where model.pt2 refuses inputs below its smallest."""
     _, lin = built(arch)
     hw = FAMILIES[arch][1]
     small = merge(lin, input_size=hw, cost="none", verify=False)
+    assert small.input_sizes()[0] == "min"
     path = converters.export(small, tmp_path / "out")
     assert {p.name for p in path.iterdir()} >= {"model.safetensors", "arch.json", "model.pt2"}
-    x = images(hw, n=3)
-    ref = jax_logits(lin, x)
-    assert_close(jax_logits(converters.from_torch(path), x), ref)
-    np.save(tmp_path / "x.npy", x.transpose(0, 3, 1, 2))
-    np.save(tmp_path / "ref.npy", ref)
+    pt2 = json.loads((path / "arch.json").read_text())["pt2"]
+    assert pt2["dynamic"] and pt2["min"] <= list(hw)
+    back = converters.from_torch(path)
+    for k, size in enumerate((hw, (hw[0] + 13, hw[1] + 6))):
+        x = images(size, n=3)
+        ref = jax_logits(lin, x)
+        assert_close(jax_logits(back, x), ref)
+        np.save(tmp_path / f"x{k}.npy", x.transpose(0, 3, 1, 2))
+        np.save(tmp_path / f"ref{k}.npy", ref)
+    h0, w0 = pt2["min"]
     got = _fresh_process(f"""
 import sys, numpy as np, torch
 module = torch.export.load({str(path / 'model.pt2')!r}).module()
-x, ref = np.load({str(tmp_path / 'x.npy')!r}), np.load({str(tmp_path / 'ref.npy')!r})
+out = []
 with torch.no_grad():
-    full = module(torch.from_numpy(x)).numpy()
-    one = module(torch.from_numpy(x[:1])).numpy()
+    for k in (0, 1):
+        x, ref = np.load({str(tmp_path)!r} + f"/x{{k}}.npy"), np.load({str(tmp_path)!r} + f"/ref{{k}}.npy")
+        out.append(float(np.abs(module(torch.from_numpy(x)).numpy() - ref).max()))
+        out.append(float(np.abs(module(torch.from_numpy(x[:1])).numpy() - ref[:1]).max()))
+    try:
+        module(torch.zeros(1, 3, {h0 - 1}, {w0}))
+        refused = "no"
+    except Exception as e:
+        refused = "yes" if ">= {h0}" in str(e) else repr(str(e))
 bad = [m for m in ("jaxprune", "jax", "models", "converters", "flax") if m in sys.modules]
-print(float(np.abs(full - ref).max()), float(np.abs(one - ref[:1]).max()), bad)
+print(*out, refused, bad)
 """).split()
-    scale = TOL * max(1.0, float(np.abs(ref).max()))
-    assert float(got[0]) <= scale and float(got[1]) <= scale, got
-    assert got[2] == "[]"
+    assert all(float(d) <= TOL * 10 for d in got[:4]), got
+    assert got[4:] == ["yes", "[]"], got
 
 
 def test_arch_json_keeps_masks_and_edited_graphs(tmp_path):
@@ -154,10 +171,17 @@ def test_refusals(built, tmp_path):
     small = merge(lin, input_size=(32, 32), cost="none", verify=False)
     with pytest.raises(UserError, match="fused model"):
         converters.to_torchvision(small)
+    (kind, (h0, w0)) = small.input_sizes()
+    assert kind == "min" and h0 <= 32
     tm = converters.to_torch(small)
+    with pytest.raises(ValueError, match=f"runs at inputs of at least {h0}x{w0}, got "
+                                         f"{h0 - 1}x{w0}"):
+        with torch.no_grad():
+            tm(torch.zeros(1, 3, h0 - 1, w0))
+    fixed = merge(lin, input_size=(32, 32), cost="none", verify=False, fixed_size=True)
     with pytest.raises(ValueError, match="fused for 32x32 inputs, got 30x30"):
         with torch.no_grad():
-            tm(torch.zeros(1, 3, 30, 30))
+            converters.to_torch(fixed)(torch.zeros(1, 3, 30, 30))
 
     class NoTorchSide(Layer):  # a complete declaration naming a counterpart nobody wrote
         torch_counterpart = "NoSuchModule"
@@ -182,6 +206,21 @@ def test_refusals(built, tmp_path):
     with pytest.raises(UserError, match="NoSuchModule"):
         converters.export(m, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_pt2_is_dynamic_where_the_graph_allows(built):
+    from converters.torch_out import pt2_sizes
+    _, lin = built("resnet18_cifar")
+    fused = merge(lin, input_size=(32, 32), cost="none", verify=False)
+    sizes = pt2_sizes(fused)
+    # torch.export takes a dynamic size to be at least 2: every map is, from `min` on
+    assert sizes["dynamic"] and list(fused.input_sizes()[1]) <= sizes["min"] <= [32, 32]
+    fixed = merge(lin, input_size=(32, 32), cost="none", verify=False, fixed_size=True)
+    assert pt2_sizes(fixed) == {"dynamic": False, "size": [32, 32],
+                                "why": "the fused model is made for this input size only"}
+    _, vgg = built("vgg16_bn")
+    assert pt2_sizes(vgg)["why"] == ("torch.export traces layer 'avgpool' (AdaptiveAvgPool) "
+                                     "at one input size")
 
 
 def test_every_layer_kind_declares_what_the_passes_need():

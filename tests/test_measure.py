@@ -127,6 +127,11 @@ def test_a_real_latency_table_of_a_fused_model(tmp_path):
         assert r["dense_ms"] > 0 and r["fused_ms"] > 0
         assert np.isclose(r["speedup"], r["dense_ms"] / r["fused_ms"])
     assert lat["command"] == f"python -m jaxprune.measure {tmp_path / 'latency' / 'spec.json'}"
+    # the fused 5x5 blocks carry border terms: the fused model is also timed without them
+    assert small.layers and any(getattr(layer, "border", None) for layer in small.layers.values())
+    for r in lat["runtimes"].values():
+        assert r["bare_ms"] > 0 and np.isclose(r["border_ms"], r["fused_ms"] - r["bare_ms"])
     workloads, _ = measure.load_spec(tmp_path / "latency" / "spec.json")
     assert [w.factory.split(":")[1] for w in workloads] == [
-        "jax_model", "torch_original", "jax_model", "torch_program"]
+        "jax_model", "torch_original", "jax_model", "torch_program", "jax_model", "torch_program"]
+    assert [w.name for w in workloads][4:] == ["bare jax", "bare torch"]

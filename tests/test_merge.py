@@ -86,19 +86,19 @@ def test_padded_conv_pair_is_exact_at_the_border_where_plain_composition_is_not(
     small, rep = check_exact(m, (13, 11))
     fused = small.layers["c1"]
     assert isinstance(fused, FusedConv) and fused.kernel_size == (5, 5)
-    assert len(fused.border) > 0 and fused.bias_map is not None
+    assert len(fused.border) > 0 and fused.edge_bias is not None
     assert rep.after.depth == rep.before.depth - 1
     # the composed kernel alone (with the interior bias) is wrong on the border ring only
     x = images((13, 11), c=3)
     exact = np.asarray(fused(x))
     naive = np.asarray(jax.lax.conv_general_dilated(
         x, fused.kernel.value, fused.stride, fused.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC")) + fused.bias_map.value[6, 5])
+        dimension_numbers=("NHWC", "HWIO", "NHWC")) + fused.bias.value)
     err = np.abs(naive - exact).max(axis=(0, 3))
     assert err[1:-1, 1:-1].max() < 1e-5 and err.max() > 1e-2
 
 
-def test_pointwise_then_depthwise_needs_only_a_bias_map():
+def test_pointwise_then_depthwise_needs_only_edge_biases():
     # MobileNetV2: 1x1 expand (no padding) -> 3x3 depthwise -> 1x1 project. Only the BN
     # shift is wrong at the border, so the linear part has no corrections.
     def build(b, rngs):
@@ -116,7 +116,7 @@ def test_pointwise_then_depthwise_needs_only_a_bias_map():
         fused = small.layers["e"]
         assert isinstance(fused, FusedConv)
         assert fused.kernel_size == (3, 3) and fused.stride == (2, 2) and fused.groups == 1
-        assert fused.bias_map is not None and len(fused.border) == 0
+        assert fused.edge_bias is not None and len(fused.border) == 0
 
 
 def test_strided_grouped_chain_with_a_projected_residual():
@@ -181,14 +181,159 @@ def test_partial_masks_stay_nonlinear_and_bn_alone_is_not_fused():
     assert rep.after.depth == rep.before.depth
 
 
-def test_wrong_input_size_is_refused_with_the_fix():
-    def build(b, rngs):
-        b.add("c1", Conv(3, 4, 3, padding=1, rngs=rngs))
-        b.add("a1", _identity_act())
-        b.add("c2", Conv(4, 4, 3, padding=1, rngs=rngs))
-    small = merge(_net(build), input_size=(13, 11), cost="none")
+def _conv_pair(b, rngs):
+    b.add("c1", Conv(3, 4, 3, padding=1, rngs=rngs))
+    b.add("bn1", BatchNorm(4))
+    b.add("a1", _identity_act())
+    b.add("c2", Conv(4, 4, 3, padding=1, rngs=rngs))
+    b.add("bn2", BatchNorm(4))
+    b.add("a2", Act("relu"))
+
+
+def _two_strides(b, rngs):
+    # total stride 4: which last rows reach padding depends on the size modulo 4
+    b.add("c1", Conv(3, 4, 3, stride=2, padding=1, rngs=rngs))
+    b.add("bn1", BatchNorm(4))
+    b.add("a1", _identity_act())
+    b.add("c2", Conv(4, 4, 3, stride=2, padding=1, groups=2, rngs=rngs))
+    b.add("bn2", BatchNorm(4))
+    b.add("a2", _identity_act())
+    b.add("c3", Conv(4, 4, 3, padding=1, rngs=rngs))
+    b.add("a3", Act("relu"))
+
+
+def _odd_strides(b, rngs):
+    # strides 3 and 2, asymmetric padding, a bias before a crop-padded conv
+    b.add("c0", Conv(3, 4, 1, bias=True, rngs=rngs))
+    b.add("a0", _identity_act())
+    b.add("c1", Conv(4, 4, 5, stride=3, padding=((2, 1), (1, 2)), rngs=rngs))
+    b.add("bn1", BatchNorm(4))
+    b.add("a1", _identity_act())
+    b.add("c2", Conv(4, 4, 2, stride=2, padding=((0, 1), (1, 0)), rngs=rngs))
+    b.add("a2", Act("relu"))
+
+
+def _inverted_residual(b, rngs):
+    # MobileNetV2's stride-2 block: only edge biases; then a stride-1 one with its residual
+    b.add("e", Conv(3, 12, 1, rngs=rngs))
+    b.add("bn1", BatchNorm(12))
+    b.add("a1", _identity_act("relu6"))
+    b.add("dw", Conv(12, 12, 3, stride=2, padding=1, groups=12, rngs=rngs))
+    b.add("bn2", BatchNorm(12))
+    b.add("a2", _identity_act("relu6"))
+    b.add("p", Conv(12, 6, 1, rngs=rngs))
+    p = b.add("bn3", BatchNorm(6))
+    b.add("e2", Conv(6, 12, 1, rngs=rngs))
+    b.add("bn4", BatchNorm(12))
+    b.add("a4", _identity_act("relu6"))
+    b.add("dw2", Conv(12, 12, 5, padding=2, groups=12, rngs=rngs))
+    b.add("bn5", BatchNorm(12))
+    b.add("a5", _identity_act("relu6"))
+    b.add("p2", Conv(12, 6, 1, rngs=rngs))
+    q = b.add("bn6", BatchNorm(6))
+    b.add("add", Add(), inputs=(p, q))
+    b.add("a6", Act("relu6"))
+
+
+def _new_kinds(b, rngs):
+    # a layer scale folds into its run; a dilated conv, an average pool, a gate product and
+    # a concatenation end runs and stay
+    from models.layers import AvgPool, Concat, Mul, Scale
+    b.add("c1", Conv(3, 4, 3, padding=1, bias=True, rngs=rngs))
+    b.add("a1", _identity_act())
+    s = b.add("ls", Scale(4))
+    b.layers["ls"].scale.value = jnp.asarray(np.random.default_rng(3).uniform(0.5, 2.0, 4), jnp.float32)
+    b.add("c2", Conv(4, 4, 3, padding=1, rngs=rngs))
+    b.add("bn2", BatchNorm(4))
+    b.add("a2", _identity_act())
+    d = b.add("dil", Conv(4, 4, 3, padding=2, dilation=2, rngs=rngs))
+    b.add("a3", _identity_act())
+    b.add("avg", AvgPool(3, 1, 1, count_include_pad=False))
+    b.add("a4", _identity_act())
+    p = b.add("c4", Conv(4, 4, 1, rngs=rngs))
+    g = b.add("gate", Act("sigmoid"), inputs=(d,))
+    m = b.add("mul", Mul(), inputs=(p, g))
+    b.add("cat", Concat(), inputs=(m, s))
+    b.add("c5", Conv(8, 4, 3, padding=1, rngs=rngs))
+    b.add("a5", _identity_act())
+    b.add("ls2", Scale(4))
+    b.layers["ls2"].scale.value = jnp.asarray(np.random.default_rng(4).uniform(0.5, 2.0, 4),
+                                              jnp.float32)
+    b.add("c6", Conv(4, 4, 3, padding=1, rngs=rngs))
+    b.add("a6", Act("relu"))
+
+
+def test_new_layer_kinds_fold_or_end_runs_and_stay_exact():
+    """Scale folds like a BatchNorm (into c1); the dilated conv, the
+    average pool, the product and the concatenation stay as they are; exact at 13x11,
+    an odd size and a larger one."""
+    from models.layers import AvgPool, Concat, Mul
+    m = _net(_new_kinds, (13, 11))
+    small, rep = merge(m, input_size=(13, 11), cost="none", verify=False, return_report=True)
+    kinds = {n: type(layer) for n, layer in small.named_layers()}
+    # the scaled map is also read by the concatenation: the run ends there
+    assert kinds["c1"] is Conv and "ls" not in kinds and "bn2" not in kinds
+    assert kinds["dil"] is Conv and small.layers["dil"].dilation == (2, 2)
+    assert (kinds["avg"], kinds["mul"], kinds["cat"]) == (AvgPool, Mul, Concat)
+    assert kinds["c5"] is FusedConv and "ls2" not in kinds and "c6" not in kinds
+    m.eval()
+    for hw in ((13, 11), (17, 19), (40, 37)):
+        x = images(hw)
+        ref = logits(m, x)
+        assert np.abs(logits(small, x) - ref).max() <= TOL * np.abs(ref).max(), hw
+
+
+SMALL_GRAPHS = {"pair": _conv_pair, "two_strides": _two_strides, "odd_strides": _odd_strides,
+                "inverted_residual": _inverted_residual}
+
+
+@pytest.mark.parametrize("name", list(SMALL_GRAPHS))
+def test_one_fused_layer_is_exact_at_every_size_from_its_smallest(name):
+    """Merged once, at 13x11; exact from the smallest size it names on, at sizes of every
+    residue modulo the stride on both axes, and at a larger one; smaller sizes refused."""
+    m = _net(SMALL_GRAPHS[name], (13, 11))
+    small, rep = merge(m, input_size=(13, 11), cost="none", verify=False, return_report=True)
+    assert [type(layer) for _, layer in small.named_layers()].count(FusedConv) == 1
+    assert rep.input_sizes["kind"] == "min"
+    h0, w0 = rep.input_sizes["size"]
+    assert h0 <= 13 and w0 <= 11
+    s = max(next(layer for _, layer in small.named_layers() if isinstance(layer, FusedConv)).stride)
+    m.eval()
+    for hw in [(h0 + k, w0 + s - 1 - k) for k in range(s)] + [(13, 11), (40, 37)]:
+        x = images(hw)
+        ref = logits(m, x)
+        assert np.abs(logits(small, x) - ref).max() <= TOL * np.abs(ref).max(), hw
+    for hw in ((h0 - 1, w0), (h0, w0 - 1)):
+        if min(hw) >= 1:
+            with pytest.raises(UserError, match=rf"runs at inputs of at least {h0}x{w0}, got "
+                                                rf".*jaxprune.merge\(m, input_size=\(H, W\)\)"):
+                small(images(hw))
+
+
+def test_fixed_size_merge_is_exact_there_refuses_other_sizes_and_stores_less():
+    m = _net(_two_strides, (13, 11))
+    agnostic, rep = merge(m, input_size=(13, 11), cost="none", return_report=True)
+    fixed, rep_fixed = merge(m, input_size=(13, 11), cost="none", fixed_size=True,
+                             return_report=True)
+    assert rep_fixed.max_abs_diff <= TOL * rep_fixed.logit_scale
+    assert rep_fixed.input_sizes == {"kind": "fixed", "size": [13, 11],
+                                     "why": "merged with fixed_size=True"}
+    # the other residues' border terms are what the size-agnostic layer stores on top
+    assert 0 < rep_fixed.after.border_params < rep.after.border_params
+    assert 0 < rep_fixed.after.border_macs <= rep.after.border_macs
     with pytest.raises(UserError, match=r"fused for 13x11 inputs.*input_size=\(H, W\)"):
-        small(images((12, 12)))
+        fixed(images((14, 11)))
+
+
+def test_a_kernel_wider_than_the_map_makes_the_layer_fixed_and_says_why():
+    # merged at 5x5: the fused 15x15/4 layer needs larger maps for border terms that hold at
+    # every size, so the model is made for 5x5 only
+    m = _net(_two_strides, (5, 5))
+    small, rep = check_exact(m, (5, 5))
+    assert rep.input_sizes["kind"] == "fixed" and "c1 is exact at every size only from "\
+        "inputs of" in rep.input_sizes["why"]
+    with pytest.raises(UserError, match="fused for 5x5 inputs"):
+        small(images((6, 6)))
 
 
 # -- the memory a composition needs ---------------------------------------------------------
@@ -297,6 +442,47 @@ def test_fused_equals_linearized(built, arch, hw, k):
     assert rep.after.depth < rep.before.depth  # every pattern here leaves a fusable run
     assert rep.input_size == hw and small.spec.input_size == hw
     assert dict(small.spec.options)["fused"] is True
+
+
+# Merged once at the native size, then run at the native size, an odd one, a larger one
+# and the smallest the fused model names. Residual blocks folded whole (identity and
+# strided projection), strided and depthwise inverted residuals, 5x5 depthwise blocks.
+ANY_SIZE = {
+    "resnet18_cifar": (lambda m: [s for s in m.sites() if s.startswith(
+        ("layer1.0.", "layer2.0.", "layer3.0.relu1"))], [(35, 33), (320, 288)]),
+    "resnet18": (lambda m: [s for s in m.sites() if s.startswith(("layer1.1.", "layer2.0."))],
+                 [(227, 229), (320, 288)]),
+    "mobilenet_v2_cifar": (_gates(3, 4, 9), [(33, 35), (320, 288)]),
+    "mobilenet_v2": (_gates(2, 4, 7), [(227, 229), (320, 288)]),
+    "efficientnet_lite0": (_gates(2, 4, 5, 9), [(227, 229), (320, 288)]),
+    "vgg16_bn": (["features.2", "features.12", "classifier.1", "classifier.4"],
+                 [(227, 229), (320, 288)]),
+    "swin_t": (["features.1.0.mlp.gelu", "features.5.3.mlp.gelu"], [(229, 227), (384, 384)]),
+}
+EXPENSIVE = ("efficientnet_lite0", "vgg16_bn", "swin_t")  # full widths at 224 px and more
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=[pytest.mark.slow] if a in EXPENSIVE
+                                               else []) for a in ANY_SIZE])
+def test_fused_model_is_exact_at_every_size(built, arch):
+    m = built(arch)
+    pattern, sizes = ANY_SIZE[arch]
+    only(m, pattern(m) if callable(pattern) else pattern)
+    small, rep = merge(m, cost="none", verify=False, return_report=True)
+    assert rep.after.depth < rep.before.depth
+    kind = rep.input_sizes["kind"]
+    assert kind == ("any" if arch == "swin_t" else "min"), rep.input_sizes
+    smallest = [tuple(rep.input_sizes["size"])] if kind == "min" else []
+    assert all(f["sizes"].startswith("any size") for f in rep.fused)
+    m.eval()
+    for hw in [tuple(m.spec.input_size), *sizes, *smallest]:
+        x = images(hw)
+        ref, got = logits(m, x), logits(small, x)
+        assert np.abs(got - ref).max() <= TOL * np.abs(ref).max(), hw
+    if smallest:
+        h0, w0 = smallest[0]
+        with pytest.raises(UserError, match=f"runs at inputs of at least {h0}x{w0}"):
+            small(images((h0 - 1, w0)))
 
 
 @pytest.mark.parametrize("arch", ["resnet18_cifar", "mobilenet_v2_cifar"])

@@ -18,9 +18,19 @@ each axis has a few position classes: class 0 = every intermediate tap valid
 (the interior), others near the borders. A map keeps one kernel per pair
 (row class, column class). Out-of-range taps of a *pointwise* map (1x1 chains
 from the input, e.g. MobileNetV2's expand conv) read input padding, which is
-zero either way, so they do not create classes: there only the bias differs at
-the border. Biases are not tracked here: the fused bias (map) is the run
-applied to zeros, `f(0)` (`fold.apply_numpy`).
+zero either way, so their linear part is the interior's; only the bias differs
+there (`POINTWISE_PAD`). A map also keeps one bias per class pair: the run
+applied to zeros at positions of that pair.
+
+Size-agnostic classes. The classes near the top (left) edge are the same at
+every input size; near the bottom (right) edge they depend on the input size
+modulo the run's stride, because with strides which last rows reach padding
+depends on where the stride grid ends (a stride-2 3x3 conv: its last output
+reads past the end of an odd-sized input, not of an even one). `Axis` keeps
+the classes counted from each edge, one bottom variant per residue, and the
+smallest input size from which they are exact at every larger size: where the
+edge structures of every layer stay apart (`Axis.least`). A fixed `Axis`
+instead lists every position of one input size, for maps too small for that.
 
 `DenseMap` is the same for Linear layers on the last axis (no borders).
 Kernels compose in float64; `weights=False` computes only the geometry, which
@@ -33,36 +43,183 @@ import math
 
 import numpy as np
 
-INVALID = -1
+INVALID = -1        # a tap reads the zero padding of an intermediate tensor
+# A tap reads the zero padding of a map that is pointwise from the input and biased: its
+# linear part is what the interior reads (zero-padded input through 1x1 layers is zero), its
+# bias is not (the original sees 0 there, not the map's bias).
+POINTWISE_PAD = -2
 
 
 class NotFusable(Exception):
     """This run cannot be one layer (the message says why); it is kept as it is."""
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _strip(classes: list) -> tuple:
+    """The classes without the trailing interior (class 0) positions."""
+    n = len(classes)
+    while n and classes[n - 1] == 0:
+        n -= 1
+    return tuple(classes[:n])
+
+
+def _linear(cls: int) -> int:
+    """The class whose kernel a tap of class `cls` reads (input padding reads as interior)."""
+    return 0 if cls == POINTWISE_PAD else cls
+
+
 @dataclasses.dataclass(frozen=True)
 class Axis:
-    """Geometry of one spatial axis of a map from the region input."""
-    size: int          # positions of this tensor along the axis
-    in_size: int       # positions of the region input along the axis
+    """Geometry of one spatial axis of a map from the region input.
+
+    Position `i` reads input positions `stride*i - offset + u`, taps `u in [0, extent)`;
+    an input of `n` positions gives `(n + shift) // stride + 1` positions here.
+    Each position has a class (0: every intermediate tap valid, the interior).
+
+    Fixed (`fixed` = n): `top` lists the class of every position of that one input size.
+    Size-agnostic (`fixed` None): `top` lists the classes of the first positions, the
+    same at every input size, and `bottom[n % stride]` those of the last positions (last
+    first), which depend on the input size modulo the stride; every other position is
+    interior. That holds for every input size `n` with `n >= bounds[n % stride]`, where the
+    edge structures of every layer so far stay apart (`least()`).
+    """
     stride: int
-    offset: int        # position i reads input positions stride*i - offset + u
-    extent: int        # number of taps u
-    cls: tuple         # class of each position; 0 = every intermediate tap valid
+    offset: int
+    extent: int
+    shift: int
+    top: tuple
+    bottom: tuple
+    bounds: tuple
+    fixed: int | None
+
+    @staticmethod
+    def identity(n: int, fixed: bool) -> "Axis":
+        if fixed:
+            return Axis(1, 0, 1, -1, (0,) * n, ((),), (n,), n)
+        return Axis(1, 0, 1, -1, (), ((),), (1,), None)
+
+    @property
+    def residues(self) -> int:
+        """How many `bottom` variants: one per input size modulo the stride (1 when fixed)."""
+        return len(self.bottom)
+
+    def size(self, n: int) -> int:
+        """Positions along this axis for an input of `n`."""
+        return (n + self.shift) // self.stride + 1
 
     @property
     def classes(self) -> list[int]:
         """Class ids in use, 0 always first (it exists even when no position has it)."""
-        return sorted(set(self.cls) | {0})
+        return sorted(set(self.top).union(*self.bottom) | {0})
 
-    def relevant(self, positions) -> np.ndarray:
-        """Taps that read a real (not padded) input position for some of `positions`."""
+    def least(self) -> int:
+        """The smallest input size from which this axis describes every larger one exactly."""
+        if self.fixed is not None:
+            return self.fixed
+        s = self.stride
+        first = [b + (r - b) % s for r, b in enumerate(self.bounds)]  # smallest n = r, n >= b
+        return max(1, max(first) - s + 1)
+
+    def count(self, cls: int, n: int) -> int:
+        """Positions of class `cls` at input size `n`."""
+        return self.top.count(cls) + self.bottom[n % self.residues].count(cls)
+
+    def relevant(self, cls: int | None = None) -> np.ndarray:
+        """Taps that read a real (not padded) input position for some position of class
+        `cls` (None: any position) at some input size this axis describes."""
         u = np.arange(self.extent)
+        if self.fixed is None and cls is None:
+            return np.ones(self.extent, bool)
         rel = np.zeros(self.extent, bool)
-        for i in positions:
-            src = self.stride * i - self.offset + u
-            rel |= (src >= 0) & (src < self.in_size)
+        for i, x in enumerate(self.top):
+            if cls is None or x == cls:
+                src = self.stride * i - self.offset + u
+                rel |= (src >= 0) & (src < (self.fixed if self.fixed is not None else np.inf))
+        for r, last in enumerate(self.bottom):
+            # position size-1-j reads input n-1 or before up to this tap
+            reach = self.offset + self.stride * np.arange(len(last)) - 1 - self.shift \
+                + (r + self.shift) % self.stride
+            for j, x in enumerate(last):
+                if x == cls:
+                    rel |= u <= reach[j]
         return rel
+
+    def conv(self, k: int, s: int, lo: int, hi: int, pad: int):
+        """The axis after a conv (k taps, stride s, padding lo/hi) and each new class's taps.
+
+        `keys[c][b]` is the class of the position tap b of class c reads, or `pad` where
+        that is the conv's zero padding.
+        """
+        keys, ids = [], {}
+        _intern(keys, ids, (0,) * k)
+        key = lambda reads: _intern(keys, ids, tuple(reads))  # noqa: E731
+        geometry = dict(stride=self.stride * s, offset=self.offset + self.stride * lo,
+                        extent=self.extent + (k - 1) * self.stride,
+                        shift=self.shift + self.stride * (1 + lo + hi - k))
+        if self.fixed is not None:
+            m = self.size(self.fixed)
+            n = (m + lo + hi - k) // s + 1
+            if n < 1:
+                raise NotFusable(f"a {k}-tap conv does not fit a map of {m}")
+            read = lambda q: self.top[q] if 0 <= q < m else pad  # noqa: E731
+            top = tuple(key(read(s * i - lo + b) for b in range(k)) for i in range(n))
+            return Axis(**geometry, top=top, bottom=((),), bounds=self.bounds,
+                        fixed=self.fixed), keys
+        T = len(self.top)
+        read = lambda q: pad if q < 0 else self.top[q] if q < T else 0  # noqa: E731
+        first = max(0, _ceil_div(T + lo, s))   # positions whose taps reach the top part
+        top = _strip([key(read(s * i - lo + b) for b in range(k)) for i in range(first)])
+        bottom, bounds = [], []
+        for r in range(geometry["stride"]):   # input sizes n = r modulo the new stride
+            last = self.bottom[r % self.residues]
+            B = len(last)
+            m_mod = ((r + self.shift) // self.stride + 1) % s         # this map's size mod s
+            rho = (m_mod + lo + hi - k) % s                           # unused rows at its end
+            read = lambda jp: pad if jp < 0 else last[jp] if jp < B else 0  # noqa: E731
+            ends = max(0, _ceil_div(B + hi - rho, s))  # positions whose taps reach the bottom
+            bot = _strip([key(read(s * j + k - 1 - b - hi + rho) for b in range(k))
+                          for j in range(ends)])
+            # this map's size m keeps both edge parts apart: an output at least, the new top
+            # and bottom parts disjoint, top taps above the bottom part and bottom taps below
+            # the top part
+            need = max(1, k - lo - hi, s * (len(top) + len(bot) - 1) + k - lo - hi)
+            if first:
+                need = max(need, s * (first - 1) - lo + k + B)
+            if ends:
+                need = max(need, s * (ends - 1) + k - hi + rho + T)
+            bottom.append(bot)
+            bounds.append(max(self.bounds[r % self.residues],
+                              self.stride * (need - 1) - self.shift))
+        return Axis(**geometry, top=top, bottom=tuple(bottom), bounds=tuple(bounds),
+                    fixed=None), keys
+
+    def add(self, other: "Axis"):
+        """The axis of a sum of two maps, each position's class the pair of theirs."""
+        if self.stride != other.stride:
+            raise NotFusable(f"a residual sum of branches with strides {self.stride} and "
+                             f"{other.stride}")
+        if self.shift != other.shift or self.fixed != other.fixed:
+            raise NotFusable("a residual sum of branches of different sizes")
+        off = max(self.offset, other.offset)
+        da, db = off - self.offset, off - other.offset
+        extent = max(da + self.extent, db + other.extent)
+        keys, ids = [], {}
+        _intern(keys, ids, (0, 0))
+
+        def pairs(a: tuple, b: tuple) -> tuple:
+            n = max(len(a), len(b))
+            cls = [_intern(keys, ids, (x, y)) for x, y in
+                   zip(a + (0,) * (n - len(a)), b + (0,) * (n - len(b)))]
+            return tuple(cls) if self.fixed is not None else _strip(cls)
+
+        top = pairs(self.top, other.top)
+        bottom = tuple(pairs(a, b) for a, b in zip(self.bottom, other.bottom))
+        bounds = tuple(max(a, b) for a, b in zip(self.bounds, other.bounds))
+        return (Axis(self.stride, off, extent, self.shift, top, bottom, bounds, self.fixed),
+                keys, (da, db))
 
 
 def _intern(keys: list, ids: dict, key) -> int:
@@ -70,44 +227,6 @@ def _intern(keys: list, ids: dict, key) -> int:
         ids[key] = len(keys)
         keys.append(key)
     return ids[key]
-
-
-def _axis_conv(ax: Axis, k: int, s: int, lo: int, hi: int, pointwise: bool):
-    """The axis after a conv (k taps, stride s, padding lo/hi) and each new class's taps.
-
-    `keys[c][b]` is the class of the position tap b of class c reads, or INVALID
-    when it is the conv's zero padding of an intermediate tensor.
-    """
-    n = (ax.size + lo + hi - k) // s + 1
-    if n < 1:
-        raise NotFusable(f"a {k}-tap conv does not fit a map of {ax.size}")
-    keys, ids = [], {}
-    _intern(keys, ids, (0,) * k)
-    cls = []
-    for i in range(n):
-        key = []
-        for b in range(k):
-            q = s * i - lo + b
-            if 0 <= q < ax.size:
-                key.append(ax.cls[q])
-            else:  # padding: of the input itself when pointwise, which reads zeros anyway
-                key.append(0 if pointwise else INVALID)
-        cls.append(_intern(keys, ids, tuple(key)))
-    new = Axis(n, ax.in_size, ax.stride * s, ax.offset + ax.stride * lo,
-               ax.extent + (k - 1) * ax.stride, tuple(cls))
-    return new, keys
-
-
-def _axis_add(a: Axis, b: Axis):
-    if a.size != b.size or a.stride != b.stride:
-        raise NotFusable(f"a residual sum of branches with strides {a.stride} and {b.stride}")
-    off = max(a.offset, b.offset)
-    da, db = off - a.offset, off - b.offset
-    extent = max(da + a.extent, db + b.extent)
-    keys, ids = [], {}
-    _intern(keys, ids, (0, 0))
-    cls = tuple(_intern(keys, ids, (x, y)) for x, y in zip(a.cls, b.cls))
-    return Axis(a.size, a.in_size, a.stride, off, extent, cls), keys, (da, db)
 
 
 def _shift(box, du: int, dv: int):
@@ -166,6 +285,15 @@ def _compose_all_taps(a: np.ndarray, g1: int, w: np.ndarray, g2: int, mode: str,
     return out.reshape(K1, K2, ci, kh, kw, cout)
 
 
+def _bias_taps(bias: np.ndarray, w: np.ndarray, groups: int) -> np.ndarray:
+    """A per-channel bias (cmid,) through every tap of w (kh, kw, cmid/groups, cout)
+    on its own -> (kh, kw, cout)."""
+    kh, kw, ci, cout = w.shape
+    per_tap = np.einsum("gi,bdigo->bdgo", bias.reshape(groups, ci),
+                        w.reshape(kh, kw, ci, groups, cout // groups))
+    return per_tap.reshape(kh, kw, cout)
+
+
 @dataclasses.dataclass
 class SpatialMap:
     rows: Axis
@@ -175,37 +303,42 @@ class SpatialMap:
     groups: int
     pointwise: bool                       # 1x1, stride 1, no padding from the input
     kernels: dict | None                  # (row class, col class) -> (Kh, Kw, cin/g, cout)
+    # (row class, col class) -> bias (cout,) of positions of that pair: the run applied to
+    # zeros there, which differs from the interior where a padded conv reads zeros
+    biases: dict | None = None
     # (row class, col class) -> bounding box (u0, u1, v0, v1) of where that pair's kernel
     # may differ from the interior one (None: nowhere); known without the weights
     deltas: dict = dataclasses.field(default_factory=lambda: {(0, 0): None})
     # most bytes the exact composition up to here holds at once (kernels + temporaries)
     peak_bytes: int = 0
     biased: bool = False          # some layer so far adds a bias (or BatchNorm shift)
-    bias_varies: bool = False     # ... which a padded conv then sees as zeros at the border
 
     @property
     def stride(self):
         return self.rows.stride, self.cols.stride
 
     @staticmethod
-    def identity(h: int, w: int, c: int, weights: bool = True) -> "SpatialMap":
-        ax = lambda n: Axis(n, n, 1, 0, 1, (0,) * n)  # noqa: E731
+    def identity(h: int, w: int, c: int, weights: bool = True,
+                 fixed: bool = False) -> "SpatialMap":
+        """The map of an (h, w, c) tensor to itself; `fixed`: described for that size only,
+        else for every size (h, w only bound the classes' geometry)."""
         kernels = {(0, 0): np.ones((1, 1, 1, c))} if weights else None
-        return SpatialMap(ax(h), ax(w), c, c, c, True, kernels)
+        biases = {(0, 0): np.zeros(c)} if weights else None
+        return SpatialMap(Axis.identity(h, fixed), Axis.identity(w, fixed), c, c, c, True,
+                          kernels, biases)
 
     def conv(self, w: np.ndarray | None, kernel: tuple[int, int], stride, padding, groups: int,
-             cout: int, has_bias: bool = False) -> "SpatialMap":
-        """This map followed by a conv. `w` (kh, kw, cmid/groups, cout) or None for geometry."""
+             cout: int, has_bias: bool = False, bias: np.ndarray | None = None) -> "SpatialMap":
+        """This map followed by a conv. `w` (kh, kw, cmid/groups, cout) and `bias` (cout,)
+        or None for geometry."""
         (kh, kw), (sh, sw) = kernel, stride
         (plo, phi), (qlo, qhi) = padding
-        rows, rkeys = _axis_conv(self.rows, kh, sh, plo, phi, self.pointwise)
-        cols, ckeys = _axis_conv(self.cols, kw, sw, qlo, qhi, self.pointwise)
+        pad = (POINTWISE_PAD if self.biased else 0) if self.pointwise else INVALID
+        rows, rkeys = self.rows.conv(kh, sh, plo, phi, pad)
+        cols, ckeys = self.cols.conv(kw, sw, qlo, qhi, pad)
         g, mode = _compose_groups(self.cin, self.cout, self.groups, cout, groups)
         pointwise = (self.pointwise and (kh, kw, sh, sw) == (1, 1, 1, 1)
                      and (plo, phi, qlo, qhi) == (0, 0, 0, 0))
-        kernels = None
-        if w is not None and self.kernels is not None:
-            kernels = self._conv_kernels(w, rkeys, ckeys, rows.extent, cols.extent, groups, mode, g)
         full = (0, self.rows.extent - 1, 0, self.cols.extent - 1)
         deltas = {}
         for r, rk in enumerate(rkeys):
@@ -213,24 +346,30 @@ class SpatialMap:
                 box = None
                 for b, rr in enumerate(rk):
                     for d, cc in enumerate(ck):
-                        if rr == cc == 0:
-                            continue
                         # a dropped path removes the whole interior part of that tap
-                        src = full if INVALID in (rr, cc) else self.deltas[(rr, cc)]
+                        src = (full if INVALID in (rr, cc)
+                               else self.deltas[(_linear(rr), _linear(cc))])
                         box = _union(box, _shift(src, b * self.rows.stride, d * self.cols.stride))
                 deltas[(r, c)] = box
-        pairs = len(self.rows.classes) * len(self.cols.classes)
-        temporaries = 8 * pairs * self.rows.extent * self.cols.extent * (self.cin // g) * kh * kw * cout
-        new = SpatialMap(rows, cols, self.cin, cout, g, pointwise, kernels, deltas)
+        kernels = biases = None
+        if w is not None and self.kernels is not None:
+            kernels = self._conv_kernels(w, rkeys, ckeys, deltas, rows.extent, cols.extent,
+                                         groups, mode, g)
+            biases = self._conv_biases(w, rkeys, ckeys, groups,
+                                       np.zeros(cout) if bias is None else bias)
+        # the interior's products with every tap, and one per tap of each border pair
+        temporaries = (8 * self._distinct_kernels() * self.rows.extent * self.cols.extent
+                       * (self.cin // g) * kh * kw * cout)
+        new = SpatialMap(rows, cols, self.cin, cout, g, pointwise, kernels, biases, deltas)
         new.peak_bytes = max(self.peak_bytes, self.kernel_bytes() + temporaries + new.kernel_bytes())
         new.biased = self.biased or has_bias
-        new.bias_varies = self.bias_varies or (self.biased and max(plo, phi, qlo, qhi) > 0)
         return new
 
-    def _conv_kernels(self, w, rkeys, ckeys, ext_h, ext_w, groups, mode, g) -> dict:
+    def _conv_kernels(self, w, rkeys, ckeys, deltas, ext_h, ext_w, groups, mode, g) -> dict:
         """Kernel of every new class pair: the sum over its valid taps of (this map's kernel
         for the class the tap reads) x (the tap), shifted to the tap's place. Border
-        pairs are built from the interior one by changing only the taps that differ."""
+        pairs are built from the interior one by changing only the taps that differ; a
+        pair whose kernel cannot differ (`deltas` None) shares the interior's."""
         Sh, Sw = self.rows.stride, self.cols.stride
         Kh, Kw = self.rows.extent, self.cols.extent
         parts = {}
@@ -259,57 +398,84 @@ class SpatialMap:
         kernels = {}
         for r, rk in enumerate(rkeys):
             for c, ck in enumerate(ckeys):
-                if r == c == 0:
-                    kernels[(0, 0)] = interior
+                if deltas[(r, c)] is None:
+                    kernels[(r, c)] = interior
                     continue
                 acc = interior.copy()
                 for b, rr in enumerate(rk):
                     for d, cc in enumerate(ck):
-                        if rr == cc == 0:
-                            continue  # same as the interior
+                        x, y = _linear(rr), _linear(cc)
+                        if INVALID not in (rr, cc) and self.deltas[(x, y)] is None:
+                            continue  # the pair read shares the interior's kernel
                         shift_add(acc, part(0, 0, b, d), b, d, -1.0)
-                        if rr != INVALID and cc != INVALID:
-                            shift_add(acc, part(rr, cc, b, d), b, d, 1.0)
+                        if INVALID not in (rr, cc):
+                            shift_add(acc, part(x, y, b, d), b, d, 1.0)
                 kernels[(r, c)] = acc
         return kernels
 
-    def channelwise(self, scale: np.ndarray | None) -> "SpatialMap":
+    def _conv_biases(self, w, rkeys, ckeys, groups: int, bias: np.ndarray) -> dict:
+        """Bias of every new class pair: the conv's own plus this map's bias of the class
+        each tap reads through that tap; a tap on padding reads zero."""
+        taps = {pair: _bias_taps(b, w, groups) for pair, b in self.biases.items()}
+        out = {}
+        for r, rk in enumerate(rkeys):
+            for c, ck in enumerate(ckeys):
+                acc = np.array(bias, np.float64)
+                for b, rr in enumerate(rk):
+                    for d, cc in enumerate(ck):
+                        if rr >= 0 and cc >= 0:
+                            acc += taps[(rr, cc)][b, d]
+                out[(r, c)] = acc
+        return out
+
+    def channelwise(self, scale: np.ndarray | None, shift: np.ndarray | None) -> "SpatialMap":
         """This map followed by a per-channel scale and shift (an eval-mode BatchNorm)."""
         w = None if scale is None else np.asarray(scale, np.float64).reshape(1, 1, 1, -1)
-        return self.conv(w, (1, 1), (1, 1), ((0, 0), (0, 0)), self.cout, self.cout, True)
+        b = None if shift is None else np.asarray(shift, np.float64)
+        return self.conv(w, (1, 1), (1, 1), ((0, 0), (0, 0)), self.cout, self.cout, True, b)
 
     def add(self, other: "SpatialMap") -> "SpatialMap":
         if self.cout != other.cout or self.cin != other.cin:
             raise NotFusable(f"a residual sum of {self.cout} and {other.cout} channels")
-        rows, rkeys, (ra, rb) = _axis_add(self.rows, other.rows)
-        cols, ckeys, (ca, cb) = _axis_add(self.cols, other.cols)
+        rows, rkeys, (ra, rb) = self.rows.add(other.rows)
+        cols, ckeys, (ca, cb) = self.cols.add(other.cols)
         g = math.gcd(self.groups, other.groups)
-        kernels = None
+        deltas = {(r, c): _union(_shift(self.deltas[(r1, c1)], ra, ca),
+                                 _shift(other.deltas[(r2, c2)], rb, cb))
+                  for r, (r1, r2) in enumerate(rkeys) for c, (c1, c2) in enumerate(ckeys)}
+        kernels = biases = None
         if self.kernels is not None and other.kernels is not None:
-            kernels = {}
+            kernels, biases = {}, {}
             for r, (r1, r2) in enumerate(rkeys):
                 for c, (c1, c2) in enumerate(ckeys):
+                    biases[(r, c)] = self.biases[(r1, c1)] + other.biases[(r2, c2)]
+                    if (r, c) != (0, 0) and deltas[(r, c)] is None:
+                        continue  # shares the interior's, filled in below
                     acc = np.zeros((rows.extent, cols.extent, self.cin // g, self.cout))
                     for m, (x, y), (dr, dc) in ((self, (r1, c1), (ra, ca)),
                                                 (other, (r2, c2), (rb, cb))):
                         k = regroup(m.kernels[(x, y)], m.groups, g)
                         acc[dr:dr + k.shape[0], dc:dc + k.shape[1]] += k
                     kernels[(r, c)] = acc
-        deltas = {(r, c): _union(_shift(self.deltas[(r1, c1)], ra, ca),
-                                 _shift(other.deltas[(r2, c2)], rb, cb))
-                  for r, (r1, r2) in enumerate(rkeys) for c, (c1, c2) in enumerate(ckeys)}
+            for pair in deltas:
+                kernels.setdefault(pair, kernels[(0, 0)])
         new = SpatialMap(rows, cols, self.cin, self.cout, g,
-                         self.pointwise and other.pointwise, kernels, deltas)
+                         self.pointwise and other.pointwise, kernels, biases, deltas)
         new.peak_bytes = max(self.peak_bytes, other.peak_bytes,
                              self.kernel_bytes() + other.kernel_bytes() + new.kernel_bytes())
         new.biased = self.biased or other.biased
-        new.bias_varies = self.bias_varies or other.bias_varies
         return new
 
+    def _distinct_kernels(self) -> int:
+        """How many kernels the pairs hold: the interior's, which every pair whose kernel
+        cannot differ shares, and one per other pair."""
+        return 1 + sum(box is not None for pair, box in self.deltas.items() if pair != (0, 0))
+
     def kernel_bytes(self) -> int:
-        """Memory the exact composition of this map holds (float64 kernels of every pair)."""
-        pairs = len(self.rows.classes) * len(self.cols.classes)
-        return 8 * pairs * self.rows.extent * self.cols.extent * (self.cin // self.groups) * self.cout
+        """Memory the exact composition of this map holds (float64 kernels, the interior's
+        shared by every pair whose kernel cannot differ)."""
+        return (8 * self._distinct_kernels() * self.rows.extent * self.cols.extent
+                * (self.cin // self.groups) * self.cout)
 
 
 @dataclasses.dataclass

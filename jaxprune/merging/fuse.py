@@ -12,13 +12,17 @@ The pass, on a `Net` whose linearized sites have mask 0:
    elementwise work included, then fewer layers), `"latency"` (each candidate
    timed with JAX on this machine) or `"none"` (as few layers as possible:
    fuse everything fusable);
-3. compose each piece exactly (`affine.py`): the composed kernel, a bias or
-   bias map `f(0)`, and border corrections where intermediate zero padding
-   makes the border kernel differ (`models.layers.FusedConv`);
+3. compose each piece exactly (`affine.py`): the composed kernel and bias, and
+   border terms (kernels and biases per border class, counted from each edge)
+   where intermediate zero padding makes the border differ
+   (`models.layers.FusedConv`);
 4. rebuild the graph and check it against the original on random inputs.
 
-The result is inference-only (BatchNorms folded, dropout gone) and, when a
-fused layer has border data, fixed to the input size it was merged for.
+The result is inference-only (BatchNorms folded, dropout gone). A fused layer's
+border terms are placed relative to the edges, so it is exact at every input
+size from its smallest on, and the model refuses smaller inputs; where that
+smallest size is above the merge size (kernels as wide as the map), or when
+asked (`fixed_size=True`), the fused layers are made for the merge size only.
 """
 from __future__ import annotations
 
@@ -102,69 +106,93 @@ class _Layout:
     """Shape of the layer a SpatialMap becomes, known from the geometry alone."""
     base: tuple          # (u0, u1, v0, v1): taps of the composed kernel that ever read input
     padding: tuple       # ((lo, hi), (lo, hi)) of the base conv
-    corrections: list    # (rows, cols, [(sign, class pair)], (u0, u1, v0, v1))
+    corrections: list    # (row class, col class (None: all), [(sign, class pair)], (u0, u1, v0, v1))
 
-    def macs(self, M: SpatialMap) -> int:
-        ho, wo = M.rows.size, M.cols.size
-        per_tap = (M.cin // M.groups) * M.cout
+    def macs(self, M: SpatialMap, hw) -> int:
+        """The layer's MACs on an input of `hw`: the base conv and its border kernels."""
+        (h, w), per_tap = hw, (M.cin // M.groups) * M.cout
+        ho, wo = M.rows.size(h), M.cols.size(w)
         u0, u1, v0, v1 = self.base
         total = ho * wo * (u1 - u0 + 1) * (v1 - v0 + 1) * per_tap
-        for rows, cols, _, (a0, a1, b0, b1) in self.corrections:
+        for r, c, _, (a0, a1, b0, b1) in self.corrections:
             # output positions the correction window visits: whole rows, whole cols, corners
-            n = (len(rows) * wo if cols is None else len(cols) * ho if rows is None
-                 else len(rows) * len(cols))
+            n = ((wo if c is None else M.cols.count(c, w))
+                 * (ho if r is None else M.rows.count(r, h)))
             total += n * (a1 - a0 + 1) * (b1 - b0 + 1) * per_tap
         return total
+
+    def edge_positions(self, M: SpatialMap, hw) -> int:
+        """Output positions with a border class at `hw` (where an edge bias may add)."""
+        (h, w), (ho, wo) = hw, (M.rows.size(hw[0]), M.cols.size(hw[1]))
+        rows = sum(M.rows.count(r, h) for r in M.rows.classes if r)
+        cols = sum(M.cols.count(c, w) for c in M.cols.classes if c)
+        return rows * wo + cols * ho
 
 
 def _layout(M: SpatialMap) -> _Layout:
     rows, cols = M.rows, M.cols
-    ho, wo = rows.size, cols.size
-    # Taps that never read real input (a kernel wider than a small map) are dropped.
-    (u0, u1), (v0, v1) = _span(rows.relevant(range(ho))), _span(cols.relevant(range(wo)))
-    pads = []
-    for ax, a, b in ((rows, u0, u1), (cols, v0, v1)):
-        lo = ax.offset - a
-        pads.append((lo, ax.stride * (ax.size - 1) + (b - a + 1) - ax.in_size - lo))
+    # Taps that never read real input (a kernel wider than a small fixed map) are dropped.
+    (u0, u1), (v0, v1) = _span(rows.relevant()), _span(cols.relevant())
+    # the padding that gives (n + shift) // stride + 1 outputs for an input of n
+    pads = tuple((ax.offset - a, ax.shift + (b - a + 1) - (ax.offset - a))
+                 for ax, a, b in ((rows, u0, u1), (cols, v0, v1)))
     corrections = []
 
-    def correction(terms, rpos, cpos):
+    def correction(terms, r, c):
         box = None
         for _, pair in terms:
             box = _union(box, M.deltas[pair])
         if box is None:
             return
-        (a0, a1), (b0, b1) = (_span(rows.relevant(range(ho) if rpos is None else rpos)),
-                              _span(cols.relevant(range(wo) if cpos is None else cpos)))
+        (a0, a1), (b0, b1) = _span(rows.relevant(r)), _span(cols.relevant(c))
         box = (max(box[0], a0), min(box[1], a1), max(box[2], b0), min(box[3], b1))
         if box[0] <= box[1] and box[2] <= box[3]:
-            corrections.append((rpos, cpos, terms, box))
+            corrections.append((r, c, terms, box))
 
-    positions = lambda ax, c: tuple(i for i, x in enumerate(ax.cls) if x == c)  # noqa: E731
-    rcls = {r: positions(rows, r) for r in rows.classes if r}
-    ccls = {c: positions(cols, c) for c in cols.classes if c}
+    rcls, ccls = [r for r in rows.classes if r], [c for c in cols.classes if c]
     # exact kernel at (r, c) = interior + row part + column part + corner part
-    for r, rp in rcls.items():
-        correction([(1, (r, 0)), (-1, (0, 0))], rp, None)
-    for c, cp in ccls.items():
-        correction([(1, (0, c)), (-1, (0, 0))], None, cp)
-    for r, rp in rcls.items():
-        for c, cp in ccls.items():
-            correction([(1, (r, c)), (-1, (r, 0)), (-1, (0, c)), (1, (0, 0))], rp, cp)
-    return _Layout((u0, u1, v0, v1), tuple(pads), corrections)
+    for r in rcls:
+        correction(_parts(r, 0), r, None)
+    for c in ccls:
+        correction(_parts(0, c), None, c)
+    for r in rcls:
+        for c in ccls:
+            correction(_parts(r, c), r, c)
+    return _Layout((u0, u1, v0, v1), pads, corrections)
 
 
-def _spatial_layer(M: SpatialMap, bias: np.ndarray | None, model_size=None) -> Conv | FusedConv:
-    """The layer computing `M` plus the measured bias map `bias` (Ho, Wo, cout), exactly.
-    Without kernels or bias (geometry only) it has the right shapes and zero weights."""
-    rows, cols, K = M.rows, M.cols, M.kernels
+def _parts(r: int, c: int) -> list:
+    """The signed class pairs whose sum is the row part (c = 0), the column part (r = 0)
+    or the corner part of the kernel or bias at class pair (r, c)."""
+    if c == 0:
+        return [(1, (r, 0)), (-1, (0, 0))]
+    if r == 0:
+        return [(1, (0, c)), (-1, (0, 0))]
+    return [(1, (r, c)), (-1, (r, 0)), (-1, (0, c)), (1, (0, 0))]
+
+
+def _border_free(M: SpatialMap) -> bool:
+    """No position of any size has a border class: the interior conv is exact everywhere."""
+    return all(not any(ax.top) and not any(map(any, ax.bottom)) for ax in (M.rows, M.cols))
+
+
+def _edges(ax) -> dict:
+    """A `FusedConv`'s `EdgeClasses` config from a map's axis."""
+    return {"top": list(ax.top), "bottom": [list(b) for b in ax.bottom], "least": ax.least(),
+            "fixed": ax.fixed}
+
+
+def _spatial_layer(M: SpatialMap, model_size) -> Conv | FusedConv:
+    """The layer computing `M` (kernels and biases per class pair) exactly. Without
+    weights (geometry only) it has the right shapes and zero weights."""
+    rows, cols, K, B = M.rows, M.cols, M.kernels, M.biases
     lay = _layout(M)
     u0, u1, v0, v1 = lay.base
     border = []
     scale = max(float(np.abs(K[(0, 0)]).max()), 1e-30) if K is not None else 1.0
-    for rpos, cpos, terms, (a0, a1, b0, b1) in lay.corrections:
+    for r, c, terms, (a0, a1, b0, b1) in lay.corrections:
         if K is None:
-            border.append((rpos, cpos, (a0 - rows.offset, b0 - cols.offset),
+            border.append((r, c, (a0 - rows.offset, b0 - cols.offset),
                            np.zeros((a1 - a0 + 1, b1 - b0 + 1, M.cin // M.groups, M.cout))))
             continue
         delta = sum(sign * K[pair][a0:a1 + 1, b0:b1 + 1] for sign, pair in terms)
@@ -172,40 +200,36 @@ def _spatial_layer(M: SpatialMap, bias: np.ndarray | None, model_size=None) -> C
         if not nz.any():
             continue
         (c0, c1), (d0, d1) = _span(nz.any(axis=(1, 2, 3))), _span(nz.any(axis=(0, 2, 3)))
-        border.append((rpos, cpos, (a0 + c0 - rows.offset, b0 + d0 - cols.offset),
+        border.append((r, c, (a0 + c0 - rows.offset, b0 + d0 - cols.offset),
                        delta[c0:c1 + 1, d0:d1 + 1]))
+    edge_bias = []
+    if B is not None:
+        bias_scale = max(float(np.abs(np.stack(list(B.values()))).max()), 1e-30)
+        for r in rows.classes:
+            for c in cols.classes:
+                if (r, c) == (0, 0):
+                    continue
+                delta = sum(sign * B[pair] for sign, pair in _parts(r, c))
+                if np.abs(delta).max() > _BIAS_TOL * bias_scale:
+                    edge_bias.append((r or None, c or None, delta))
     base = (K[(0, 0)] if K is not None else
             np.zeros((rows.extent, cols.extent, M.cin // M.groups, M.cout)))[u0:u1 + 1, v0:v1 + 1]
-    if bias is None:
-        flat, constant = np.zeros((1, M.cout)), M.pointwise
-    else:
-        flat = bias.reshape(-1, M.cout)
-        constant = (float(np.ptp(flat, axis=0).max())
-                    <= _BIAS_TOL * max(float(np.abs(flat).max()), 1e-30))
+    bias = B[(0, 0)] if B is not None else np.zeros(M.cout)
     kernel_size = base.shape[:2]
-    padding = lay.padding
-    if min(min(p) for p in padding) < 0:
-        # a crop (the run never reads the last rows): a plain Conv gets padding 0 there
-        # when that gives the same output size, else the layer keeps the crop
-        clamped = tuple((lo, max(hi, 0)) for lo, hi in padding)
-        fits = all((n + lo + hi - k) // s + 1 == out for n, (lo, hi), k, s, out in zip(
-            (rows.in_size, cols.in_size), clamped, kernel_size, M.stride, (rows.size, cols.size)))
-        padding = clamped if fits else padding
-    if constant and not border and min(min(p) for p in padding) >= 0:
-        layer = Conv(M.cin, M.cout, kernel_size, stride=M.stride, padding=padding,
+    if not border and not edge_bias and rows.fixed is None:  # exact at every size as it is
+        layer = Conv(M.cin, M.cout, kernel_size, stride=M.stride, padding=lay.padding,
                      groups=M.groups, bias=True, rngs=_NO_RNGS, kernel_init=_given(base))
-        layer.bias.value = jnp.asarray(flat.mean(0).astype(np.float32))
+        layer.bias.value = jnp.asarray(bias.astype(np.float32))
         return layer
     layer = FusedConv(M.cin, M.cout, kernel_size, stride=M.stride, padding=lay.padding,
-                      groups=M.groups, in_size=(rows.in_size, cols.in_size),
-                      out_size=(rows.size, cols.size), bias_map=not constant,
+                      groups=M.groups, rows=_edges(rows), cols=_edges(cols),
                       border_at=[(r, c, uv) for r, c, uv, _ in border],
-                      border_shapes=[d.shape[:2] for *_, d in border], model_size=model_size)
+                      border_shapes=[d.shape[:2] for *_, d in border],
+                      bias_at=[(r, c) for r, c, _ in edge_bias], model_size=model_size)
     layer.kernel.value = jnp.asarray(base.astype(np.float32))
-    if constant:
-        layer.bias.value = jnp.asarray(flat.mean(0).astype(np.float32))
-    elif bias is not None:
-        layer.bias_map.value = jnp.asarray(bias.astype(np.float32))
+    layer.bias.value = jnp.asarray(bias.astype(np.float32))
+    if edge_bias:
+        layer.edge_bias.value = jnp.asarray(np.stack([d for *_, d in edge_bias]).astype(np.float32))
     for var, (*_, d) in zip(layer.border, border):
         var.value = jnp.asarray(d.astype(np.float32))
     return layer
@@ -232,10 +256,8 @@ def _describe(layer) -> str:
         g = f" groups {layer.groups}" if layer.groups > 1 else ""
         text = f"conv {kh}x{kw}/{s} {layer.cin}->{layer.cout}{g}"
         if isinstance(layer, FusedConv):
-            extras = ["bias map"] if layer.bias_map is not None else []
-            if len(layer.border):
-                extras.append(f"{len(layer.border)} border corrections")
-            text += f" ({', '.join(extras)})"
+            n_bias = len(layer.geometry.bias_terms)
+            text += f" ({len(layer.border)} border kernels, {n_bias} edge biases)"
         return text
     if isinstance(layer, Linear):
         return f"linear {layer.din}->{layer.dout}"
@@ -247,14 +269,18 @@ class _Planner:
     time are first collected (`requests`, while every time reads 0), then timed together
     by `jaxprune.measure` (`timed`), and the runs are planned again with the times."""
 
-    def __init__(self, m: Net, hw: tuple[int, int], cost: str, batch: int,
+    def __init__(self, m: Net, hw: tuple[int, int], cost: str, batch: int, fixed_size: bool,
                  timings: dict | None = None, cuts=frozenset()):
         self.m, self.hw, self.model, self.batch = m, hw, cost, batch
+        self.fixed_size = fixed_size
         self.g = GraphInfo(m, cuts)
         self.shapes = prof.tensor_shapes(m, hw)
         self.built: dict = {}      # (src, dst) -> layer, None (identity) or NotFusable
         self.atom_plans: dict = {}
         self.chain_spatial: dict = {}  # (src, dst) -> composed as convs (else as linears)
+        # (src, dst) -> ("any" or "fixed", its size-agnostic geometry or why it has none):
+        # the form of the layer a piece becomes on its own
+        self.forms: dict = {}
         self.timings: dict = timings or {}  # key -> ms per call at `batch`
         self.requests: dict = {}            # key -> (layer, input shapes) not timed yet
 
@@ -295,13 +321,14 @@ class _Planner:
     def _ordered(self, nodes) -> list[str]:
         return sorted(nodes, key=self.g.pos.__getitem__)
 
-    def start_map(self, src: str, spatial: bool, weights: bool):
-        """The identity map at `src`: spatial (convs in the run) or dense (linears only)."""
+    def start_map(self, src: str, spatial: bool, weights: bool, fixed: bool = False):
+        """The identity map at `src`: spatial (convs in the run; `fixed`: for the merge
+        size only, else for every size) or dense (linears only)."""
         shape = self.shapes[src]
         if spatial:
             if len(shape) != 4:
                 raise NotFusable(f"a conv run whose input is not an NHWC map ({shape})")
-            return SpatialMap.identity(shape[1], shape[2], shape[3], weights)
+            return SpatialMap.identity(shape[1], shape[2], shape[3], weights, fixed)
         return DenseMap.identity(shape[-1], weights)
 
     def extend(self, M, src: str, nodes, weights: bool):
@@ -318,59 +345,89 @@ class _Planner:
     def spatial(self, nodes) -> bool:
         return any(self.g.kind[n] == "conv" for n in nodes)
 
-    def build(self, src: str, dst: str, nodes):
-        """The one layer computing region (src, dst) (None: an identity), or NotFusable."""
+    def build(self, src: str, dst: str, nodes, fixed: bool):
+        """The one layer computing region (src, dst) (None: an identity), or NotFusable;
+        `fixed`: made for the merge size only."""
         key = (src, dst)
         if key not in self.built:
             try:
-                self.built[key] = self._build(src, dst, nodes)
+                self.built[key] = self._build(src, dst, nodes, fixed)
             except NotFusable as e:
                 self.built[key] = e
         return self.built[key]
 
-    def _build(self, src, dst, nodes):
+    def _build(self, src, dst, nodes, fixed: bool):
         kinds = {self.g.kind[n] for n in nodes}
         if kinds == {"identity"}:
             return None
         spatial = self.chain_spatial.get((src, dst), self.spatial(nodes))
-        M = self.extend(self.start_map(src, spatial, True), src, nodes, weights=True)
-        env = {src: np.zeros(self.shapes[src][1:])}  # the bias (map): the run applied to 0
+        M = self.extend(self.start_map(src, spatial, True, fixed), src, nodes, weights=True)
+        if isinstance(M, SpatialMap):
+            return _spatial_layer(M, self.hw)
+        env = {src: np.zeros(self.shapes[src][1:])}  # the bias: the run applied to 0
         for n in self._ordered(nodes):
             env[n] = apply_numpy(self.g.kind[n], self.m.layers[n], [env[i] for i in self.g.inputs[n]])
-        bias = env[dst]
-        if isinstance(M, DenseMap):
-            return Linear(M.cin, M.cout, rngs=_NO_RNGS, kernel_init=_given(M.dense()),
-                          bias_init=_given(bias.reshape(-1, M.cout)[0]))
-        return _spatial_layer(M, bias, self.hw)
+        return Linear(M.cin, M.cout, rngs=_NO_RNGS, kernel_init=_given(M.dense()),
+                      bias_init=_given(env[dst].reshape(-1, M.cout)[0]))
+
+    def fits(self, M: SpatialMap, src: str) -> bool:
+        """Whether a size-agnostic map holds at the merge size (its smallest input is no
+        larger than the piece's input there)."""
+        h, w = self.shapes[src][1:3]
+        return M.rows.least() <= h and M.cols.least() <= w
+
+    def fixed_form(self, src: str, dst: str) -> bool:
+        """Whether the planned layer of piece (src, dst) is made for the merge size only."""
+        return self.forms.get((src, dst), ("any",))[0] == "fixed"
 
     def geometries(self, chain: list[Atom]) -> dict:
         """The fused map (no weights) of every piece (i, j) of a chain that may be fused,
-        or why it cannot be; each piece extends the one before it by an atom."""
+        or why it cannot be; each piece extends the one before it by an atom. A spatial
+        piece is size-agnostic where that holds at the merge size and fixed to it is not
+        asked for (a run without border terms always is), else fixed to the merge size,
+        and so is every longer piece from the same start."""
         spatial = self.spatial(set().union(*(a.nodes for a in chain)))
         out = {}
         for i in range(len(chain)):
             src = chain[i].src
+            agnostic, fixed = self.start_map(src, spatial, False), None
             try:
-                M = self.start_map(src, spatial, False)
                 for j in range(i + 1, len(chain) + 1):
                     if j - 1 > i and self.g.must_materialize(chain, j - 1):
                         break
-                    M = self.extend(M, chain[j - 1].src, chain[j - 1].nodes, False)
-                    out[(i, j)] = _too_big(M) or M
-                    self.chain_spatial[(src, chain[j - 1].dst)] = spatial
+                    atom = chain[j - 1]
+                    self.chain_spatial[(src, atom.dst)] = spatial
+                    if fixed is None:
+                        try:
+                            agnostic = self.extend(agnostic, atom.src, atom.nodes, False)
+                        except NotFusable as e:  # its kernels' memory: the fixed form may fit
+                            agnostic = e
+                        if isinstance(agnostic, DenseMap) or isinstance(agnostic, SpatialMap) and (
+                                _border_free(agnostic)
+                                or not self.fixed_size and self.fits(agnostic, src)):
+                            self.forms[(src, atom.dst)] = ("any", agnostic)
+                            out[(i, j)] = _too_big(agnostic) or agnostic
+                            continue
+                        fixed = self.extend(self.start_map(src, spatial, False, True), src,
+                                            set().union(*(a.nodes for a in chain[i:j])), False)
+                    else:
+                        fixed = self.extend(fixed, atom.src, atom.nodes, False)
+                    self.forms[(src, atom.dst)] = ("fixed", agnostic)
+                    out[(i, j)] = fixed
             except NotFusable as e:  # and so is every longer piece from i
                 out.update({(i, j): e for j in range(i + 1, len(chain) + 1) if (i, j) not in out})
         return out
 
-    def estimate(self, M, dst: str, nodes) -> Cost:
+    def estimate(self, M, src: str, dst: str, nodes) -> Cost:
         """The fused layer's arithmetic from the geometry alone (no weights composed)."""
         if {self.g.kind[n] for n in nodes} == {"identity"}:
             return Cost()
-        out = self._elementwise(dst)
         if isinstance(M, DenseMap):
-            return Cost(out // M.cout * M.cin * M.cout, 1)
-        # a bias map is a pass over the output; a per-channel bias rides along the conv
-        return Cost(_layout(M).macs(M) + (out if M.bias_varies else 0), 1)
+            return Cost(self._elementwise(dst) // M.cout * M.cin * M.cout, 1)
+        # edge biases are additions on the border positions; the interior bias rides
+        # along the conv
+        lay, hw = _layout(M), self.shapes[src][1:3]
+        return Cost(lay.macs(M, hw) + (lay.edge_positions(M, hw) * M.cout if M.biased else 0), 1)
 
     # -- planning ------------------------------------------------------------------------
     def fuse_plan(self, src, dst, nodes, M, bound: Cost) -> Plan | NotFusable | None:
@@ -382,13 +439,13 @@ class _Planner:
             return M
         if self.g.cuts & (set(nodes) - {dst}):
             return None  # a requested cut inside (e.g. in a residual branch): not one layer
-        est = self.estimate(M, dst, nodes)
+        est = self.estimate(M, src, dst, nodes)
         piece = Atom(src, dst, frozenset(nodes))
         if self.model != "latency" or est.layers == 0:
             return Plan(est, (piece,))
         if est.macs > _LATENCY_MAC_RATIO * bound.macs:
             return Plan(Cost(est.macs, 1, math.inf), (piece,))  # not worth timing
-        layer = (_spatial_layer(M, None) if isinstance(M, SpatialMap)
+        layer = (_spatial_layer(M, self.hw) if isinstance(M, SpatialMap)
                  else Linear(M.cin, M.cout, rngs=_NO_RNGS))
         ms = self._time(("fuse", src, dst), layer, [self.shapes[src]])
         return Plan(Cost(est.macs, 1, ms), (piece,))
@@ -450,7 +507,9 @@ class _Planner:
 
 @dataclasses.dataclass
 class MergeReport:
-    """What `merge` did: profiles before/after, the fused layers, the runs left alone and why."""
+    """What `merge` did: profiles before/after, the fused layers, the runs left alone and why,
+    and the input sizes the fused model runs at (`input_sizes`: kind "any", "min" (every
+    size from `size` on) or "fixed" (`size` only, `why`))."""
     input_size: tuple[int, int]
     cost_model: str
     before: prof.Profile
@@ -460,6 +519,7 @@ class MergeReport:
     removed: list[str]
     max_abs_diff: float | None
     logit_scale: float | None
+    input_sizes: dict = dataclasses.field(default_factory=lambda: {"kind": "any"})
 
     def as_dict(self) -> dict:
         """The `merge` section of results.json (DESIGN.md §9) plus the details."""
@@ -469,28 +529,42 @@ class MergeReport:
                 "macs_before": b.macs, "macs_after": a.macs,
                 "max_abs_diff": self.max_abs_diff, "logit_scale": self.logit_scale,
                 "input_size": list(self.input_size), "cost_model": self.cost_model,
-                "border_params_after": a.border_params,
+                "input_sizes": self.input_sizes,
+                "border_params_after": a.border_params, "border_macs_after": a.border_macs,
                 "fused": self.fused, "skipped": self.skipped, "removed": self.removed}
 
     def __str__(self) -> str:
         b, a = self.before, self.after
-        lines = [f"merge at {self.input_size[0]}x{self.input_size[1]} (cost model: {self.cost_model})",
+        h, w = self.input_size
+        lines = [f"merge at {h}x{w} (cost model: {self.cost_model})",
                  f"  {'':8}{'depth':>7}{'params':>14}{'MACs':>16}",
                  f"  {'before':8}{b.depth:>7}{b.params:>14,}{b.macs:>16,}",
-                 f"  {'after':8}{a.depth:>7}{a.params:>14,}{a.macs:>16,}"]
+                 f"  {'after':8}{a.depth:>7}{a.params:>14,}{a.macs:>16,}",
+                 f"  runs at {sizes_text(self.input_sizes)}"]
         if a.border_params:
-            lines.append(f"  ({a.border_params:,} of the parameters after are border data)")
+            lines.append(f"  border terms: {a.border_params:,} of the parameters after, "
+                         f"{a.border_macs:,} of the MACs at {h}x{w}")
         if self.max_abs_diff is not None:
             lines.append(f"  max |logits difference| {self.max_abs_diff:.2e} "
                          f"(logits up to {self.logit_scale:.2e})")
         for f in self.fused:
-            lines.append(f"  fused {f['layer']}: {f['op']} <- {len(f['replaces'])} layers "
-                         f"({f['replaces'][0]} .. {f['replaces'][-1]})")
+            lines.append(f"  fused {f['layer']}: {f['op']}, {f['sizes']} <- {len(f['replaces'])} "
+                         f"layers ({f['replaces'][0]} .. {f['replaces'][-1]})")
         for s in self.skipped:
             lines.append(f"  kept {s['run'][0]} .. {s['run'][1]}: {s['reason']}")
         if self.removed:
             lines.append(f"  identities removed: {len(self.removed)}")
         return "\n".join(lines)
+
+
+def sizes_text(sizes: dict) -> str:
+    """`MergeReport.input_sizes` in words."""
+    if sizes["kind"] == "min":
+        return (f"every input size from {sizes['size'][0]}x{sizes['size'][1]} on (border "
+                f"terms placed relative to the edges)")
+    if sizes["kind"] == "fixed":
+        return f"{sizes['size'][0]}x{sizes['size'][1]} inputs only: {sizes['why']}"
+    return "every input size (no fused layer has border terms)"
 
 
 def _fmt(c: Cost, model: str) -> str:
@@ -500,13 +574,19 @@ def _fmt(c: Cost, model: str) -> str:
 
 
 def merge(m: Net, *, input_size=None, cost: str = "macs", batch: int = 1, verify: bool = True,
-          return_report: bool = False, cuts=()):
+          fixed_size: bool = False, return_report: bool = False, cuts=()):
     """A new, shallower model computing the same function as `m` in eval mode.
 
-    `input_size` (H, W): the size the fused border data are made for (default:
-    the model's native size). `cost`: "macs", "latency" (timed at `batch`) or
-    "none" (fuse every fusable run). `verify` compares both models on random
-    inputs. With `return_report=True` returns `(model, MergeReport)`.
+    `input_size` (H, W): the size the merge plans, counts MACs and verifies at
+    (default: the model's native size). Every fused layer is exact at every input
+    size from its smallest on (its border terms are placed relative to the edges);
+    the fused model refuses smaller inputs, naming the smallest it takes. Where a
+    fused layer's smallest input is larger than `input_size` gives it (a kernel as
+    wide as the map), or with `fixed_size=True` (fewer border parameters: one input
+    size's), the fused layers are made for `input_size` only and refuse other sizes.
+    `cost`: "macs", "latency" (timed at `batch`) or "none" (fuse every fusable run).
+    `verify` compares both models on random inputs at `input_size`. With
+    `return_report=True` returns `(model, MergeReport)`.
     `cuts`: layer names whose outputs stay materialized, so no fused layer spans them
     (a plan chosen elsewhere, e.g. LayerMerge's, with `cost="none"` to fuse every piece
     between them); an unknown name raises `UserError` listing the closest.
@@ -522,16 +602,17 @@ def merge(m: Net, *, input_size=None, cost: str = "macs", batch: int = 1, verify
         raise UserError(f"merge: cut {unknown[0]!r} is not a layer of the model; "
                         f"{closest(unknown[0], m.layers)}")
     with eval_mode(m):
-        new, report = _merge(m, hw, cost, batch, verify, cuts)
+        new, report = _merge(m, hw, cost, batch, verify, bool(fixed_size), cuts)
     return (new, report) if return_report else new
 
 
-def _merge(m: Net, hw, cost: str, batch: int, verify: bool, cuts=frozenset()):
-    planner = _Planner(m, hw, cost, batch, cuts=cuts)
+def _merge(m: Net, hw, cost: str, batch: int, verify: bool, fixed_size: bool,
+           cuts=frozenset()):
+    planner = _Planner(m, hw, cost, batch, fixed_size, cuts=cuts)
     g = planner.g
     plans = [(chain, *planner.chain_plan(chain)) for chain in g.chains()]
     if planner.requests:  # the latency cost model: time what was asked for, plan again
-        planner = _Planner(m, hw, cost, batch, planner.timed(), cuts)
+        planner = _Planner(m, hw, cost, batch, fixed_size, planner.timed(), cuts)
         plans = [(chain, *planner.chain_plan(chain)) for chain in g.chains()]
     fused, kept, skipped = [], set(), []
     for chain, plan, whole in plans:
@@ -557,11 +638,30 @@ def _merge(m: Net, hw, cost: str, batch: int, verify: bool, cuts=frozenset()):
             reason = "only normalizations and sums: fusing would add a weight layer"
         skipped.append({"run": run, "reason": reason})
 
+    # One fused layer made for the merge size only makes the model so: then every fused
+    # layer is (fewer border parameters), but for those without border terms.
+    forced = [p for p in fused if planner.fixed_form(p.src, p.dst)]
     for p in fused:
-        layer = planner.build(p.src, p.dst, p.nodes)
+        form, agnostic = planner.forms.get((p.src, p.dst), ("any", None))
+        fixed = bool(forced) and not (form == "any" and (isinstance(agnostic, DenseMap)
+                                                         or _border_free(agnostic)))
+        layer = planner.build(p.src, p.dst, p.nodes, fixed)
         if isinstance(layer, NotFusable):
             raise RuntimeError(f"merge: the planned fusion {p.src} -> {p.dst} failed: {layer}")
     new = _rebuild(m, planner, fused)
+    fused_convs = [(p, planner.built[(p.src, p.dst)]) for p in fused
+                   if isinstance(planner.built[(p.src, p.dst)], FusedConv)]
+    if forced:
+        model_size = tuple(hw)
+    else:
+        model_size = _smallest_input(m, hw, [(p.src, layer.least()) for p, layer in fused_convs])
+    for _, layer in fused_convs:
+        layer.model_size = model_size
+    rule = new.input_sizes()
+    sizes = {"kind": "any"} if rule is None else {"kind": rule[0], "size": list(rule[1])}
+    if rule is not None and rule[0] == "fixed":
+        sizes["why"] = _why_fixed(planner, forced, fixed_size)
+
     report_fused, removed = [], [n for n in kept if g.kind[n] == "identity"]
     for piece in fused:
         layer = planner.built[(piece.src, piece.dst)]
@@ -570,17 +670,50 @@ def _merge(m: Net, hw, cost: str, batch: int, verify: bool, cuts=frozenset()):
             removed.extend(names)
         elif len(names) > 1:
             ins = lambda n: [planner.shapes[i] for i in g.inputs[n]]  # noqa: E731
+            border = isinstance(layer, FusedConv)
             report_fused.append({
                 "layer": _fused_name(planner, piece), "replaces": names, "op": _describe(layer),
+                "sizes": ((f"fixed to {model_size[0]}x{model_size[1]}" if layer.fixed else
+                           f"any size from {model_size[0]}x{model_size[1]}") if border
+                          else "any size"),
                 "macs_before": sum(m.layers[n].macs(ins(n), planner.shapes[n]) for n in names),
-                "macs_after": layer.macs([planner.shapes[piece.src]], planner.shapes[piece.dst])})
+                "macs_after": layer.macs([planner.shapes[piece.src]], planner.shapes[piece.dst]),
+                "border_params": layer.border_params() if border else 0,
+                "border_macs": (layer.border_macs(*planner.shapes[piece.src][1:3]) if border
+                                else 0)})
     diff = scale = None
     if verify:
         diff, scale = _verify(m, new, hw)
     report = MergeReport(tuple(hw), cost, prof.profile(m, hw), prof.profile(new, hw),
                          report_fused, skipped, sorted(set(removed), key=g.pos.__getitem__),
-                         diff, scale)
+                         diff, scale, sizes)
     return new, report
+
+
+def _why_fixed(planner: _Planner, forced, fixed_size: bool) -> str:
+    """Why the fused layers are made for the merge size only."""
+    if fixed_size:
+        return "merged with fixed_size=True"
+    p = forced[0]
+    agnostic = planner.forms[(p.src, p.dst)][1]
+    h, w = planner.shapes[p.src][1:3]
+    if isinstance(agnostic, NotFusable):
+        return f"{_fused_name(planner, p)} has no size-agnostic form ({agnostic})"
+    return (f"{_fused_name(planner, p)} is exact at every size only from inputs of "
+            f"{agnostic.rows.least()}x{agnostic.cols.least()} on, and gets {h}x{w} here "
+            f"(merge at a larger input_size for a model that runs at every size)")
+
+
+def _smallest_input(m: Net, hw, needs) -> tuple[int, int]:
+    """The smallest model input (H, W) at which every fused layer gets at least its
+    smallest input, `needs` = [(the tensor it reads, its smallest (h, w))], and the
+    original runs: every map of it keeps a row and a column (VGG's five poolings need 32
+    pixels; below, the original's output is not a number, and neither is the fused one's)."""
+    if not needs:
+        return tuple(hw)
+    return prof.smallest_input(m, hw, lambda shapes, axis: all(
+        shapes[src][axis + 1] >= least[axis] for src, least in needs) and all(
+        s[axis + 1] >= 1 for s in shapes.values() if len(s) == 4))
 
 
 def _fused_name(planner: _Planner, piece) -> str:
@@ -625,6 +758,25 @@ def _rebuild(m: Net, planner: _Planner, fused) -> Net:
         m.spec, input_size=tuple(planner.hw),
         options=tuple(sorted({**dict(m.spec.options), "fused": True}.items())))
     new = Net(layers, tuple(graph), spec)
+    new.eval()
+    return new
+
+
+def without_border_terms(m: Net) -> Net:
+    """A copy of fused model `m` whose fused layers are their base conv and interior bias
+    alone: inexact at the borders, for measuring what the border terms cost (the
+    difference of the two models' latencies)."""
+    layers = {}
+    for name, layer in m.named_layers():
+        if isinstance(layer, FusedConv):
+            conv = Conv(layer.cin, layer.cout, layer.kernel_size, stride=layer.stride,
+                        padding=layer.padding, groups=layer.groups, bias=True, rngs=_NO_RNGS,
+                        kernel_init=_given(np.asarray(layer.kernel.value)))
+            conv.bias.value = layer.bias.value
+            layers[name] = conv
+        else:
+            layers[name] = nnx.clone(layer)
+    new = Net(layers, m.graph, m.spec)
     new.eval()
     return new
 

@@ -3,11 +3,12 @@
 * depth: weight layers (`Layer.weight_layers`: convs, linears; a windowed
   attention counts its qkv and output projections) on the longest
   input-to-output path of the graph;
-* params: every parameter the model stores, border data of fused layers
+* params: every parameter the model stores, border terms of fused layers
   included (`border_params` says how many of them are that);
 * macs: multiply-accumulates per image, as each layer kind declares them
   (`Layer.macs`: convs, linears and attention; normalization, activations,
-  pooling and sums count 0);
+  pooling and sums count 0); `border_macs` says how many are fused layers'
+  border kernels;
 * latency (optional): median milliseconds per batch, JAX (jit, eval mode) and
   / or torch eager on `converters.to_torch(m)`.
 """
@@ -60,6 +61,28 @@ def tensor_shapes(m: Net, hw: tuple[int, int], batch: int = 1) -> dict[str, tupl
     return {k: tuple(v.shape) for k, v in out.items()}
 
 
+def smallest_input(m: Net, hw, holds) -> tuple[int, int]:
+    """The smallest input (H, W), at most `hw`, from which `holds(shapes, axis)` is true
+    along each axis (0: height, 1: width) for the `tensor_shapes` of that input; it must
+    hold at `hw` and stay true at larger sizes (tensor sizes grow with the input's). A
+    bisection on both axes at once; a size the network refuses or cannot trace counts as
+    too small."""
+    lo, hi = [1, 1], list(hw)
+    while lo != hi:
+        mid = tuple((a + b) // 2 for a, b in zip(lo, hi))
+        try:
+            shapes = tensor_shapes(m, mid)
+        except (TypeError, ValueError, UserError):
+            shapes = None
+        for axis in (0, 1):
+            if lo[axis] < hi[axis]:
+                if shapes is not None and holds(shapes, axis):
+                    hi[axis] = mid[axis]
+                else:
+                    lo[axis] = mid[axis] + 1
+    return tuple(lo)
+
+
 def depth(m: Net) -> int:
     """Weight layers on the longest input-to-output path."""
     longest = {INPUT: 0}
@@ -74,17 +97,19 @@ def count_params(m: Net) -> int:
 
 def border_params(m: Net) -> int:
     """Parameters that only exist to keep fused layers exact at the borders."""
-    total = 0
-    for _, layer in m.named_layers():
-        if isinstance(layer, FusedConv):
-            total += sum(int(np.prod(k.value.shape)) for k in layer.border)
-            if layer.bias_map is not None:
-                total += int(np.prod(layer.bias_map.value.shape)) - layer.cout
-    return total
+    return sum(layer.border_params() for _, layer in m.named_layers()
+               if isinstance(layer, FusedConv))
 
 
-def macs(m: Net, hw: tuple[int, int]) -> int:
-    shapes = tensor_shapes(m, hw)
+def border_macs(m: Net, shapes: dict) -> int:
+    """MACs of the fused layers' border kernels at the tensor `shapes` of one input size."""
+    inputs = dict(m.graph)
+    return sum(layer.border_macs(*shapes[inputs[n][0]][1:3]) for n, layer in m.named_layers()
+               if isinstance(layer, FusedConv))
+
+
+def macs(m: Net, shapes: dict) -> int:
+    """MACs per image at the tensor `shapes` of one input size (`tensor_shapes`)."""
     return sum(m.layers[n].macs([shapes[i] for i in ins], shapes[n]) for n, ins in m.graph)
 
 
@@ -96,6 +121,7 @@ class Profile(Mapping):
     params: int
     border_params: int
     macs: int
+    border_macs: int         # of `macs`: the fused layers' border kernels
     latency_ms: dict = dataclasses.field(default_factory=dict)  # "jax@1" -> median ms
     latency_spread_ms: dict = dataclasses.field(default_factory=dict)  # "jax@1" -> (min, max)
 
@@ -144,5 +170,6 @@ def profile(m: Net, input_shape=None, *, latency: bool | str | Sequence[str] = F
         for r in runtimes:
             median[f"{r}@{batch}"] = t[f"model {r}"].median_ms
             spread[f"{r}@{batch}"] = t[f"model {r}"].spread_ms
-    return Profile(tuple(hw), depth(m), count_params(m), border_params(m), macs(m, hw),
-                   median, spread)
+    shapes = tensor_shapes(m, hw)
+    return Profile(tuple(hw), depth(m), count_params(m), border_params(m), macs(m, shapes),
+                   border_macs(m, shapes), median, spread)

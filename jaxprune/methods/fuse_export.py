@@ -3,6 +3,7 @@
 report sections that say what that gave."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 
 from jaxprune import distributed
 from jaxprune.context import RunContext
+from jaxprune.merging.fuse import sizes_text
 from jaxprune.report import Section, Table, fmt
 from models.net import Net
 
@@ -46,9 +48,16 @@ def latency_table(ctx: RunContext, dense: Net, fused: Net, export: Path) -> dict
     """ms per batch of `LATENCY_BATCH` images of the dense and the fused model, in JAX (jit)
     and torch (the dense model as torchvision's or timm's own module, the fused one as its
     exported `model.pt2`), each in fresh processes, alternating, `LATENCY_ROUNDS` rounds
-    (`jaxprune.measure`); the spec is saved so that `command` reruns it."""
+    (`jaxprune.measure`); the spec is saved so that `command` reruns it. When the fused
+    layers carry border terms, the fused model without them (`without_border_terms`,
+    inexact at the borders) is timed alongside: `border_ms` is what the terms cost."""
     from jaxprune.measure.models import model_latency
-    t = model_latency({"dense": dense, "fused": fused}, ctx.image_size, batch=LATENCY_BATCH,
+    from jaxprune.merging.fuse import without_border_terms
+    from jaxprune.merging.profiling import border_params
+    named = {"dense": dense, "fused": fused}
+    if border_params(fused):
+        named["bare"] = without_border_terms(fused)
+    t = model_latency(named, ctx.image_size, batch=LATENCY_BATCH,
                       programs={"fused": export}, rounds=LATENCY_ROUNDS,
                       repeats=LATENCY_REPEATS, save=ctx.run_dir / LATENCY_SPEC)
     rows = {}
@@ -58,6 +67,10 @@ def latency_table(ctx: RunContext, dense: Net, fused: Net, export: Path) -> dict
                          "fused_ms": f.median_ms, "fused_spread_ms": list(f.spread_ms),
                          "speedup": d.median_ms / f.median_ms, "threads": d.threads,
                          "device": d.device}
+        if "bare" in named:
+            bare = t[f"bare {runtime}"]
+            rows[runtime].update({"bare_ms": bare.median_ms,
+                                  "border_ms": f.median_ms - bare.median_ms})
     return {"batch": LATENCY_BATCH, "rounds": LATENCY_ROUNDS, "repeats": LATENCY_REPEATS,
             "command": t.command, "runtimes": rows}
 
@@ -71,7 +84,8 @@ def export_torch(m: Net, folder: Path, x: np.ndarray, logits: np.ndarray) -> dic
     module = converters.to_torch(m)
     with torch.no_grad():
         got = module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    return {"path": str(path), "max_abs_diff": float(np.max(np.abs(got - logits)))}
+    return {"path": str(path), "max_abs_diff": float(np.max(np.abs(got - logits))),
+            "pt2": json.loads((path / "arch.json").read_text())["pt2"]}
 
 
 def latency_blocks(latency: dict | None, before: str) -> list:
@@ -109,23 +123,51 @@ def merge_sections(results: dict, before: str) -> list[Section]:
                            ("MACs per image", "macs")):
             b, a = merge[f"{key}_before"], merge[f"{key}_after"]
             rows.append([label, b, a, f"{a / b:.2f}" if b else None])
+        h, w = merge["input_size"]
         blocks = [Table(["", before, "fused", "fused / " + before], rows),
                   *latency_blocks(results.get("latency"), before),
                   f"Fused against unfused model: max |Δ logits| = {fmt(merge['max_abs_diff'])} "
-                  f"on random inputs; {len(merge['fused'])} layers fused at "
-                  f"{merge['input_size'][0]}x{merge['input_size'][1]}, cost model "
-                  f"`{merge['cost_model']}`."]
+                  f"on random inputs; {len(merge['fused'])} layers fused at {h}x{w}, cost "
+                  f"model `{merge['cost_model']}`. The fused model runs at "
+                  f"{sizes_text(merge['input_sizes'])}."]
+        if merge["border_params_after"]:
+            blocks.append(_border_table(merge, results.get("latency")))
         fused, kept = merge["fused"], merge["skipped"]
         if fused or kept:
             blocks.append("\n".join(
                 [f"<details><summary>{len(fused)} layers fused, {len(kept)} runs kept"
                  f"</summary>", ""]
-                + [f"- fused `{f['layer']}` ({f['op']}) from {len(f['replaces'])} layers: "
-                   f"{', '.join(f['replaces'])}" for f in fused]
+                + [f"- fused `{f['layer']}` ({f['op']}; {f['sizes']}; border terms "
+                   f"{f['border_params']:,} parameters, {f['border_macs']:,} MACs) from "
+                   f"{len(f['replaces'])} layers: {', '.join(f['replaces'])}" for f in fused]
                 + [f"- kept {s['run'][0]} .. {s['run'][1]}: {s['reason']}" for s in kept]
                 + ["", "</details>"]))
         out.append(Section("Fused model", blocks))
     export = results.get("export")
     if export:
+        export = dict(export)
+        pt2 = export.pop("pt2", None)
+        if pt2 is not None:
+            export["model.pt2 input sizes"] = (
+                f"every size from {pt2['min'][0]}x{pt2['min'][1]} on" if pt2["dynamic"]
+                else f"{pt2['size'][0]}x{pt2['size'][1]} only ({pt2['why']})")
         out.append(Section("Export", ["\n".join(f"{k}: {fmt(v)}" for k, v in export.items())]))
     return out
+
+
+def _border_table(merge: dict, latency: dict | None) -> Table:
+    """What the fused layers' border terms cost, against the whole fused model: their
+    parameters and MACs (`merge`), and their latency where the run timed the fused model
+    with and without them (`latency_table`)."""
+    h, w = merge["input_size"]
+    share = lambda part, whole: f"{part / whole:.1%}" if whole else None  # noqa: E731
+    rows = [["parameters", merge["border_params_after"],
+             share(merge["border_params_after"], merge["params_after"])],
+            [f"MACs per image at {h}x{w}", merge["border_macs_after"],
+             share(merge["border_macs_after"], merge["macs_after"])]]
+    for runtime, r in ((latency or {}).get("runtimes") or {}).items():
+        if "border_ms" in r:
+            rows.append([f"latency, {runtime}, batch {latency['batch']} (ms; fused minus fused "
+                         f"without its border terms)", f"{r['border_ms']:.3f}",
+                         share(r["border_ms"], r["fused_ms"])])
+    return Table(["border terms", "cost", "share of the fused model"], rows)

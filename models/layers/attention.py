@@ -89,6 +89,8 @@ class ShiftedWindowAttention(Layer):
     reversal instead of before is the same distribution.
     """
     torch_counterpart = "ShiftedWindowAttention"
+    # torchvision's module chooses its window shift and padding by the map size in Python
+    torch_dynamic_size = False
 
     def __init__(self, dim: int, num_heads: int, window: int, shift: int, *, rngs: nnx.Rngs):
         if dim % num_heads:

@@ -11,6 +11,8 @@ that the generic passes (conversion, export, profiling, merging) need about it:
 | arithmetic | `macs(in_shapes, out_shape)`: multiply-accumulates per image | `jaxprune.profile`, the merge cost model |
 | linear kind | `linear_kind()`: how `jaxprune.merge` treats it (below) | `jaxprune.merge` |
 | weights | `torch_state()` / `load_torch_state()` (default: none) | converters |
+| input sizes | `input_sizes()`: ("min" or "fixed", model (H, W)) where the layer restricts the model's input size (default: None, any) | `Net.input_sizes`, `to_torch`, `export` |
+| dynamic export | `torch_dynamic_size = False` where the torch counterpart cannot be traced with symbolic height and width (default: True) | `export` |
 
 Linear kinds: `"conv"` (the layer has `kernel` HWIO, `bias`, `kernel_size`,
 `stride`, `padding`, `groups`, `cin`, `cout`), `"linear"` (`kernel` (in, out),
@@ -92,6 +94,13 @@ class Layer(nnx.Module):
     def load_torch_state(self, state: dict[str, np.ndarray], name: str) -> None:
         """Take `torch_state()`'s layout, checking every shape (`name` for errors)."""
         del state, name
+
+    torch_dynamic_size: ClassVar[bool] = True
+
+    def input_sizes(self) -> tuple[str, tuple[int, int]] | None:
+        """("min", (H, W)): the model runs at inputs of at least H x W; ("fixed", (H, W)):
+        at that size only; None: the layer takes any size."""
+        return None
 
     def weight_layers(self) -> int:
         """Weight layers one call puts on a path (depth): the sum over sub-layers, so a

@@ -92,6 +92,8 @@ def adaptive_bounds(size: int, out: int) -> list[tuple[int, int]]:
 class AdaptiveAvgPool(Layer):
     """torch.nn.AdaptiveAvgPool2d((oh, ow)): replicates small maps, averages large ones."""
     torch_counterpart = "AdaptiveAvgPool"
+    # torch.export specializes the pooling windows to the traced size
+    torch_dynamic_size = False
 
     def __init__(self, out_hw: tuple[int, int]):
         self.out_hw = tuple(out_hw)
