@@ -20,8 +20,9 @@ LATENCY_SPEC = "latency/spec.json"
 
 
 def fuse_and_export(ctx: RunContext, m: Net, dense: Net, *, cost: str = "macs",
-                    latency: bool = True) -> tuple[dict, Net]:
-    """Fuse `m` with `jaxprune.merge` at the run's input size, export the fused model to
+                    latency: bool = True, cuts=()) -> tuple[dict, Net]:
+    """Fuse `m` with `jaxprune.merge` at the run's input size (`cuts`: the layers whose
+    outputs stay materialized, as `merge` takes them), export the fused model to
     `<run>/export` (each step checked against `m` on random inputs), profile the `dense`
     original (what a user runs without jaxprune) and the fused model (depth, params,
     MACs), and, with `latency`, time both on this device (`latency_table`).
@@ -31,7 +32,7 @@ def fuse_and_export(ctx: RunContext, m: Net, dense: Net, *, cost: str = "macs",
     x = np.asarray(jax.random.normal(jax.random.key(0), (4, *hw, m.spec.in_channels)))
     m.eval()
     logits = np.asarray(m(x))
-    small, rep = merge(m, input_size=hw, cost=cost, return_report=True)
+    small, rep = merge(m, input_size=hw, cost=cost, return_report=True, cuts=cuts)
     before = profile(dense, hw)
     out = {"merge": {**rep.as_dict(), "depth_before": before.depth,
                      "params_before": before.params, "macs_before": before.macs,
