@@ -277,7 +277,8 @@ def test_fused_export_below_its_smallest_input_size(tmp_path, work):
 METHOD_CONFIGS = {"easier": ROOT / "configs/demo.yaml",
                   "depthshrinker": ROOT / "configs/depthshrinker/digits-small.yaml",
                   "snl": ROOT / "configs/depthshrinker/digits-snl.yaml",
-                  "parity": ROOT / "configs/parity.yaml"}
+                  "parity": ROOT / "configs/parity.yaml",
+                  "layermerge": ROOT / "configs/layermerge/digits.yaml"}
 
 
 def _fields(cls, prefix: str):
@@ -339,6 +340,10 @@ def _elsewhere(tmp: Path) -> dict:
         "data.root": (str(tmp / "no-data"), ["data.name=cifar10"], "CIFAR-10 not found", True),
         "method.name": ("easierr", [], "unknown method 'easierr'", False),
         "method.source": (str(a_file), [], f"{a_file} is neither a torch file", False),
+        "method.latency_table": (str(tmp / "no-table.json"), [],
+                                 f"method.latency_table: {tmp / 'no-table.json'} not found", True),
+        "method.plan": (str(tmp / "no-plan.json"), ["method.target_speedup=null"],
+                        f"method.plan: {tmp / 'no-plan.json'} not found", True),
         "method.search_run": (str(tmp / "no-search"), ["method.stage=finetune"],
                               f"method.search_run: {tmp / 'no-search'}/keep_lists.json not found",
                               True),

@@ -1,16 +1,93 @@
-"""Latency-aware depth compression: ECDC (Kim et al., ICML 2023, "Efficient latency-aware
-CNN depth compression via two-stage dynamic programming") and LayerMerge (Kim et al.,
-ICML 2024, "LayerMerge: neural network depth compression through layer pruning and
-merging").
+"""`method: layermerge` — latency-aware depth compression: ECDC (Kim et al., ICML 2023,
+"Efficient latency-aware CNN depth compression via two-stage dynamic programming") and
+LayerMerge (Kim et al., ICML 2024, "LayerMerge: neural network depth compression through
+layer pruning and merging").
 
 Both choose which consecutive convolutions to merge into one (and, in LayerMerge, which
 to drop) so that the summed measured latency of the merged pieces fits a budget while
-the summed importance of the pieces is largest. `dp.py` holds the search itself as pure
-functions over tables: the search space, ECDC's stage 1 (`t_opt`) and extended
-importance, the exact dynamic program (`solve`), an exhaustive check (`brute_force`)
-and the plan it returns (`Plan`, JSON schema `jaxprune.layermerge.plan/1`). `space.py`
-builds the ECDC space of a model (ResNet-18, MobileNetV2) and turns a plan into the sites
-to linearize, the activations to insert and the cuts `jaxprune.merge` keeps; `latency.py`
-measures T(i, j) per segment on this device, as the layer merge makes of it.
-The `layermerge` method itself (config, training, report) is not registered yet.
+the summed importance of the pieces is largest. The method runs ECDC's space
+(`drop_layers: false`; layer dropping is not built yet):
+
+1. the original network (`pretrain_epochs` of dense training when it has no weights);
+2. its search space (`space.py`) and the latency table T(i, j) of every segment, timed
+   here in JAX (`latency.py`; cached in the run folder, or reused: `latency_table`), and
+   ECDC's stage 1, T_opt;
+3. the importance of each activation site from a proxy (`importance.py`: `entropy`, EASIER's
+   ON/OFF entropy over one epoch of training data, or `bn_entropy`, data-free from the
+   BatchNorm before the site); a segment earns the entropy of the activation it keeps at
+   its end, so the search keeps the high-entropy activations the budget allows;
+4. the exact dynamic program (`dp.py`) under the budget (`target_speedup` over the
+   unmerged sum of T, or `latency_ms`), written to `plan.json` (`plan: PATH` replays one);
+5. the plan applied (sites inside segments linearized), finetuned for `finetune_epochs`
+   (optionally distilled from the original), then merged exactly as planned
+   (`jaxprune.merge(cost="none", cuts=...)`), exported and timed.
+
+    method:
+      name: layermerge
+      target_speedup: 1.5      # or latency_ms
+      importance: entropy      # entropy | bn_entropy
+      finetune_epochs: null    # null: train.epochs
+
+The package: `dp.py` (the search as pure functions over tables, the plan file), `space.py`
+(the ECDC space of ResNet-18 and MobileNetV2, and what a plan changes), `latency.py`
+(T(i, j) measured), `importance.py` (the proxies), `method.py` (the stages), `report.py`.
 """
+from __future__ import annotations
+
+import dataclasses
+
+from jaxprune.config import Config, MethodConfig, option
+from jaxprune.errors import UserError
+from jaxprune.methods import register
+
+IMPORTANCES = ("entropy", "bn_entropy", "finetune")
+PLAN_FILE, TABLE_FILE = "plan.json", "latency_table.json"  # what a run writes in its folder
+
+
+@register("layermerge", run="jaxprune.methods.layermerge.method")
+@dataclasses.dataclass(frozen=True)
+class LayerMergeConfig(MethodConfig):
+    name: str = "layermerge"
+    # true: LayerMerge's space (convs may also be dropped); not built yet
+    drop_layers: bool = False
+    # latency budget = the unmerged sum of T / target_speedup, or ...
+    target_speedup: float | None = option(None, gt=1, why="the planned model's speed-up "
+                                          "over the unmerged one, in the latency table")
+    # ... the budget itself, ms per batch of latency_batch (exactly one of the two)
+    latency_ms: float | None = option(None, gt=0)
+    importance: str = option("entropy", choices=IMPORTANCES)
+    latency_table: str | None = None   # a latency_table.json of an earlier run, reused
+    plan: str | None = None            # a plan.json of an earlier run, replayed (no search)
+    latency_batch: int = option(1, ge=1)     # batch the table is timed at
+    latency_rounds: int = option(3, ge=1)    # rounds, each one fresh process timing every segment
+    latency_repeats: int = option(20, ge=1)  # timed calls per round
+    bins: int = option(1000, ge=1)           # time bins over the budget (the DP's grid)
+    # dense training first (models without pretrained weights)
+    pretrain_epochs: int = option(0, ge=0)
+    finetune_epochs: int | None = option(None, ge=0, why="null: train.epochs")
+    # weight α of α · T² KL(original ‖ planned) + (1 − α) · CE; 0: no distillation
+    distill: float = option(0.0, ge=0, le=1)
+    distill_temperature: float = option(1.0, gt=0)
+    latency: bool = True    # time the dense and the fused model (jaxprune.measure; ~1 min)
+
+    def check(self, cfg: Config) -> None:
+        if self.drop_layers:
+            raise UserError("method.drop_layers: layer dropping (LayerMerge's space) is not "
+                            "built yet; set it to false for ECDC's space (merging only)")
+        if self.importance == "finetune":
+            raise UserError("method.importance 'finetune' (one finetune per segment) is not "
+                            "built yet: use entropy or bn_entropy")
+        if self.plan is None and (self.target_speedup is None) == (self.latency_ms is None):
+            raise UserError("set exactly one of method.target_speedup and method.latency_ms "
+                            "(or method.plan to replay a plan)")
+        if self.plan is not None and (self.target_speedup, self.latency_ms) != (None, None):
+            raise UserError("method.plan replays a plan with its own budget: drop "
+                            "method.target_speedup and method.latency_ms")
+
+    def inputs(self) -> dict[str, str]:
+        return {f"method.{k}": v for k, v in (("latency_table", self.latency_table),
+                                              ("plan", self.plan)) if v is not None}
+
+    def check_model(self, cfg: Config, m) -> None:
+        from jaxprune.methods.layermerge.space import build_space
+        build_space(m)  # refuses a model it has no space rules for

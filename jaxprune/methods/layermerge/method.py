@@ -1,0 +1,174 @@
+"""layermerge's stages: space, latency table, importance, search (or a replayed plan),
+finetune, exact merge (see the package doc)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from flax import nnx
+
+from jaxprune import distributed
+from jaxprune.context import MethodResult, RunContext
+from jaxprune.errors import UserError, closest
+from jaxprune.methods.distillation import Distillation, DistillHooks
+from jaxprune.methods.fuse_export import fuse_and_export
+from jaxprune.methods.layermerge import PLAN_FILE, TABLE_FILE, report
+from jaxprune.methods.layermerge.dp import Plan, extend_importance, solve, t_opt
+from jaxprune.methods.layermerge.importance import kept_entropy, segment_importance, site_scores
+from jaxprune.methods.layermerge.latency import latency_table, table_key
+from jaxprune.methods.layermerge.space import Edits, ModelSpace, apply_edits, build_space
+from jaxprune.methods.pretrain import original_model
+from jaxprune.train import Trainer, evaluate_model, fit
+from models.net import Net
+
+
+def fastest_ms(ms: ModelSpace, latency: dict) -> float:
+    """The smallest summed latency of any chain of segments from 0 to L (ms)."""
+    best = {0: 0.0}
+    for i, j in ms.segments:                     # sorted by (i, j): i is final before j
+        if i in best:
+            best[j] = min(best.get(j, float("inf")), best[i] + latency[(i, j)])
+    return best[ms.space.positions]
+
+
+def budget_ms(opts, ms: ModelSpace, topt: dict, unmerged: float) -> float:
+    """The DP's budget: `latency_ms`, or the unmerged sum over `target_speedup`. Raises the
+    one-line `UserError` naming the best reachable speed-up when no plan is that fast."""
+    fastest = fastest_ms(ms, topt)
+    if opts.latency_ms is not None:
+        budget, asked = opts.latency_ms, f"method.latency_ms {opts.latency_ms:g}"
+    else:
+        budget, asked = unmerged / opts.target_speedup, \
+            f"method.target_speedup {opts.target_speedup:g}"
+    if budget < fastest:
+        raise UserError(f"{asked} is out of reach: the fastest plan takes {fastest:.4g} ms of "
+                        f"the unmerged {unmerged:.4g} ms in the latency table, a speed-up of "
+                        f"{unmerged / fastest:.3g}x at most; ask for at most that")
+    return budget
+
+
+def read_plan(path: str, ms: ModelSpace, cfg, image_size, m: Net) -> tuple[Plan, dict, Edits]:
+    """A plan file of an earlier run and its pieces, checked against this run: the model,
+    its options, the input size and the space; the site and layer names it edits must be
+    the model's (an unknown one lists the closest), and must follow from its segments."""
+    plan = Plan.from_json(Path(path).read_text())
+    x = plan.extra
+    got = {"model": x.get("model"), "model_options": x.get("model_options"),
+           "input_size": x.get("input_size")}
+    want = {"model": cfg.model.name, "model_options": dict(cfg.model.options),
+            "input_size": list(image_size)}
+    differ = [f"{k} is {got[k]!r}, here {v!r}" for k, v in want.items() if got[k] != v]
+    if differ:
+        raise UserError(f"method.plan {path} was made for another model ({'; '.join(differ)}): "
+                        "give a plan of this model, or drop method.plan to search one")
+    edits = x.get("edits") or {}
+    for name in edits.get("linearize", []):
+        if name not in m.sites():
+            raise UserError(f"method.plan {path} linearizes {name!r}, not a site of "
+                            f"{cfg.model.name}; {closest(name, m.sites())}")
+    for name in [*edits.get("insert_act", {}).values(), *edits.get("cuts", [])]:
+        if name not in m.layers:
+            raise UserError(f"method.plan {path} names layer {name!r}, not a layer of "
+                            f"{cfg.model.name}; {closest(name, list(m.layers))}")
+    if x.get("space_hash") != ms.hash:
+        raise UserError(f"method.plan {path} was made for another search space (space hash "
+                        f"{str(x.get('space_hash'))[:12]}..., here {ms.hash[:12]}...): give a "
+                        "plan of this version's space, or drop method.plan to search one")
+    pieces = {tuple(map(int, k.split(","))): tuple(v) for k, v in x.get("pieces", {}).items()}
+    made = ms.edits(plan, pieces)
+    if made.as_dict() != edits:
+        raise UserError(f"method.plan {path}: its edits do not follow from its segments (the "
+                        "file was changed by hand?): give a plan a layermerge run wrote")
+    return plan, pieces, made
+
+
+def finetune(ctx: RunContext, original: Net, planned: Net) -> dict:
+    """Train the planned model `finetune_epochs` (optionally distilled from the original),
+    checkpointed as stage `finetune`; returns its last epoch's accuracies."""
+    cfg, opts = ctx.cfg, ctx.cfg.method
+    epochs = cfg.train.epochs if opts.finetune_epochs is None else opts.finetune_epochs
+    ckpt = ctx.checkpoints("finetune")
+    if ckpt.latest() is not None:
+        return ckpt.load(0, planned)["finetune"]
+    if not epochs:
+        return {"epochs": 0}
+    hooks = (DistillHooks(Distillation(original, temperature=opts.distill_temperature,
+                                       kd_weight=opts.distill, ce_weight=1.0 - opts.distill))
+             if opts.distill else None)
+    train = dataclasses.replace(cfg.train, epochs=epochs)   # the schedule spans the finetune
+    trainer = Trainer(planned, train, steps_per_epoch=ctx.data.steps_per_epoch(),
+                      mesh=ctx.mesh, hooks=hooks)
+    trainer.start_round()
+    last = fit(trainer, ctx.data, epochs, journal=ctx.journal, tag={"stage": "finetune"},
+               epoch_offset=opts.pretrain_epochs + 1)[-1]
+    result = {"epochs": epochs, "distill": opts.distill or None,
+              "train_acc": last["train_acc"], "val_acc": last["val_acc"]}
+    ckpt.save(0, planned, {"finetune": result})
+    return result
+
+
+def run(ctx: RunContext) -> MethodResult:
+    cfg, opts = ctx.cfg, ctx.cfg.method
+    original = original_model(ctx, opts.pretrain_epochs)
+    ms = build_space(original)
+    L = ms.space.positions
+    results = {"method": "layermerge", "model": cfg.model.name, "dataset": cfg.data.name,
+               "image_size": list(ctx.image_size),
+               "space": {"positions": L, "segments": len(ms.segments), "hash": ms.hash,
+                         "breaks": list(ms.breaks), "free": sorted(ms.free_after)},
+               "dense": evaluate_model(original, cfg.train, ctx.data, ctx.mesh)}
+
+    if opts.plan is not None:   # refused before the table is timed
+        plan, pieces, edits = read_plan(opts.plan, ms, cfg, ctx.image_size, original)
+        ctx.log(f"layermerge: replaying {opts.plan}")
+    key = table_key(ms, ctx.image_size, opts.latency_batch)
+    if opts.latency_table is None and not (ctx.run_dir / TABLE_FILE).is_file():
+        ctx.log(f"layermerge: timing {len(ms.segments)} segments (jaxprune.measure) ...")
+    T = latency_table(original, ms, key, ctx.run_dir / TABLE_FILE, given=opts.latency_table,
+                      rounds=opts.latency_rounds, repeats=opts.latency_repeats)
+    topt, breaks = t_opt(T, ms.segments)
+    unmerged = sum(T[(k, k + 1)] for k in range(L))
+
+    scores = source = None
+    if opts.plan is None:
+        budget = budget_ms(opts, ms, topt, unmerged)
+        scores, source = site_scores(
+            original, ms, opts.importance,
+            lambda: ctx.data.train_batches(opts.pretrain_epochs)[1])
+        plan = solve(ms.space, topt, extend_importance(ms.space, segment_importance(ms, scores)),
+                     budget, bins=opts.bins)
+        pieces = {(s.start, s.end): breaks[(s.start, s.end)] for s in plan.segments}
+        edits = ms.edits(plan, pieces)
+        plan = dataclasses.replace(plan, extra={
+            "model": cfg.model.name, "model_options": dict(cfg.model.options),
+            "input_size": list(ctx.image_size), "space_hash": ms.hash,
+            "latency_table": key.as_dict(), "importance": opts.importance,
+            "pieces": {f"{i},{j}": list(p) for (i, j), p in pieces.items()},
+            "edits": edits.as_dict()})
+    if distributed.is_main():
+        (ctx.run_dir / PLAN_FILE).write_text(plan.to_json() + "\n")
+    results["search"] = {
+        "importance": opts.importance if scores is not None else "from the plan",
+        "site_entropy": scores, "site_source": source,
+        "entropy_kept": kept_entropy(ms, scores, edits.linearize) if scores else None,
+        "entropy_total": kept_entropy(ms, scores, ()) if scores else None,
+        "budget_ms": plan.budget_ms, "bins": plan.budget_bins,
+        "unmerged_ms": unmerged, "planned_ms": plan.time_ms,
+        "predicted_speedup": unmerged / plan.time_ms if plan.time_ms else None,
+        "objective": plan.objective, "latency_batch": opts.latency_batch,
+        "segments": [{**dataclasses.asdict(s), "convs": list(ms.convs(s.start, s.end)),
+                      "pieces": list(pieces.get((s.start, s.end), (s.start, s.end)))}
+                     for s in plan.segments],
+        "edits": edits.as_dict(), "plan_file": str(ctx.run_dir / PLAN_FILE)}
+    ctx.log(f"layermerge: {len(plan.segments)} segments of {L} convs, {len(edits.linearize)} "
+            f"sites linearized, {plan.time_ms:.4g} ms planned of {unmerged:.4g} ms unmerged")
+
+    planned = apply_edits(nnx.clone(original), edits)
+    results["planned"] = evaluate_model(planned, cfg.train, ctx.data, ctx.mesh)
+    results["finetune"] = {**finetune(ctx, original, planned),
+                           **evaluate_model(planned, cfg.train, ctx.data, ctx.mesh)}
+    fused, small = fuse_and_export(ctx, planned, original, cost="none", cuts=edits.cuts,
+                                   latency=opts.latency)
+    results.update(fused)
+    results["fused"] = evaluate_model(small, cfg.train, ctx.data, ctx.mesh, splits=("test",))
+    return MethodResult(results, report.report(results))

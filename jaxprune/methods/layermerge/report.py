@@ -1,0 +1,68 @@
+"""layermerge's report: accuracy after each stage, the plan, its predicted and measured
+latency, the site entropies, then the fused model."""
+from __future__ import annotations
+
+from jaxprune.methods.fuse_export import merge_sections
+from jaxprune.report import Report, Section, Table, fmt
+
+
+def report(results: dict) -> Report:
+    search, ft = results["search"], results["finetune"]
+    n_lin = len(search["edits"]["linearize"])
+    rows = [["dense (original)", results["dense"]["val_acc"], results["dense"]["test_acc"]],
+            [f"planned, {n_lin} sites linearized, before finetuning",
+             results["planned"]["val_acc"], results["planned"]["test_acc"]],
+            [f"finetuned {ft['epochs']} epochs" + (f", distilled (α = {ft['distill']:g})"
+                                                   if ft.get("distill") else ""),
+             ft["val_acc"], ft["test_acc"]],
+            ["fused (as planned)", None, results["fused"]["test_acc"]]]
+    sections = [Section("Accuracy", [Table(["model", "val acc (%)", "test acc (%)"], rows)])]
+
+    segs = [[f"({s['start']}, {s['end']})", ", ".join(s["convs"]),
+             " → ".join(map(str, s["pieces"])), "yes" if s["act_end"] else "no",
+             s["time_ms"], s["importance"]] for s in search["segments"]]
+    space = results["space"]
+    sections.append(Section("Plan", [
+        f"ECDC space: {space['positions']} positions, {space['segments']} segments; breaks "
+        f"after strided convs at {space['breaks'] or 'none'}. Importance: "
+        f"{search['importance']}. The plan is `{search['plan_file']}` (replay it with "
+        "`method.plan`).",
+        Table(["segment", "convs merged", "pieces (T_opt)", "activation kept at its end",
+               "T_opt ms", "importance"], segs),
+        "Linearized: " + (", ".join(search["edits"]["linearize"]) or "none") + ". Inserted: "
+        + (", ".join(search["edits"]["insert_act"]) or "none") + "."]))
+
+    blocks = [Table(["", "ms"], [
+        ["unmerged: Σ T(k, k+1) of the table", search["unmerged_ms"]],
+        ["budget", search["budget_ms"]],
+        ["planned: Σ T_opt of the plan's segments", search["planned_ms"]]]),
+        f"Predicted speed-up of the searched convolutions: "
+        f"{fmt(search['predicted_speedup'])}x (JAX, batch {search['latency_batch']}, the "
+        f"table's device; each segment timed alone as its fused layer, BatchNorm folded; the "
+        f"stem, the head, the adds kept explicit and the activations are not in the table). "
+        f"DP grid: {search['bins']} bins."]
+    jax_row = ((results.get("latency") or {}).get("runtimes") or {}).get("jax")
+    if jax_row:
+        blocks.append(f"Measured, whole model (JAX, batch {results['latency']['batch']}): "
+                      f"{jax_row['dense_ms']:.3f} ms dense → {jax_row['fused_ms']:.3f} ms "
+                      f"fused, **{jax_row['speedup']:.2f}x**; against the dense model as "
+                      "built, so this also counts every BatchNorm folded into its conv, "
+                      "which the table's times have on both sides.")
+    sections.append(Section("Latency", blocks))
+
+    if search["site_entropy"]:
+        src = search["site_source"]
+        fell_back = [s for s, v in src.items() if v == "data"]
+        text = []
+        if search["importance"] == "bn_entropy" and fell_back:
+            text.append("Not a BatchNorm output before the activation, so measured on one "
+                        "epoch of training data instead: " + ", ".join(fell_back) + ".")
+        linear = set(search["edits"]["linearize"])
+        text.append(Table(["site", "entropy (bits)", "from", "kept"],
+                          [[s, h, src[s], "no" if s in linear else "yes"]
+                           for s, h in search["site_entropy"].items()]))
+        text.append(f"Entropy kept: {fmt(search['entropy_kept'])} of "
+                    f"{fmt(search['entropy_total'])} bits.")
+        sections.append(Section("Importance", text))
+    sections += merge_sections(results, before="dense")
+    return Report(f"layermerge: {results['model']} on {results['dataset']}", sections)

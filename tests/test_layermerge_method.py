@@ -1,0 +1,157 @@
+"""`method: layermerge` end to end on the digits (a tiny CIFAR ResNet-18): a run searches a
+plan under its budget, writes plan.json, finetunes and merges exactly as planned; the plan
+replays to the same edits; bad budgets, plans and options are refused in one line.
+The run (module fixture, about 75 s on 2 cores: compiling, the exact merge's check and the
+torch export dominate) is shared by every test here but the budget one."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxprune
+from jaxprune import config, runner
+from jaxprune.context import build_model
+from jaxprune.methods.layermerge import PLAN_FILE
+from jaxprune.methods.layermerge.dp import Plan
+from jaxprune.methods.layermerge.latency import TABLE_SCHEMA, table_key
+from jaxprune.methods.easier.entropy import site_entropy
+from jaxprune.methods.layermerge.importance import (bn_site_entropy, segment_importance,
+                                                    site_scores)
+from jaxprune.methods.layermerge.method import read_plan
+from jaxprune.methods.layermerge.space import build_space
+from models.net import randomize_bn
+
+ROOT = Path(__file__).resolve().parents[1]
+HW = (16, 16)
+SHORT = ["model.options={width: 4}", "method.pretrain_epochs=0", "train.epochs=1",
+         "method.finetune_epochs=1", "method.latency=false"]
+
+
+def _cfg(tmp_path, *overrides):
+    return config.load(ROOT / "configs/layermerge/digits.yaml",
+                       [f"out={tmp_path}", *SHORT, *overrides])
+
+
+def _table(tmp_path) -> Path:
+    """A latency table for the tiny model: merging k convs costs 1 + 0.25 k ms, so a merged
+    segment is faster than its convs one by one (1.25 ms each). Timing itself is tested in
+    test_layermerge_latency.py."""
+    cfg = _cfg(tmp_path)
+    ms = build_space(build_model(cfg, 10, HW))
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({
+        "schema": TABLE_SCHEMA, "key": table_key(ms, HW, 1).as_dict(),
+        "ms": {f"{i},{j}": 1.0 + 0.25 * (j - i) for i, j in ms.segments}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lm")
+    table = _table(tmp)
+    run_dir, res = runner.run(_cfg(tmp, f"method.latency_table={table}", "method.distill=0.5",
+                                   "method.target_speedup=1.3"))
+    return tmp, table, run_dir, res
+
+
+@pytest.mark.slow
+def test_search_finetune_and_exact_merge(searched):
+    tmp, _, run_dir, res = searched
+    s = res["search"]
+    plan = Plan.from_json((run_dir / PLAN_FILE).read_text())
+    assert plan.extra["model"] == "resnet18_cifar" and plan.extra["input_size"] == list(HW)
+    # the budget: the unmerged 16 x 1.25 ms over target_speedup 1.3, and the plan fits it
+    assert s["unmerged_ms"] == pytest.approx(16 * 1.25)
+    assert s["budget_ms"] == pytest.approx(20 / 1.3) and s["planned_ms"] <= s["budget_ms"]
+    # the objective is the entropy of the sites left nonlinear
+    assert plan.objective == pytest.approx(s["entropy_kept"])
+    assert 0 < s["entropy_kept"] < s["entropy_total"] and s["edits"]["linearize"]
+    for stage in ("dense", "planned", "finetune"):
+        assert 0 <= res[stage]["test_acc"] <= 100 and "val_acc" in res[stage]
+    # the fused model computes the finetuned planned one, each plan piece one layer
+    assert res["merge"]["max_abs_diff"] < 1e-4
+    assert res["fused"]["test_acc"] == pytest.approx(res["finetune"]["test_acc"], abs=0.4)
+    want = {frozenset(seg["convs"][a - seg["start"]:b - seg["start"]])
+            for seg in s["segments"] for a, b in zip(seg["pieces"], seg["pieces"][1:])}
+    main = {c for seg in s["segments"] for c in seg["convs"]}
+    got = {frozenset(main & set(f["replaces"])) for f in res["merge"]["fused"]} - {frozenset()}
+    assert got == want
+    assert "## Plan" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_plan_replays_to_the_same_edits(searched):
+    """What `method.plan` applies (refused plans: below, through a run)."""
+    tmp, _, run_dir, res = searched
+    cfg = _cfg(tmp)
+    m = build_model(cfg, 10, HW)
+    plan, pieces, edits = read_plan(str(run_dir / PLAN_FILE), build_space(m), cfg, HW, m)
+    assert edits.as_dict() == res["search"]["edits"]
+    assert [[s.start, s.end] for s in plan.segments] == \
+        [[s["start"], s["end"]] for s in res["search"]["segments"]]
+    assert {k: list(v) for k, v in pieces.items()} == \
+        {(s["start"], s["end"]): s["pieces"] for s in res["search"]["segments"]}
+
+
+def test_out_of_reach_budget_is_one_line(tmp_path):
+    table = _table(tmp_path)
+    cfg = _cfg(tmp_path, f"method.latency_table={table}", "method.target_speedup=50")
+    with pytest.raises(jaxprune.UserError, match=r"^method.target_speedup 50 is out of reach: the "
+                                                 r"fastest plan takes .* a speed-up of [0-9.]+x "
+                                                 r"at most; ask for at most that$"):
+        runner.run(cfg)
+
+
+@pytest.mark.slow
+def test_bad_plans_and_options_are_refused(searched):
+    tmp, table, run_dir, _ = searched
+    data = json.loads((run_dir / PLAN_FILE).read_text())
+    base = ["method.target_speedup=null", f"method.latency_table={table}"]
+
+    def refused(name, edit, match):
+        d = json.loads(json.dumps(data))
+        edit(d)
+        path = tmp / f"{name}.json"
+        path.write_text(json.dumps(d))
+        with pytest.raises(jaxprune.UserError, match=match):
+            runner.run(_cfg(tmp, f"name={name}", f"method.plan={path}", *base))
+
+    refused("other", lambda d: d.update(model_options={"width": 8}),
+            r"was made for another model \(model_options is \{'width': 8\}, here "
+            r"\{'width': 4\}\)")
+    site = data["edits"]["linearize"][0]
+    refused("typo", lambda d: d["edits"]["linearize"].__setitem__(0, site + "x"),
+            rf"linearizes '{site}x', not a site of resnet18_cifar; did you mean '{site}'")
+    refused("hand", lambda d: d["edits"]["linearize"].pop(),
+            "its edits do not follow from its segments")
+    with pytest.raises(jaxprune.UserError, match="layer dropping .* is not built yet"):
+        _cfg(tmp, "method.drop_layers=true")
+    with pytest.raises(jaxprune.UserError, match="'finetune' .* is not built yet"):
+        _cfg(tmp, "method.importance=finetune")
+    with pytest.raises(jaxprune.UserError, match="exactly one of method.target_speedup"):
+        _cfg(tmp, "method.latency_ms=3")
+
+
+def test_bn_entropy_is_data_free_where_a_batchnorm_feeds_the_site():
+    """TLC's Φ(β/|γ|) ON probability per channel, by hand; ResNet's relu2 (after the add)
+    has no BatchNorm right before it and is measured on data instead."""
+    import models
+    m = randomize_bn(models.create("resnet18_cifar", num_classes=10, width=4))
+    ms = build_space(m)
+    bn = m.layers["layer1.0.bn1"]
+    p = np.array([0.5 * (1 + math.erf(b / abs(g) / math.sqrt(2)))
+                  for g, b in zip(np.asarray(bn.scale.value), np.asarray(bn.bias.value))])
+    by_hand = np.mean(-p * np.log2(p) - (1 - p) * np.log2(1 - p))
+    assert bn_site_entropy(m, "layer1.0.relu1") == pytest.approx(by_hand, rel=1e-5)
+    assert bn_site_entropy(m, "layer1.0.relu2") is None
+    x = np.random.default_rng(0).normal(size=(8, *HW, 3)).astype(np.float32)
+    scores, source = site_scores(m, ms, "bn_entropy", lambda: [{"image": x}])
+    data = {s for s, v in source.items() if v == "data"}
+    assert data == {s for s in scores if s.endswith("relu2")} and len(data) == 8
+    measured = site_entropy(m, x)
+    assert all(scores[s] == pytest.approx(measured[s]) for s in data)
+    # a segment earns the entropy of the activation it keeps at its end
+    imp = segment_importance(ms, scores)
+    assert imp[(0, 4, 1, 1)] == scores[ms.positions[4].site] == scores["layer1.1.relu2"]
