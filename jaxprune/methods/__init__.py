@@ -1,4 +1,5 @@
-"""Depth-reduction methods, registered by name (`easier`, `depthshrinker`, `snl`, `parity`).
+"""Depth-reduction methods, registered by name (`easier`, `depthshrinker`, `snl`,
+`layermerge`, `parity`).
 
 A method is a package `jaxprune/methods/<name>/`. Its `__init__.py` holds only
 its options (a frozen dataclass of the config's `method:` keys, subclassing
