@@ -72,7 +72,7 @@ def site_scores(m: Net, ms: ModelSpace, kind: str, batches) -> tuple[dict[str, f
         measured = data_entropy(m, batches())
         for s in rest:
             scores[s], source[s] = measured[s], "data"
-    return scores, source
+    return {s: scores[s] for s in sites}, {s: source[s] for s in sites}  # in forward order
 
 
 def segment_importance(ms: ModelSpace, scores: dict[str, float]) -> dict[tuple, float]:
