@@ -17,8 +17,8 @@ from jaxprune.methods.layermerge.dp import Plan, extend_importance, solve, t_opt
 from jaxprune.methods.layermerge.importance import kept_entropy, segment_importance, site_scores
 from jaxprune.methods.layermerge.latency import latency_table, table_key
 from jaxprune.methods.layermerge.space import Edits, ModelSpace, apply_edits, build_space
-from jaxprune.methods.pretrain import original_model
-from jaxprune.train import Trainer, evaluate_model, fit
+from jaxprune.methods.pretrain import original_model, train_stage
+from jaxprune.train import evaluate_model
 from models.net import Net
 
 
@@ -85,26 +85,18 @@ def read_plan(path: str, ms: ModelSpace, cfg, image_size, m: Net) -> tuple[Plan,
 def finetune(ctx: RunContext, original: Net, planned: Net) -> dict:
     """Train the planned model `finetune_epochs` (optionally distilled from the original),
     checkpointed as stage `finetune`; returns its last epoch's accuracies."""
-    cfg, opts = ctx.cfg, ctx.cfg.method
-    epochs = cfg.train.epochs if opts.finetune_epochs is None else opts.finetune_epochs
-    ckpt = ctx.checkpoints("finetune")
-    if ckpt.latest() is not None:
-        return ckpt.load(0, planned)["finetune"]
+    opts = ctx.cfg.method
+    epochs = ctx.cfg.train.epochs if opts.finetune_epochs is None else opts.finetune_epochs
     if not epochs:
         return {"epochs": 0}
     hooks = (DistillHooks(Distillation(original, temperature=opts.distill_temperature,
                                        kd_weight=opts.distill, ce_weight=1.0 - opts.distill))
              if opts.distill else None)
-    train = dataclasses.replace(cfg.train, epochs=epochs)   # the schedule spans the finetune
-    trainer = Trainer(planned, train, steps_per_epoch=ctx.data.steps_per_epoch(),
-                      mesh=ctx.mesh, hooks=hooks)
-    trainer.start_round()
-    last = fit(trainer, ctx.data, epochs, journal=ctx.journal, tag={"stage": "finetune"},
-               epoch_offset=opts.pretrain_epochs + 1)[-1]
-    result = {"epochs": epochs, "distill": opts.distill or None,
-              "train_acc": last["train_acc"], "val_acc": last["val_acc"]}
-    ckpt.save(0, planned, {"finetune": result})
-    return result
+    return train_stage(ctx, planned, "finetune", epochs, hooks=hooks,
+                       epoch_offset=opts.pretrain_epochs + 1,
+                       summary=lambda trainer, last: {
+                           "epochs": epochs, "distill": opts.distill or None,
+                           "train_acc": last["train_acc"], "val_acc": last["val_acc"]})
 
 
 def run(ctx: RunContext) -> MethodResult:
