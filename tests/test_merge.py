@@ -75,14 +75,7 @@ def _identity_act(kind="relu"):
 def test_padded_conv_pair_is_exact_at_the_border_where_plain_composition_is_not():
     # conv2 pads its input with zeros; a composed 5x5 kernel would instead see values
     # computed from real input there (DESIGN.md §7, the 1-D example of the issue).
-    def build(b, rngs):
-        b.add("c1", Conv(3, 4, 3, padding=1, rngs=rngs))
-        b.add("bn1", BatchNorm(4))
-        b.add("a1", _identity_act())
-        b.add("c2", Conv(4, 4, 3, padding=1, rngs=rngs))
-        b.add("bn2", BatchNorm(4))
-        b.add("a2", Act("relu"))
-    m = _net(build)
+    m = _net(_conv_pair)
     small, rep = check_exact(m, (13, 11))
     fused = small.layers["c1"]
     assert isinstance(fused, FusedConv) and fused.kernel_size == (5, 5)
@@ -102,14 +95,7 @@ def test_pointwise_then_depthwise_needs_only_edge_biases():
     # MobileNetV2: 1x1 expand (no padding) -> 3x3 depthwise -> 1x1 project. Only the BN
     # shift is wrong at the border, so the linear part has no corrections.
     def build(b, rngs):
-        b.add("e", Conv(3, 12, 1, rngs=rngs))
-        b.add("bn1", BatchNorm(12))
-        b.add("a1", _identity_act("relu6"))
-        b.add("dw", Conv(12, 12, 3, stride=2, padding=1, groups=12, rngs=rngs))
-        b.add("bn2", BatchNorm(12))
-        b.add("a2", _identity_act("relu6"))
-        b.add("p", Conv(12, 6, 1, rngs=rngs))
-        b.add("bn3", BatchNorm(6))
+        _strided_inverted_residual(b, rngs)
         b.add("a3", Act("relu6"))
     for hw in ((13, 11), (16, 16)):
         small, _ = check_exact(_net(build, hw), hw)
@@ -213,8 +199,9 @@ def _odd_strides(b, rngs):
     b.add("a2", Act("relu"))
 
 
-def _inverted_residual(b, rngs):
-    # MobileNetV2's stride-2 block: only edge biases; then a stride-1 one with its residual
+def _strided_inverted_residual(b, rngs) -> str:
+    """MobileNetV2's stride-2 block, linearized: 1x1 expand, 3x3/2 depthwise, 1x1
+    project; returns its last layer."""
     b.add("e", Conv(3, 12, 1, rngs=rngs))
     b.add("bn1", BatchNorm(12))
     b.add("a1", _identity_act("relu6"))
@@ -222,7 +209,12 @@ def _inverted_residual(b, rngs):
     b.add("bn2", BatchNorm(12))
     b.add("a2", _identity_act("relu6"))
     b.add("p", Conv(12, 6, 1, rngs=rngs))
-    p = b.add("bn3", BatchNorm(6))
+    return b.add("bn3", BatchNorm(6))
+
+
+def _inverted_residual(b, rngs):
+    # MobileNetV2's stride-2 block: only edge biases; then a stride-1 one with its residual
+    p = _strided_inverted_residual(b, rngs)
     b.add("e2", Conv(6, 12, 1, rngs=rngs))
     b.add("bn4", BatchNorm(12))
     b.add("a4", _identity_act("relu6"))
