@@ -2,6 +2,7 @@
 
     python bench/train_step.py                       # resnet18_cifar, batch 128, 3 rounds
     python bench/train_step.py --rounds 5 --steps 10 --width 16
+    python bench/train_step.py --also-devices 1      # + the step on one XLA device
 
 Sides (`jaxprune.measure`: every side of every round in a fresh process, the sides
 alternating round by round, warm-up first, median of each round's steps):
@@ -29,14 +30,19 @@ from jaxprune.measure import Workload, measure  # noqa: E402
 from jaxprune.report import table  # noqa: E402
 
 
-def workloads(batch: int, width: int) -> list[Workload]:
+def workloads(batch: int, width: int, also_devices: int | None = None) -> list[Workload]:
     step = {"arch": "resnet18_cifar", "options": {"width": width}, "num_classes": 10,
             "batch": batch, "input_size": [32, 32]}
-    return [Workload("official", "torch", "bench.easier_reference:make_step",
-                     {"batch": batch, "width": width}),
-            Workload("jaxprune", "jax", "jaxprune.measure.workloads:jax_train_step", step),
-            Workload("jaxprune, no statistics", "jax",
-                     "jaxprune.measure.workloads:jax_train_step", {**step, "entropy": False})]
+    sides = [Workload("official", "torch", "bench.easier_reference:make_step",
+                      {"batch": batch, "width": width}),
+             Workload("jaxprune", "jax", "jaxprune.measure.workloads:jax_train_step", step),
+             Workload("jaxprune, no statistics", "jax",
+                      "jaxprune.measure.workloads:jax_train_step", {**step, "entropy": False})]
+    if also_devices:
+        sides.append(Workload(f"jaxprune, {also_devices} XLA device(s)", "jax",
+                              "jaxprune.measure.workloads:jax_train_step", step,
+                              devices=also_devices))
+    return sides
 
 
 def main(argv=None) -> int:
@@ -46,10 +52,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds, each side in its own process")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--also-devices", type=int, help="one more side: the jaxprune step on this "
+                   "many XLA host devices (run.py and the `jaxprune` side use one per core)")
     p.add_argument("--save", help="write the measurement spec here (rerun: python -m "
                                    "jaxprune.measure SPEC)")
     args = p.parse_args(argv)
-    t = measure(workloads(args.batch, args.width), rounds=args.rounds, warmup=args.warmup,
+    t = measure(workloads(args.batch, args.width, args.also_devices), rounds=args.rounds, warmup=args.warmup,
                 repeats=args.steps, save=args.save)
     rows = [[name, f"{x.median_ms / 1e3:.3f}",
              ", ".join(f"{v / 1e3:.3f}" for v in x.round_medians_ms),
