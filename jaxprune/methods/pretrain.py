@@ -24,7 +24,7 @@ def train_stage(ctx: RunContext, m: Net, stage: str, epochs: int, *,
     `DistillHooks`); `epoch_offset` varies the data order from an earlier stage's."""
     ckpt = ctx.checkpoints(stage)
     if ckpt.latest() is not None:
-        return ckpt.load(0, m)[stage]
+        return {k: v for k, v in ckpt.load(0, m).items() if k != "stage"}
     train = dataclasses.replace(ctx.cfg.train, epochs=epochs)
     trainer = Trainer(m, train, steps_per_epoch=ctx.data.steps_per_epoch(), mesh=ctx.mesh,
                       hooks=hooks)
@@ -32,7 +32,8 @@ def train_stage(ctx: RunContext, m: Net, stage: str, epochs: int, *,
     last = fit(trainer, ctx.data, epochs, journal=ctx.journal, tag={"stage": stage},
                epoch_offset=epoch_offset)[-1]
     result = summary(trainer, last)
-    ckpt.save(0, m, {stage: result})
+    # the layout the dense stage has always been saved in, so earlier run folders resume
+    ckpt.save(0, m, {"stage": stage, **result})
     return result
 
 

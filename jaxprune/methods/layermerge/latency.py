@@ -108,8 +108,8 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
 
 def table_ms(data: dict, key: TableKey, source: str) -> dict[tuple[int, int], float]:
     """{(i, j): ms} of a table's JSON data, checked against `key`. Raises `UserError` for
-    another schema, a key that differs (naming each field, both values) or a missing
-    segment."""
+    another schema or a key that differs (naming each field, both values); a segment
+    missing from a hand-edited table is refused by `dp.t_opt`, which reads every one."""
     if not isinstance(data, dict) or data.get("schema") != TABLE_SCHEMA:
         raise UserError(f"{source} is not a layermerge latency table (schema "
                         f"{TABLE_SCHEMA!r}): give a latency_table.json a layermerge run wrote")
