@@ -14,7 +14,7 @@ import jaxprune
 from jaxprune import config, runner
 from jaxprune.context import build_model
 from jaxprune.methods.layermerge import PLAN_FILE
-from jaxprune.methods.layermerge.dp import Plan
+from jaxprune.methods.layermerge.dp import MERGED, Plan
 from jaxprune.methods.layermerge.latency import TABLE_SCHEMA, table_key
 from jaxprune.methods.easier.entropy import site_entropy
 from jaxprune.methods.layermerge.importance import (bn_site_entropy, segment_importance,
@@ -126,8 +126,6 @@ def test_bad_plans_and_options_are_refused(searched):
             rf"linearizes '{site}x', not a site of resnet18_cifar; did you mean '{site}'")
     refused("hand", lambda d: d["edits"]["linearize"].pop(),
             "its edits do not follow from its segments")
-    with pytest.raises(jaxprune.UserError, match="layer dropping .* is not built yet"):
-        _cfg(tmp, "method.drop_layers=true")
     with pytest.raises(jaxprune.UserError, match="'finetune' .* is not built yet"):
         _cfg(tmp, "method.importance=finetune")
     with pytest.raises(jaxprune.UserError, match="exactly one of method.target_speedup"):
@@ -154,4 +152,4 @@ def test_bn_entropy_is_data_free_where_a_batchnorm_feeds_the_site():
     assert all(scores[s] == pytest.approx(measured[s]) for s in data)
     # a segment earns the entropy of the activation it keeps at its end
     imp = segment_importance(ms, scores)
-    assert imp[(0, 4, 1, 1)] == scores[ms.positions[4].site] == scores["layer1.1.relu2"]
+    assert imp[(0, 4, MERGED, 1, 1)] == scores[ms.positions[4].site] == scores["layer1.1.relu2"]
