@@ -202,7 +202,7 @@ def test_layer_dropping_space_matches_the_reference(small):
     m = small("resnet18_cifar")
     ms = build_space(m, drop_layers=True)
     assert len(ms.segments) == 22 and len(ms.entries()) == 30
-    droppable = {c for c, f in ms.convs_facts.items() if f.droppable}
+    droppable = {c for c, f in ms.conv_facts.items() if f.droppable}
     strided = {f"layer{s}.0.conv1" for s in (2, 3, 4)}
     assert droppable == {p.conv for p in ms.positions[1:]} - strided
     assert ms.space.options[(0, 4)] == ("k3s1d", "k5s1d", "k7s1d", "k9s1d")
@@ -217,8 +217,8 @@ def test_layer_dropping_space_matches_the_reference(small):
 
     mb = build_space(models.create("mobilenet_v2", num_classes=10), drop_layers=True)
     assert (len(mb.segments), len(mb.entries())) == (171, 391)
-    dw = {c for c, f in mb.convs_facts.items() if f.droppable}
-    assert all(mb.convs_facts[c].depthwise and mb.convs_facts[c].stride == 1 for c in dw)
+    dw = {c for c, f in mb.conv_facts.items() if f.droppable}
+    assert all(mb.conv_facts[c].depthwise and mb.conv_facts[c].stride == 1 for c in dw)
     assert len(dw) == 13 and "features.1.conv.0.0" in dw
     # a dropped depthwise conv leaves the block's 1x1 convs: kernel 1; kept: 3, dense
     assert mb.space.options[(5, 8)] == ("k1s1d", "k3s1d")

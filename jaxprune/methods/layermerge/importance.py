@@ -89,7 +89,7 @@ def site_scores(m: Net, ms: ModelSpace, kind: str, batches) -> tuple[dict[str, f
 def drop_costs(ms: ModelSpace, scores: dict[str, float], penalty: float) -> dict[str, float]:
     """{droppable conv: d_c · λ}, the importance dropping it costs (see the module doc)."""
     mean_h = float(np.mean(list(scores.values()))) if scores else 0.0
-    droppable = {c: f for c, f in ms.convs_facts.items() if f.droppable}
+    droppable = {c: f for c, f in ms.conv_facts.items() if f.droppable}
     out = {}
     for c, f in droppable.items():
         norms = [g.l1 for g in droppable.values() if g.cls == f.cls]

@@ -120,7 +120,7 @@ def run(ctx: RunContext) -> MethodResult:
                "space": {"positions": L, "segments": len(ms.segments), "hash": ms.hash,
                          "breaks": list(ms.breaks), "free": sorted(ms.free_after),
                          "drop_layers": ms.drop_layers, "entries": len(ms.entries()),
-                         "droppable": [c for c, f in ms.convs_facts.items() if f.droppable]},
+                         "droppable": [c for c, f in ms.conv_facts.items() if f.droppable]},
                "dense": evaluate_model(original, cfg.train, ctx.data, ctx.mesh)}
 
     if opts.plan is not None:   # refused before the table is timed
@@ -135,7 +135,7 @@ def run(ctx: RunContext) -> MethodResult:
         topt, breaks = T, {}
     else:
         topt, breaks = t_opt(T, ms.segments)
-    unmerged = sum(t for key_, t in T.items() if key_[1] == key_[0] + 1)
+    unmerged = sum(t for e, t in T.items() if e[1] == e[0] + 1)  # every conv alone
 
     scores = source = None
     if opts.plan is None:

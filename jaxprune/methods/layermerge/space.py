@@ -129,7 +129,7 @@ class ModelSpace:
     """The search space of one model: `space` (for `dp.solve`), `positions` (0..L),
     `breaks`, `residual` ((src, tgt) per residual block), `free_after` ({free position:
     (the layer an inserted activation follows, the inserted activation's name)}); with
-    `drop_layers`, `convs` ({searched conv: its `ConvFacts`}) and `keep` ({(i, j, option):
+    `drop_layers`, `conv_facts` ({searched conv: its `ConvFacts`}) and `keep` ({(i, j, option):
     the convs that option keeps})."""
     arch: str
     options: Mapping
@@ -139,7 +139,7 @@ class ModelSpace:
     residual: tuple[tuple[int, int], ...]
     free_after: Mapping[int, tuple[str, str]]
     drop_layers: bool = False
-    convs_facts: Mapping[str, ConvFacts] = dataclasses.field(default_factory=dict)
+    conv_facts: Mapping[str, ConvFacts] = dataclasses.field(default_factory=dict)
     keep: Mapping[tuple[int, int, str], tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     @property
@@ -191,15 +191,15 @@ class ModelSpace:
             return ()
         drop = list(drop)
         for c in drop:
-            if c not in self.convs_facts:
+            if c not in self.conv_facts:
                 raise SearchError(f"the plan drops {c!r}, not a searched conv of "
-                                  f"{self.arch}; {closest(c, list(self.convs_facts))}")
-            if not self.convs_facts[c].droppable:
+                                  f"{self.arch}; {closest(c, list(self.conv_facts))}")
+            if not self.conv_facts[c].droppable:
                 raise SearchError(f"the plan drops {c!r}, an irreducible conv (it changes "
                                   "the channels or strides): give a plan that keeps it")
         for s in plan.segments:
             kept = [c for c in self.convs(s.start, s.end) if c not in drop]
-            if not kept or option_key([self.convs_facts[c] for c in kept]) != s.option:
+            if not kept or option_key([self.conv_facts[c] for c in kept]) != s.option:
                 raise SearchError(f"the plan's segment ({s.start}, {s.end}) keeps {kept}, "
                                   f"which does not merge into its option {s.option!r}: give "
                                   "a plan a layermerge run wrote")
