@@ -195,8 +195,8 @@ class ModelSpace:
                 raise SearchError(f"the plan drops {c!r}, not a searched conv of "
                                   f"{self.arch}; {closest(c, list(self.conv_facts))}")
             if not self.conv_facts[c].droppable:
-                raise SearchError(f"the plan drops {c!r}, an irreducible conv (it changes "
-                                  "the channels or strides): give a plan that keeps it")
+                raise SearchError(f"the plan drops {c!r}, an irreducible conv (it changes its "
+                                  "input's shape, or is 1x1): give a plan that keeps it")
         for s in plan.segments:
             kept = [c for c in self.convs(s.start, s.end) if c not in drop]
             if not kept or option_key([self.conv_facts[c] for c in kept]) != s.option:
