@@ -131,7 +131,8 @@ def test_the_unmerged_plan_changes_nothing(arch):
     ms = build_space(_shape_only(arch))
     # MobileNetV2's block ends stay linear and unmerged: the plan cuts there
     ends = [ms.positions[p].tensor for p in sorted(ms.free_after)]
-    assert ms.edits(_dense(ms)).as_dict() == {"linearize": [], "insert_act": {}, "cuts": ends}
+    assert ms.edits(_dense(ms)).as_dict() == {"linearize": [], "insert_act": {}, "drop": [],
+                                              "cuts": ends}
 
 
 def _fewest(ms):
