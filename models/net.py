@@ -128,6 +128,24 @@ class Net(nnx.Module):
         self.graph = tuple(graph)
         return name
 
+    def remove(self, name: str) -> None:
+        """Remove layer `name` in place, making it the identity: every layer that read it
+        reads its one input instead (a new graph, so a new graph definition: do it before
+        compiling steps). The caller keeps the shapes valid: the layer's output must have
+        its input's shape. Raises `ValueError` for an unknown layer, the model's output, or
+        a layer of several inputs."""
+        inputs = dict(self.graph).get(name)
+        if inputs is None:
+            raise ValueError(f"no layer {name!r} to remove")
+        if name == self.graph[-1][0]:
+            raise ValueError(f"{name!r} is the model's output; it cannot be removed")
+        if len(inputs) != 1:
+            raise ValueError(f"{name!r} reads {len(inputs)} tensors; only a layer of one "
+                             "input can become the identity")
+        self.graph = tuple((n, tuple(inputs[0] if i == name else i for i in ins))
+                           for n, ins in self.graph if n != name)
+        del self.layers[name]
+
     def dummy_input(self, batch: int = 1, size: tuple[int, int] | None = None):
         h, w = size or self.spec.input_size
         return jnp.zeros((batch, h, w, self.spec.in_channels), jnp.float32)

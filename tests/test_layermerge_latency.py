@@ -88,3 +88,34 @@ def test_table_is_measured_once_and_cached(resnet, tmp_path):
     data = json.loads(cache.read_text())
     assert data["key"] == key.as_dict() and data["rounds"] == 1
     assert latency_table(m, ms, key, cache) == table   # read back, not measured again
+
+
+def test_an_option_is_timed_as_the_layer_merge_makes_with_its_drops(resnet):
+    """With layer dropping, T(i, j, option) times the segment with the option's convs
+    dropped: (0, 4) keeping one conv of four is a 3x3 conv, the two residual adds folded."""
+    m, _ = resnet
+    ms = build_space(m, drop_layers=True)
+    for option, kernel in [("k3s1d", (3, 3)), ("k7s1d", (7, 7))]:
+        sub = segment_net(m, ms, 0, 4, HW, option)
+        (name, layer), = sub.named_layers()
+        assert name == ms.keep[(0, 4, option)][0]
+        assert layer.kernel.value.shape[:2] == kernel
+    assert "layer1.0.conv1" in m.layers   # the model itself is left as it was
+
+
+def test_an_ecdc_table_is_refused_for_a_dropping_space(resnet, tmp_path):
+    m, ms = resnet
+    lm = build_space(m, drop_layers=True)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(_table(table_key(ms, HW, 2), ms)))
+    with pytest.raises(UserError, match="drop_layers is False, here True"):
+        load_table(path, table_key(lm, HW, 2))
+    # an ECDC table written before the field existed still reads as ECDC's
+    data = _table(table_key(ms, HW, 2), ms)
+    del data["key"]["drop_layers"]
+    path.write_text(json.dumps(data))
+    assert load_table(path, table_key(ms, HW, 2)) == {s: 1.0 for s in ms.segments}
+    lm_data = {"schema": TABLE_SCHEMA, "key": table_key(lm, HW, 2).as_dict(),
+               "ms": {f"{i},{j},{o}": 2.0 for i, j, o in lm.entries()}}
+    path.write_text(json.dumps(lm_data))
+    assert load_table(path, table_key(lm, HW, 2)) == {e: 2.0 for e in lm.entries()}

@@ -14,7 +14,7 @@ import jaxprune
 from jaxprune import config, runner
 from jaxprune.context import build_model
 from jaxprune.methods.layermerge import PLAN_FILE
-from jaxprune.methods.layermerge.dp import Plan
+from jaxprune.methods.layermerge.dp import MERGED, Plan
 from jaxprune.methods.layermerge.latency import TABLE_SCHEMA, table_key
 from jaxprune.methods.easier.entropy import site_entropy
 from jaxprune.methods.layermerge.importance import (bn_site_entropy, segment_importance,
@@ -126,8 +126,6 @@ def test_bad_plans_and_options_are_refused(searched):
             rf"linearizes '{site}x', not a site of resnet18_cifar; did you mean '{site}'")
     refused("hand", lambda d: d["edits"]["linearize"].pop(),
             "its edits do not follow from its segments")
-    with pytest.raises(jaxprune.UserError, match="layer dropping .* is not built yet"):
-        _cfg(tmp, "method.drop_layers=true")
     with pytest.raises(jaxprune.UserError, match="'finetune' .* is not built yet"):
         _cfg(tmp, "method.importance=finetune")
     with pytest.raises(jaxprune.UserError, match="exactly one of method.target_speedup"):
@@ -154,4 +152,79 @@ def test_bn_entropy_is_data_free_where_a_batchnorm_feeds_the_site():
     assert all(scores[s] == pytest.approx(measured[s]) for s in data)
     # a segment earns the entropy of the activation it keeps at its end
     imp = segment_importance(ms, scores)
-    assert imp[(0, 4, 1, 1)] == scores[ms.positions[4].site] == scores["layer1.1.relu2"]
+    assert imp[(0, 4, MERGED, 1, 1)] == scores[ms.positions[4].site] == scores["layer1.1.relu2"]
+
+
+# -- layer dropping (drop_layers: true) -----------------------------------------------------
+
+def _drop_table(tmp_path) -> Path:
+    """A latency table of the LM space: an option costs 1 + 0.25 ms per conv it keeps, so
+    dropping convs is what makes a plan fast."""
+    cfg = _cfg(tmp_path, "method.drop_layers=true")
+    ms = build_space(build_model(cfg, 10, HW), drop_layers=True)
+    path = tmp_path / "drop_table.json"
+    path.write_text(json.dumps({
+        "schema": TABLE_SCHEMA, "key": table_key(ms, HW, 1).as_dict(),
+        "ms": {f"{i},{j},{o}": 1.0 + 0.25 * len(ms.keep[(i, j, o)])
+               for i, j, o in ms.entries()}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dropped(tmp_path_factory):
+    """One digits run with layer dropping (about 60 s on 2 cores)."""
+    tmp = tmp_path_factory.mktemp("lm-drop")
+    table = _drop_table(tmp)
+    run_dir, res = runner.run(_cfg(tmp, "method.drop_layers=true", f"method.latency_table={table}",
+                                   "method.target_speedup=1.3", "name=drop"))
+    return tmp, table, run_dir, res
+
+
+@pytest.mark.slow
+def test_search_with_drops_finetune_and_exact_merge(dropped):
+    tmp, _, run_dir, res = dropped
+    s = res["search"]
+    drop = s["edits"]["drop"]
+    assert drop and s["planned_ms"] <= s["budget_ms"] == pytest.approx(20 / 1.3)
+    plan = json.loads((run_dir / PLAN_FILE).read_text())
+    assert plan["schema"] == "jaxprune.layermerge.plan/2" and plan["drop_layers"] is True
+    assert plan["edits"]["drop"] == drop
+    assert drop == [c for seg in s["segments"] for c in seg["dropped"]]
+    # the objective is the entropy kept minus what the drops cost
+    assert plan["objective"] == pytest.approx(s["entropy_kept"] - s["drop_cost"])
+    assert s["drop_cost"] > 0
+    # the fused model computes the finetuned planned one; each segment is one layer of
+    # exactly the convs it keeps, and no dropped conv is left
+    assert res["merge"]["max_abs_diff"] < 1e-4
+    want = {frozenset(c for c in seg["convs"] if c not in drop) for seg in s["segments"]}
+    main = {c for seg in s["segments"] for c in seg["convs"]}
+    got = {frozenset(main & set(f["replaces"])) for f in res["merge"]["fused"]} - {frozenset()}
+    assert got == want
+    report = (run_dir / "report.md").read_text()
+    assert "LayerMerge space (layer dropping)" in report
+    assert f"Dropped (identity, residual add kept): {', '.join(drop)}." in report
+
+
+@pytest.mark.slow
+def test_plan_with_drops_replays_and_bad_drops_are_refused(dropped):
+    tmp, table, run_dir, res = dropped
+    cfg = _cfg(tmp, "method.drop_layers=true")
+    m = build_model(cfg, 10, HW)
+    plan, _, edits = read_plan(str(run_dir / PLAN_FILE), build_space(m, drop_layers=True),
+                               cfg, HW, m)
+    assert edits.as_dict() == res["search"]["edits"]
+    assert [s.option for s in plan.segments] == [s["option"] for s in res["search"]["segments"]]
+    data = json.loads((run_dir / PLAN_FILE).read_text())
+
+    def refused(name, edit, match, *more):
+        d = json.loads(json.dumps(data))
+        edit(d)
+        path = tmp / f"{name}.json"
+        path.write_text(json.dumps(d))
+        with pytest.raises(jaxprune.UserError, match=match):
+            runner.run(_cfg(tmp, f"name={name}", f"method.plan={path}", "method.target_speedup=null",
+                            f"method.latency_table={table}", *more))
+
+    refused("irreducible", lambda d: d["edits"]["drop"].append("layer2.0.conv1"),
+            "drops 'layer2.0.conv1', an irreducible conv", "method.drop_layers=true")
+    refused("ecdc", lambda d: None, "was made with method.drop_layers true, here false")

@@ -131,7 +131,8 @@ def test_the_unmerged_plan_changes_nothing(arch):
     ms = build_space(_shape_only(arch))
     # MobileNetV2's block ends stay linear and unmerged: the plan cuts there
     ends = [ms.positions[p].tensor for p in sorted(ms.free_after)]
-    assert ms.edits(_dense(ms)).as_dict() == {"linearize": [], "insert_act": {}, "cuts": ends}
+    assert ms.edits(_dense(ms)).as_dict() == {"linearize": [], "insert_act": {}, "drop": [],
+                                              "cuts": ends}
 
 
 def _fewest(ms):
@@ -192,3 +193,173 @@ def test_merge_refuses_an_unknown_cut(small):
     m = small("resnet18_cifar")
     with pytest.raises(UserError, match="cut 'layer1.0.relu3' is not a layer.*layer1.0.relu1"):
         jaxprune.merge(m, input_size=HW, cuts=["layer1.0.relu3"])
+
+
+# -- layer dropping (LayerMerge's space) --------------------------------------------------
+
+def test_layer_dropping_space_matches_the_reference(small):
+    """LayerMerge's entry counts (its DP.md: MobileNetV2 391; ResNet-18 derived, 30), the
+    droppable convs, the option keys and the kept convs of largest L1 norm."""
+    m = small("resnet18_cifar")
+    ms = build_space(m, drop_layers=True)
+    assert len(ms.segments) == 22 and len(ms.entries()) == 30
+    droppable = {c for c, f in ms.conv_facts.items() if f.droppable}
+    strided = {f"layer{s}.0.conv1" for s in (2, 3, 4)}
+    assert droppable == {p.conv for p in ms.positions[1:]} - strided
+    assert ms.space.options[(0, 4)] == ("k3s1d", "k5s1d", "k7s1d", "k9s1d")
+    assert ms.space.options[(4, 5)] == ("k3s2d",) and ms.space.options[(6, 8)] == ("k3s1d", "k5s1d")
+    l1 = {c: float(np.abs(np.asarray(m.layers[c].kernel.value)).sum()) for c in ms.convs(0, 4)}
+    by_norm = sorted(l1, key=l1.get, reverse=True)
+    for k, option in enumerate(ms.space.options[(0, 4)], start=1):
+        assert set(ms.keep[(0, 4, option)]) == set(by_norm[:k])
+        assert set(ms.dropped(0, 4, option)) == set(by_norm[k:])
+    assert ms.hash != build_space(m).hash
+    assert not ms.space.act_free and all(ms.end_acts(i, j) == (1,) for i, j in ms.segments)
+
+    mb = build_space(models.create("mobilenet_v2", num_classes=10), drop_layers=True)
+    assert (len(mb.segments), len(mb.entries())) == (171, 391)
+    dw = {c for c, f in mb.conv_facts.items() if f.droppable}
+    assert all(mb.conv_facts[c].depthwise and mb.conv_facts[c].stride == 1 for c in dw)
+    assert len(dw) == 13 and "features.1.conv.0.0" in dw
+    # a dropped depthwise conv leaves the block's 1x1 convs: kernel 1; kept: 3, dense
+    assert mb.space.options[(5, 8)] == ("k1s1d", "k3s1d")
+    assert mb.space.options[(6, 7)] == ("k3s1dw",)
+    # no free flag: a block end is nonlinear iff its segment merges two or more convs
+    assert mb.end_acts(7, 8) == (0,) and mb.end_acts(6, 8) == (1,) and mb.end_acts(5, 8) == (1,)
+    assert mb.end_acts(6, 7) == (1,)
+
+
+def test_layer_dropping_needs_weights():
+    with pytest.raises(UserError, match="picks the convs each option keeps by their weights"):
+        build_space(_shape_only("resnet18_cifar", width=4), drop_layers=True)
+
+
+def _torch_with_identity(m, arch, options, dropped):
+    """The torch original (converters.torch_reference, `m`'s weights) with each conv in
+    `dropped` and its BatchNorm replaced by nn.Identity."""
+    import torch
+
+    import converters
+    from converters import torch_reference
+    t = torch_reference.build(arch, num_classes=10, **options)
+    t.load_state_dict(converters.to_torch(m).state_dict())
+    for conv in dropped:
+        parent, leaf = conv.rsplit(".", 1)
+        # torchvision's names: BasicBlock convN -> bnN; MobileNetV2 conv.k.0 -> conv.k.1
+        bn = leaf.replace("conv", "bn") if leaf.startswith("conv") else str(int(leaf) + 1)
+        holder = t.get_submodule(parent)
+        setattr(holder, leaf, torch.nn.Identity())
+        setattr(holder, bn, torch.nn.Identity())
+    return t.eval()
+
+
+@pytest.mark.parametrize("arch,dropped", [
+    ("resnet18_cifar", ["layer1.0.conv2"]),
+    ("resnet18_cifar", ["layer1.1.conv1", "layer1.1.conv2"]),   # a whole branch: x + relu(x)
+    ("mobilenet_v2", ["features.3.conv.1.0"]),                  # a residual depthwise conv
+])
+def test_dropped_conv_is_the_torch_model_with_an_identity(small, arch, dropped):
+    """The model with `dropped` made the identity (`drop_conv`) against the torch original
+    with those convs and their BatchNorms replaced by nn.Identity. (The tiny MobileNetV2's
+    logits hardly depend on its input, so it is compared at the dropped block's output.)"""
+    import torch
+
+    from jaxprune.methods.layermerge.space import drop_conv
+    from models.net import Net
+    options = SMALL.get(arch, dict(width_mult=0.1))
+    m = randomize_bn(models.create(arch, num_classes=10, **options)) if arch not in SMALL \
+        else small(arch)
+    t = _torch_with_identity(m, arch, options, dropped)
+    original = nnx.clone(m)
+    for conv in dropped:
+        drop_conv(m, conv)
+        assert conv not in m.layers
+    if arch.startswith("mobilenet"):
+        t = t.features[:4]
+        m, original = (Net(n.layers, n.graph[:[a for a, _ in n.graph].index("features.3.add") + 1],
+                           n.spec) for n in (m, original))
+    m.eval()
+    original.eval()
+    x = np.random.default_rng(0).normal(size=(2, *HW, 3)).astype(np.float32)
+    ours = np.asarray(m(x))
+    with torch.no_grad():
+        theirs = t(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    if theirs.ndim == 4:
+        theirs = theirs.transpose(0, 2, 3, 1)
+    scale = max(np.abs(theirs).max(), 1.0)
+    assert np.abs(ours - theirs).max() <= 1e-4 * scale
+    assert np.abs(ours - np.asarray(original(x))).max() > 1e-2 * scale   # it did change
+
+
+def _searched_with_drops(ms):
+    """The DP's plan on an LM space: latency grows with the merged kernel, so a budget
+    of 0.7 of the unmerged convs needs drops."""
+    rng = np.random.default_rng(0)
+    T = {(i, j, o): 1.0 + 0.1 * int(o[1:o.index("s")]) for i, j, o in ms.entries()}
+    imp = {(i, j, o, a, b): float(rng.normal()) for i, j, o in ms.entries()
+           for a in ms.space.acts(i) for b in ms.end_acts(i, j)}
+    full = sum(t for (i, j, _), t in T.items() if j == i + 1)
+    return solve(ms.space, T, imp, 0.7 * full)
+
+
+@pytest.mark.parametrize("arch", sorted(SMALL))
+def test_plan_with_drops_applied_and_merged_is_exact(small, arch):
+    m = small(arch)
+    ms = build_space(m, drop_layers=True)
+    plan = _searched_with_drops(ms)
+    edits = ms.edits(plan)
+    assert edits.drop and set(edits.drop) == {c for s in plan.segments
+                                              for c in ms.dropped(s.start, s.end, s.option)}
+    # the drops a plan names replay to the same edits
+    assert ms.edits(plan, drop=list(edits.drop)) == edits
+    apply_edits(m, edits)
+    assert not set(edits.drop) & set(m.layers)
+    fused, rep = jaxprune.merge(m, input_size=HW, cost="none", cuts=edits.cuts,
+                                return_report=True)
+    assert rep.max_abs_diff <= 1e-5 * max(rep.logit_scale, 1.0)
+    # every segment is one layer of exactly its kept convs
+    main = {p.conv for p in ms.positions if p.conv}
+    got = {frozenset(main & set(f["replaces"])) for f in rep.fused} - {frozenset()}
+    assert got == {frozenset(ms.keep[(s.start, s.end, s.option)]) for s in plan.segments}
+
+
+def test_plans_dropping_what_they_may_not_are_refused(small):
+    ms = build_space(small("resnet18_cifar"), drop_layers=True)
+    plan = _searched_with_drops(ms)
+    drop = list(ms.edits(plan).drop)
+    with pytest.raises(SearchError, match="drops 'layer2.0.conv1', an irreducible conv"):
+        ms.edits(plan, drop=[*drop, "layer2.0.conv1"])
+    with pytest.raises(SearchError, match="drops 'layer1.0.conv3', not a searched conv of "
+                                          "resnet18_cifar; did you mean 'layer1.0.conv"):
+        ms.edits(plan, drop=[*drop, "layer1.0.conv3"])
+    with pytest.raises(SearchError, match=r"keeps .* which does not merge into its option"):
+        ms.edits(plan, drop=drop[1:])
+    with pytest.raises(SearchError, match="has no layer dropping"):
+        build_space(small("resnet18_cifar")).edits(_dense(build_space(small("resnet18_cifar"))),
+                                                   drop=drop)
+
+
+@pytest.mark.parametrize("arch,last", [("resnet18_cifar", 8), ("mobilenet_v2", 5)])
+def test_dp_on_a_layer_dropping_space_is_brute_force(small, arch, last):
+    """The LM rules (kernel options; MobileNetV2's block-end activation set by the
+    segment) through `solve` and `brute_force`, on the model's space up to a forced
+    boundary `last`, with the proxy importance of random site entropies."""
+    from jaxprune.methods.layermerge.dp import Space, brute_force
+    from jaxprune.methods.layermerge.importance import segment_importance
+    m = small(arch) if arch in SMALL else models.create(arch, num_classes=10, width_mult=0.35)
+    ms = build_space(m, drop_layers=True)
+    rng = np.random.default_rng(3)
+    scores = {p.site: float(rng.uniform()) for p in ms.positions if p.site}
+    imp = {k: v for k, v in segment_importance(ms, scores).items() if k[1] <= last}
+    opts = {s: o for s, o in ms.space.options.items() if s[1] <= last}
+    space = Space(last, opts, ms.space.act_free & set(range(1, last + 1)))
+    T = {(i, j, o): float(rng.uniform(0.5, 2.0)) for (i, j), os_ in opts.items() for o in os_}
+    assert any(len(o) > 1 for o in opts.values())
+    full = sum(t for (i, j, _), t in T.items() if j == i + 1)
+    for frac in (1.0, 0.8, 0.6):
+        try:
+            want = brute_force(space, T, imp, frac * full, bins=200)
+        except SearchError:
+            continue
+        got = solve(space, T, imp, frac * full, bins=200)
+        assert got == want

@@ -6,7 +6,9 @@ layer pruning and merging").
 Both choose which consecutive convolutions to merge into one (and, in LayerMerge, which
 to drop) so that the summed measured latency of the merged pieces fits a budget while
 the summed importance of the pieces is largest. The method runs ECDC's space
-(`drop_layers: false`; layer dropping is not built yet):
+(`drop_layers: false`) or LayerMerge's (`drop_layers: true`: convs that keep their input's
+shape inside the searched blocks may also become the identity, each segment has one option
+per kernel it may merge into, and there is no T_opt stage):
 
 1. the original network (`pretrain_epochs` of dense training when it has no weights);
 2. its search space (`space.py`) and the latency table T(i, j) of every segment, timed
@@ -15,10 +17,11 @@ the summed importance of the pieces is largest. The method runs ECDC's space
 3. the importance of each activation site from a proxy (`importance.py`: `entropy`, EASIER's
    ON/OFF entropy over one epoch of training data, or `bn_entropy`, data-free from the
    BatchNorm before the site); a segment earns the entropy of the activation it keeps at
-   its end, so the search keeps the high-entropy activations the budget allows;
+   its end, so the search keeps the high-entropy activations the budget allows (with
+   layer dropping, minus `drop_penalty` times the dropped convs' worth on the same scale);
 4. the exact dynamic program (`dp.py`) under the budget (`target_speedup` over the
    unmerged sum of T, or `latency_ms`), written to `plan.json` (`plan: PATH` replays one);
-5. the plan applied (sites inside segments linearized), finetuned for `finetune_epochs`
+5. the plan applied (sites inside segments linearized, dropped convs removed), finetuned for `finetune_epochs`
    (optionally distilled from the original), then merged exactly as planned
    (`jaxprune.merge(cost="none", cuts=...)`), exported and timed.
 
@@ -29,7 +32,7 @@ the summed importance of the pieces is largest. The method runs ECDC's space
       finetune_epochs: null    # null: train.epochs
 
 The package: `dp.py` (the search as pure functions over tables, the plan file), `space.py`
-(the ECDC space of ResNet-18 and MobileNetV2, and what a plan changes), `latency.py`
+(the ECDC and LayerMerge spaces of ResNet-18 and MobileNetV2, and what a plan changes), `latency.py`
 (T(i, j) measured), `importance.py` (the proxies), `method.py` (the stages), `report.py`.
 """
 from __future__ import annotations
@@ -48,8 +51,10 @@ PLAN_FILE, TABLE_FILE = "plan.json", "latency_table.json"  # what a run writes i
 @dataclasses.dataclass(frozen=True)
 class LayerMergeConfig(MethodConfig):
     name: str = "layermerge"
-    # true: LayerMerge's space (convs may also be dropped); not built yet
+    # true: LayerMerge's space (convs may also be dropped)
     drop_layers: bool = False
+    # λ: what dropping a conv of average L1 norm costs, in units of the mean site entropy
+    drop_penalty: float = option(1.0, ge=0)
     # latency budget = the unmerged sum of T / target_speedup, or ...
     target_speedup: float | None = option(None, gt=1, why="the planned model's speed-up "
                                           "over the unmerged one, in the latency table")
@@ -71,9 +76,6 @@ class LayerMergeConfig(MethodConfig):
     latency: bool = True    # time the dense and the fused model (jaxprune.measure; ~1 min)
 
     def check(self, cfg: Config) -> None:
-        if self.drop_layers:
-            raise UserError("method.drop_layers: layer dropping (LayerMerge's space) is not "
-                            "built yet; set it to false for ECDC's space (merging only)")
         if self.importance == "finetune":
             raise UserError("method.importance 'finetune' (one finetune per segment) is not "
                             "built yet: use entropy or bn_entropy")

@@ -35,7 +35,8 @@ import numpy as np
 from jaxprune.errors import UserError
 
 MERGED = "merged"                      # the one option of a segment in an ECDC space
-PLAN_SCHEMA = "jaxprune.layermerge.plan/1"
+PLAN_SCHEMA = "jaxprune.layermerge.plan/2"  # 2: a plan's edits name the convs it drops
+READ_SCHEMAS = ("jaxprune.layermerge.plan/1", PLAN_SCHEMA)
 ROUNDINGS = ("ceil", "floor")
 BRUTE_FORCE_MAX_POSITIONS = 10
 DEFAULT_BINS = 1000
@@ -424,15 +425,16 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         """A plan from `to_json`'s text. Raises `SearchError` for text that is not JSON, a
-        schema other than `PLAN_SCHEMA`, a missing key or a value of the wrong type."""
+        schema outside `READ_SCHEMAS` (this one and schema 1, whose plans drop no conv), a
+        missing key or a value of the wrong type."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise SearchError(f"plan is not JSON ({e}): give the text Plan.to_json wrote") from None
-        if not isinstance(data, dict) or data.get("schema") != PLAN_SCHEMA:
+        if not isinstance(data, dict) or data.get("schema") not in READ_SCHEMAS:
             schema = data.get("schema") if isinstance(data, dict) else None
-            raise SearchError(f"plan schema is {schema!r}, not {PLAN_SCHEMA!r}: give a plan "
-                              "written by Plan.to_json of this version")
+            raise SearchError(f"plan schema is {schema!r}, not one of {READ_SCHEMAS}: give a "
+                              "plan written by Plan.to_json of this version")
         budget = _field(data, "budget", dict, "")
         segs = _field(data, "segments", list, "")
         segments = []

@@ -15,6 +15,17 @@ A segment (i, j) earns the score of the activation it keeps at its end, a_j · H
 objective is the entropy it keeps, and a zero-entropy site costs nothing to linearize.
 An activation a plan may insert at a free block end (MobileNetV2) is not a site of the
 model and scores 0: the search only inserts one where that costs nothing.
+
+With layer dropping (LayerMerge's space) an option also pays for the convs it drops, on
+the entropy's scale (bits), so the objective is the entropy kept minus the convs' worth:
+
+    I(i, j, option, a_i, a_j) = a_j · H(site at j) − λ · Σ_{c dropped by the option} d_c,
+    d_c = H̄ · ‖W_c‖₁ / mean_{c' droppable, same class} ‖W_c'‖₁,
+
+H̄ the mean entropy of the space's sites, ‖W‖₁ the L1 norm of a conv's raw kernel (the
+measure LayerMerge's reference code ranks a segment's convs by, Kim et al., ICML 2024),
+a class = (kernel size, depthwise), λ = `method.drop_penalty`. So dropping a conv of
+average norm costs, at λ = 1, as much as linearizing a site of average entropy.
 """
 from __future__ import annotations
 
@@ -75,17 +86,34 @@ def site_scores(m: Net, ms: ModelSpace, kind: str, batches) -> tuple[dict[str, f
     return {s: scores[s] for s in sites}, {s: source[s] for s in sites}  # in forward order
 
 
-def segment_importance(ms: ModelSpace, scores: dict[str, float]) -> dict[tuple, float]:
-    """{(i, j, a_i, a_j): a_j · H(site at j)} for every segment and activation flag of
-    `ms` (an inserted activation scores 0), as `dp.solve` takes it."""
-    space = ms.space
+def drop_costs(ms: ModelSpace, scores: dict[str, float], penalty: float) -> dict[str, float]:
+    """{droppable conv: d_c · λ}, the importance dropping it costs (see the module doc)."""
+    mean_h = float(np.mean(list(scores.values()))) if scores else 0.0
+    droppable = {c: f for c, f in ms.conv_facts.items() if f.droppable}
     out = {}
-    for i, j in space.segments:
+    for c, f in droppable.items():
+        norms = [g.l1 for g in droppable.values() if g.cls == f.cls]
+        mean = float(np.mean(norms))
+        out[c] = penalty * mean_h * (f.l1 / mean if mean > 0 else 1.0)
+    return out
+
+
+def segment_importance(ms: ModelSpace, scores: dict[str, float], penalty: float = 1.0
+                       ) -> dict[tuple, float]:
+    """{(i, j, option, a_i, a_j): a_j · H(site at j) − Σ of its dropped convs' costs}
+    for every segment option and activation flag `ms` allows (`ModelSpace.end_acts`; an
+    inserted activation scores 0), as `dp.solve` takes it; `penalty`: λ of the module
+    doc (layer dropping only)."""
+    space = ms.space
+    cost = drop_costs(ms, scores, penalty) if ms.drop_layers else {}
+    out = {}
+    for i, j, o in ms.entries():
         site = ms.positions[j].site
         h = scores[site] if site else 0.0
+        paid = sum(cost[c] for c in ms.dropped(i, j, o))
         for ai in space.acts(i):
-            for aj in space.acts(j):
-                out[(i, j, ai, aj)] = float(aj * h)
+            for aj in ms.end_acts(i, j):
+                out[(i, j, o, ai, aj)] = float(aj * h - paid)
     return out
 
 

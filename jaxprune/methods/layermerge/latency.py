@@ -15,8 +15,13 @@ Timing: every segment's layer in one fresh JAX process per round, the layers alt
 call by call (`jaxprune.measure`, `separate=False`), the median of the rounds' medians, ms
 per call of `batch` images.
 
+With layer dropping (LayerMerge) every option of a segment is timed, as the layer merge
+makes of the segment with that option's convs dropped: T(i, j, option), named "i,j,option"
+in the table (ECDC's: "i,j").
+
 A table is JSON (`TABLE_SCHEMA`) with its `TableKey`: the model and its options, the input
-size, the batch, the runtime, the device, the JAX version and the space's hash. A table is
+size, the batch, the runtime, the device, the JAX version, the space's hash and whether it
+drops layers (a table without that field is ECDC's). A table is
 only valid for the key it was measured under: `load_table` refuses another key, naming
 each field that differs.
 """
@@ -45,6 +50,7 @@ class TableKey:
     device: str
     jax_version: str
     space_hash: str
+    drop_layers: bool = False
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -57,12 +63,18 @@ def table_key(ms: ModelSpace, input_size, batch: int) -> TableKey:
     import jax
     d = jax.devices()[0]
     return TableKey(ms.arch, dict(ms.options), tuple(int(s) for s in input_size), int(batch),
-                    RUNTIME, f"{d.platform}: {d.device_kind}", jax.__version__, ms.hash)
+                    RUNTIME, f"{d.platform}: {d.device_kind}", jax.__version__, ms.hash,
+                    ms.drop_layers)
 
 
-def segment_net(m: Net, ms: ModelSpace, i: int, j: int, input_size) -> Net:
-    """Segment (i, j) of `m` as a model of its own, fused: the layer T(i, j) times.
-    `m` is not changed."""
+def _entry_name(i: int, j: int, option: str, ms: ModelSpace) -> str:
+    return f"{i},{j},{option}" if ms.drop_layers else f"{i},{j}"
+
+
+def segment_net(m: Net, ms: ModelSpace, i: int, j: int, input_size,
+                option: str | None = None) -> Net:
+    """Segment (i, j) of `m` as a model of its own, fused: the layer T(i, j) (with layer
+    dropping: T(i, j, option), that option's convs dropped) times. `m` is not changed."""
     from flax import nnx
 
     from jaxprune import merge
@@ -70,7 +82,10 @@ def segment_net(m: Net, ms: ModelSpace, i: int, j: int, input_size) -> Net:
     from jaxprune.merging.profiling import tensor_shapes
     from jaxprune.merging.regions import GraphInfo
     from jaxprune.methods.depthshrinker.groups import Group, region_net
+    from jaxprune.methods.layermerge.space import drop_conv
     work = nnx.clone(m)
+    for conv in ms.dropped(i, j, option) if option is not None else ():
+        drop_conv(work, conv)
     linearize(work, [p.site for p in ms.positions[i + 1:j] if p.site])
     g = GraphInfo(work)
     src, end = ms.positions[i].tensor, ms.positions[j]
@@ -89,14 +104,15 @@ def segment_net(m: Net, ms: ModelSpace, i: int, j: int, input_size) -> Net:
 
 def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, warmup: int = 3,
                   repeats: int = 20) -> dict:
-    """T(i, j) in ms for every segment of `ms` (see the module doc), as the table's JSON
-    data: {"schema", "key", "ms": {"i,j": ms}, "spread_ms": {"i,j": [min, max]}}."""
+    """T(i, j) in ms for every segment of `ms` (every option of it, with layer dropping;
+    see the module doc), as the table's JSON data: {"schema", "key", "ms": {"i,j": ms},
+    "spread_ms": {"i,j": [min, max]}} ("i,j,option" with layer dropping)."""
     from converters.torch_arch import arch_dict
     from jaxprune.measure import Workload, measure
     ws = []
-    for i, j in ms.segments:
-        sub = segment_net(m, ms, i, j, key.input_size)
-        ws.append(Workload(f"{i},{j}", "jax", "jaxprune.measure.workloads:jax_model",
+    for i, j, o in ms.entries():
+        sub = segment_net(m, ms, i, j, key.input_size, o)
+        ws.append(Workload(_entry_name(i, j, o, ms), "jax", "jaxprune.measure.workloads:jax_model",
                            {"batch": key.batch, "input_size": list(sub.spec.input_size),
                             "arch": arch_dict(sub)}))
     t = measure(ws, rounds=rounds, warmup=warmup, repeats=repeats, separate=False)
@@ -106,26 +122,27 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
             "rounds": rounds, "repeats": repeats}
 
 
-def table_ms(data: dict, key: TableKey, source: str) -> dict[tuple[int, int], float]:
-    """{(i, j): ms} of a table's JSON data, checked against `key`. Raises `UserError` for
-    another schema or a key that differs (naming each field, both values); a segment
-    missing from a hand-edited table is refused by `dp.t_opt`, which reads every one."""
+def table_ms(data: dict, key: TableKey, source: str) -> dict[tuple, float]:
+    """{(i, j): ms} of a table's JSON data ({(i, j, option): ms} with layer dropping),
+    checked against `key`. Raises `UserError` for another schema or a key that differs
+    (naming each field, both values); an entry missing from a hand-edited table is refused
+    by `dp.t_opt` or `dp.solve`, which read every one."""
     if not isinstance(data, dict) or data.get("schema") != TABLE_SCHEMA:
         raise UserError(f"{source} is not a layermerge latency table (schema "
                         f"{TABLE_SCHEMA!r}): give a latency_table.json a layermerge run wrote")
-    got, want = data.get("key", {}), key.as_dict()
+    got, want = {"drop_layers": False, **data.get("key", {})}, key.as_dict()
     differ = [f"{k} is {got.get(k)!r}, here {v!r}" for k, v in want.items() if got.get(k) != v]
     if differ:
         raise UserError(f"{source} was measured for another setting ({'; '.join(differ)}): "
                         "drop method.latency_table to measure a table here")
     table = {}
     for name, ms in data.get("ms", {}).items():
-        i, j = (int(v) for v in name.split(","))
-        table[(i, j)] = float(ms)
+        i, j, *option = name.split(",")
+        table[(int(i), int(j), *option)] = float(ms)
     return table
 
 
-def load_table(path: str | Path, key: TableKey) -> dict[tuple[int, int], float]:
+def load_table(path: str | Path, key: TableKey) -> dict[tuple, float]:
     """`table_ms` of the table file at `path`."""
     path = Path(path)
     if not path.is_file():
@@ -140,8 +157,8 @@ def load_table(path: str | Path, key: TableKey) -> dict[tuple[int, int], float]:
 
 
 def latency_table(m: Net, ms: ModelSpace, key: TableKey, cache: Path,
-                  given: str | Path | None = None, **timing) -> dict[tuple[int, int], float]:
-    """{(i, j): ms} for `ms`: from `given` (a table file, checked against `key`), else from
+                  given: str | Path | None = None, **timing) -> dict[tuple, float]:
+    """`table_ms` for `ms`: from `given` (a table file, checked against `key`), else from
     `cache` when an earlier run measured it there (checked likewise), else measured
     (`measure_table`, `timing` its settings) and written to `cache`."""
     from jaxprune.files import write_json_atomic

@@ -14,7 +14,8 @@ from jaxprune.methods.distillation import Distillation, DistillHooks
 from jaxprune.methods.fuse_export import fuse_and_export
 from jaxprune.methods.layermerge import PLAN_FILE, TABLE_FILE, report
 from jaxprune.methods.layermerge.dp import Plan, extend_importance, solve, t_opt
-from jaxprune.methods.layermerge.importance import kept_entropy, segment_importance, site_scores
+from jaxprune.methods.layermerge.importance import (drop_costs, kept_entropy,
+                                                    segment_importance, site_scores)
 from jaxprune.methods.layermerge.latency import latency_table, table_key
 from jaxprune.methods.layermerge.space import Edits, ModelSpace, apply_edits, build_space
 from jaxprune.methods.pretrain import original_model, train_stage
@@ -23,11 +24,15 @@ from models.net import Net
 
 
 def fastest_ms(ms: ModelSpace, latency: dict) -> float:
-    """The smallest summed latency of any chain of segments from 0 to L (ms)."""
+    """The smallest summed latency of any chain of segments from 0 to L (ms); `latency`
+    keyed (i, j), or (i, j, option) with layer dropping (the fastest option counts)."""
+    seg = {}
+    for key, t in latency.items():
+        seg[key[:2]] = min(seg.get(key[:2], t), t)
     best = {0: 0.0}
     for i, j in ms.segments:                     # sorted by (i, j): i is final before j
         if i in best:
-            best[j] = min(best.get(j, float("inf")), best[i] + latency[(i, j)])
+            best[j] = min(best.get(j, float("inf")), best[i] + seg[(i, j)])
     return best[ms.space.positions]
 
 
@@ -49,8 +54,10 @@ def budget_ms(opts, ms: ModelSpace, topt: dict, unmerged: float) -> float:
 
 def read_plan(path: str, ms: ModelSpace, cfg, image_size, m: Net) -> tuple[Plan, dict, Edits]:
     """A plan file of an earlier run and its pieces, checked against this run: the model,
-    its options, the input size and the space; the site and layer names it edits must be
-    the model's (an unknown one lists the closest), and must follow from its segments."""
+    its options, the input size and the space (with or without layer dropping); the site
+    and layer names it edits must be the model's (an unknown one lists the closest), and
+    must follow from its segments; the convs it drops must be droppable and match its
+    options (a plan of schema 1, before layer dropping, drops none)."""
     plan = Plan.from_json(Path(path).read_text())
     x = plan.extra
     got = {"model": x.get("model"), "model_options": x.get("model_options"),
@@ -61,7 +68,11 @@ def read_plan(path: str, ms: ModelSpace, cfg, image_size, m: Net) -> tuple[Plan,
     if differ:
         raise UserError(f"method.plan {path} was made for another model ({'; '.join(differ)}): "
                         "give a plan of this model, or drop method.plan to search one")
-    edits = x.get("edits") or {}
+    edits = {"drop": [], **(x.get("edits") or {})}
+    if bool(x.get("drop_layers", False)) != ms.drop_layers:
+        raise UserError(f"method.plan {path} was made with method.drop_layers "
+                        f"{str(bool(x.get('drop_layers'))).lower()}, here "
+                        f"{str(ms.drop_layers).lower()}: set it as the plan's run did")
     for name in edits.get("linearize", []):
         if name not in m.sites():
             raise UserError(f"method.plan {path} linearizes {name!r}, not a site of "
@@ -75,7 +86,7 @@ def read_plan(path: str, ms: ModelSpace, cfg, image_size, m: Net) -> tuple[Plan,
                         f"{str(x.get('space_hash'))[:12]}..., here {ms.hash[:12]}...): give a "
                         "plan of this version's space, or drop method.plan to search one")
     pieces = {tuple(map(int, k.split(","))): tuple(v) for k, v in x.get("pieces", {}).items()}
-    made = ms.edits(plan, pieces)
+    made = ms.edits(plan, pieces, drop=edits["drop"])
     if made.as_dict() != edits:
         raise UserError(f"method.plan {path}: its edits do not follow from its segments (the "
                         "file was changed by hand?): give a plan a layermerge run wrote")
@@ -102,12 +113,14 @@ def finetune(ctx: RunContext, original: Net, planned: Net) -> dict:
 def run(ctx: RunContext) -> MethodResult:
     cfg, opts = ctx.cfg, ctx.cfg.method
     original = original_model(ctx, opts.pretrain_epochs)
-    ms = build_space(original)
+    ms = build_space(original, drop_layers=opts.drop_layers)
     L = ms.space.positions
     results = {"method": "layermerge", "model": cfg.model.name, "dataset": cfg.data.name,
                "image_size": list(ctx.image_size),
                "space": {"positions": L, "segments": len(ms.segments), "hash": ms.hash,
-                         "breaks": list(ms.breaks), "free": sorted(ms.free_after)},
+                         "breaks": list(ms.breaks), "free": sorted(ms.free_after),
+                         "drop_layers": ms.drop_layers, "entries": len(ms.entries()),
+                         "droppable": [c for c, f in ms.conv_facts.items() if f.droppable]},
                "dense": evaluate_model(original, cfg.train, ctx.data, ctx.mesh)}
 
     if opts.plan is not None:   # refused before the table is timed
@@ -115,11 +128,14 @@ def run(ctx: RunContext) -> MethodResult:
         ctx.log(f"layermerge: replaying {opts.plan}")
     key = table_key(ms, ctx.image_size, opts.latency_batch)
     if opts.latency_table is None and not (ctx.run_dir / TABLE_FILE).is_file():
-        ctx.log(f"layermerge: timing {len(ms.segments)} segments (jaxprune.measure) ...")
+        ctx.log(f"layermerge: timing {len(ms.entries())} segment options (jaxprune.measure) ...")
     T = latency_table(original, ms, key, ctx.run_dir / TABLE_FILE, given=opts.latency_table,
                       rounds=opts.latency_rounds, repeats=opts.latency_repeats)
-    topt, breaks = t_opt(T, ms.segments)
-    unmerged = sum(T[(k, k + 1)] for k in range(L))
+    if ms.drop_layers:  # LayerMerge: every segment one merged layer, no stage 1
+        topt, breaks = T, {}
+    else:
+        topt, breaks = t_opt(T, ms.segments)
+    unmerged = sum(t for e, t in T.items() if e[1] == e[0] + 1)  # every conv alone
 
     scores = source = None
     if opts.plan is None:
@@ -127,13 +143,16 @@ def run(ctx: RunContext) -> MethodResult:
         scores, source = site_scores(
             original, ms, opts.importance,
             lambda: ctx.data.train_batches(opts.pretrain_epochs)[1])
-        plan = solve(ms.space, topt, extend_importance(ms.space, segment_importance(ms, scores)),
-                     budget, bins=opts.bins)
-        pieces = {(s.start, s.end): breaks[(s.start, s.end)] for s in plan.segments}
+        importance = segment_importance(ms, scores, opts.drop_penalty)
+        plan = solve(ms.space, topt, importance if ms.drop_layers else
+                     extend_importance(ms.space, importance), budget, bins=opts.bins)
+        pieces = {(s.start, s.end): breaks[(s.start, s.end)] for s in plan.segments
+                  if (s.start, s.end) in breaks}
         edits = ms.edits(plan, pieces)
         plan = dataclasses.replace(plan, extra={
             "model": cfg.model.name, "model_options": dict(cfg.model.options),
             "input_size": list(ctx.image_size), "space_hash": ms.hash,
+            "drop_layers": ms.drop_layers,
             "latency_table": key.as_dict(), "importance": opts.importance,
             "pieces": {f"{i},{j}": list(p) for (i, j), p in pieces.items()},
             "edits": edits.as_dict()})
@@ -144,16 +163,20 @@ def run(ctx: RunContext) -> MethodResult:
         "site_entropy": scores, "site_source": source,
         "entropy_kept": kept_entropy(ms, scores, edits.linearize) if scores else None,
         "entropy_total": kept_entropy(ms, scores, ()) if scores else None,
+        "drop_cost": (sum(drop_costs(ms, scores, opts.drop_penalty)[c] for c in edits.drop)
+                      if scores and ms.drop_layers else None),
         "budget_ms": plan.budget_ms, "bins": plan.budget_bins,
         "unmerged_ms": unmerged, "planned_ms": plan.time_ms,
         "predicted_speedup": unmerged / plan.time_ms if plan.time_ms else None,
         "objective": plan.objective, "latency_batch": opts.latency_batch,
         "segments": [{**dataclasses.asdict(s), "convs": list(ms.convs(s.start, s.end)),
+                      "dropped": [c for c in ms.convs(s.start, s.end) if c in edits.drop],
                       "pieces": list(pieces.get((s.start, s.end), (s.start, s.end)))}
                      for s in plan.segments],
         "edits": edits.as_dict(), "plan_file": str(ctx.run_dir / PLAN_FILE)}
     ctx.log(f"layermerge: {len(plan.segments)} segments of {L} convs, {len(edits.linearize)} "
-            f"sites linearized, {plan.time_ms:.4g} ms planned of {unmerged:.4g} ms unmerged")
+            f"sites linearized, {len(edits.drop)} convs dropped, {plan.time_ms:.4g} ms "
+            f"planned of {unmerged:.4g} ms unmerged")
 
     planned = apply_edits(nnx.clone(original), edits)
     results["planned"] = evaluate_model(planned, cfg.train, ctx.data, ctx.mesh)

@@ -18,24 +18,37 @@ def report(results: dict) -> Report:
             ["fused (as planned)", None, results["fused"]["test_acc"]]]
     sections = [Section("Accuracy", [Table(["model", "val acc (%)", "test acc (%)"], rows)])]
 
-    segs = [[f"({s['start']}, {s['end']})", ", ".join(s["convs"]),
-             " → ".join(map(str, s["pieces"])), "yes" if s["act_end"] else "no",
-             s["time_ms"], s["importance"]] for s in search["segments"]]
     space = results["space"]
+    drop = space.get("drop_layers")
+    segs = [[f"({s['start']}, {s['end']})", ", ".join(c for c in s["convs"]
+                                                       if c not in s.get("dropped", ())),
+             *([s["option"], ", ".join(s["dropped"]) or "—"] if drop else
+               [" → ".join(map(str, s["pieces"]))]),
+             "yes" if s["act_end"] else "no", s["time_ms"], s["importance"]]
+            for s in search["segments"]]
+    kind = (f"LayerMerge space (layer dropping): {space['positions']} positions, "
+            f"{space['segments']} segments, {space['entries']} segment options, "
+            f"{len(space['droppable'])} droppable convs" if drop else
+            f"ECDC space: {space['positions']} positions, {space['segments']} segments")
+    dropped = search["edits"].get("drop", [])
     sections.append(Section("Plan", [
-        f"ECDC space: {space['positions']} positions, {space['segments']} segments; breaks "
-        f"after strided convs at {space['breaks'] or 'none'}. Importance: "
+        f"{kind}; breaks after strided convs at {space['breaks'] or 'none'}. Importance: "
         f"{search['importance']}. The plan is `{search['plan_file']}` (replay it with "
         "`method.plan`).",
-        Table(["segment", "convs merged", "pieces (T_opt)", "activation kept at its end",
-               "T_opt ms", "importance"], segs),
+        Table(["segment", "convs merged", *(["option", "convs dropped"] if drop else
+                                            ["pieces (T_opt)"]),
+               "activation kept at its end", "T ms" if drop else "T_opt ms", "importance"],
+              segs),
         "Linearized: " + (", ".join(search["edits"]["linearize"]) or "none") + ". Inserted: "
-        + (", ".join(search["edits"]["insert_act"]) or "none") + "."]))
+        + (", ".join(search["edits"]["insert_act"]) or "none") + "."
+        + (f" Dropped (identity, residual add kept): {', '.join(dropped) or 'none'}."
+           if drop else "")]))
 
     blocks = [Table(["", "ms"], [
         ["unmerged: Σ T(k, k+1) of the table", search["unmerged_ms"]],
         ["budget", search["budget_ms"]],
-        ["planned: Σ T_opt of the plan's segments", search["planned_ms"]]]),
+        [f"planned: Σ {'T' if drop else 'T_opt'} of the plan's segments",
+         search["planned_ms"]]]),
         f"Predicted speed-up of the searched convolutions: "
         f"{fmt(search['predicted_speedup'])}x (JAX, batch {search['latency_batch']}, the "
         f"table's device; each segment timed alone as its fused layer, BatchNorm folded; the "
@@ -62,7 +75,10 @@ def report(results: dict) -> Report:
                           [[s, h, src[s], "no" if s in linear else "yes"]
                            for s, h in search["site_entropy"].items()]))
         text.append(f"Entropy kept: {fmt(search['entropy_kept'])} of "
-                    f"{fmt(search['entropy_total'])} bits.")
+                    f"{fmt(search['entropy_total'])} bits."
+                    + (f" Paid for the dropped convs: {fmt(search['drop_cost'])} bits "
+                       f"(objective {fmt(search['objective'])})."
+                       if search.get("drop_cost") is not None else ""))
         sections.append(Section("Importance", text))
     sections += merge_sections(results, before="dense")
     return Report(f"layermerge: {results['model']} on {results['dataset']}", sections)

@@ -23,23 +23,49 @@ MobileNetV2's block ends have no activation: they are the *free* positions (ECDC
 a in {0, 1}), where a plan may insert a ReLU6 after the block's output, as DepthShrinker
 does after a removed block (`Net.insert_after`).
 
-`build_space(m)` gives a `ModelSpace`: the pure `dp.Space` for the search, the positions
-with their layers, and `edits(plan)`, what a `dp.Plan` changes: the sites to linearize,
-the activations to insert and the tensors to keep (`merge(..., cuts=...)`), so that the
-merged model runs exactly the plan's pieces. Supported: `resnet18_cifar`, `resnet18`,
+Layer dropping (`drop_layers=True`, LayerMerge, Kim et al., ICML 2024; the rules of its
+reference code): a searched conv is *droppable* when it keeps its input's shape (as many
+output channels as input, stride 1) and is wider than 1x1: every 3x3 conv of a ResNet
+BasicBlock but the strided conv1 of stages 2-4, every stride-1 depthwise conv of
+MobileNetV2 (features.1's included, as in the reference's published plan); the others are
+*irreducible*. (The papers' 1x1 convs all change width; leaving them out keeps the space
+the same at any width.) A dropped conv becomes the identity: the conv and its BatchNorm are
+removed, the residual add stays (a branch that lost every conv adds x to x). Each segment
+then has one option per (kernel, stride, depthwise) of the conv it merges into, keyed
+"k{kernel}s{stride}d" or "...dw": per class of convs (kernel size, depthwise) a count from
+its irreducible convs to all of them, at least one conv in all; the kernel is
+1 + sum of count x (size - 1), the stride the product of the strides, depthwise when every
+kept conv is. Two counts of one key: the later in product order (more convs kept) stands.
+Each option keeps one fixed set of convs, chosen before the search from the model's
+weights: the irreducible ones and, per class, the droppable ones of largest L1 norm of
+their raw kernel (ties: the earlier conv), which maximises the summed L1 norm of the kept
+convs, as the reference picks its subsets. There is no ECDC stage 1 (T_opt): every
+segment runs as one merged layer. Activations: ResNet keeps every boundary's activation;
+MobileNetV2's block ends take no free flag: a ReLU6 is inserted after a block end that
+ends a segment of two or more convs, and a single-conv segment ending there stays linear
+(`ModelSpace.end_acts`).
+
+`build_space(m, drop_layers=...)` gives a `ModelSpace`: the pure `dp.Space` for the
+search, the positions with their layers, and `edits(plan)`, what a `dp.Plan` changes: the
+sites to linearize, the activations to insert, the convs to drop and the tensors to keep
+(`merge(..., cuts=...)`), so that the merged model runs exactly the plan's pieces. Supported: `resnet18_cifar`, `resnet18`,
 `mobilenet_v2` (either layout, any width), `mobilenet_v2_cifar`.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from collections.abc import Mapping
 
-from jaxprune.errors import UserError
+import jax
+import numpy as np
+
+from jaxprune.errors import UserError, closest
 from jaxprune.methods.layermerge.dp import Plan, SearchError, Space
 from jaxprune.merging.regions import GraphInfo
-from models.layers import Act, Conv
+from models.layers import Act, BatchNorm, Conv
 from models.net import Net
 
 RESNETS = ("resnet18_cifar", "resnet18")
@@ -60,24 +86,51 @@ class Position:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConvFacts:
+    """What layer dropping needs of a searched conv: its kernel size, stride, whether it
+    is depthwise, whether it may be dropped, and the L1 norm of its raw kernel."""
+    kernel: int
+    stride: int
+    depthwise: bool
+    droppable: bool
+    l1: float
+
+    @property
+    def cls(self) -> tuple[int, bool]:
+        return self.kernel, self.depthwise
+
+
+def option_key(facts: list[ConvFacts]) -> str:
+    """The option a set of kept convs merges into: "k{kernel}s{stride}d" (dense) or
+    "...dw" (every kept conv depthwise); kernel 1 + sum (size - 1), stride the product."""
+    kernel = 1 + sum(f.kernel - 1 for f in facts)
+    stride = int(np.prod([f.stride for f in facts]))
+    return f"k{kernel}s{stride}{'dw' if all(f.depthwise for f in facts) else 'd'}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Edits:
     """What a plan changes in the model: `linearize` (site names), `insert_act`
-    ({new activation name: the layer it follows}) and `cuts` (layer names whose outputs
-    stay materialized when merging: the plan's pieces)."""
+    ({new activation name: the layer it follows}), `drop` (convs that become the
+    identity, with their BatchNorm) and `cuts` (layer names whose outputs stay
+    materialized when merging: the plan's pieces)."""
     linearize: tuple[str, ...]
     insert_act: Mapping[str, str]
     cuts: tuple[str, ...]
+    drop: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         return {"linearize": list(self.linearize), "insert_act": dict(self.insert_act),
-                "cuts": list(self.cuts)}
+                "drop": list(self.drop), "cuts": list(self.cuts)}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpace:
     """The search space of one model: `space` (for `dp.solve`), `positions` (0..L),
     `breaks`, `residual` ((src, tgt) per residual block), `free_after` ({free position:
-    (the layer an inserted activation follows, the inserted activation's name)})."""
+    (the layer an inserted activation follows, the inserted activation's name)}); with
+    `drop_layers`, `conv_facts` ({searched conv: its `ConvFacts`}) and `keep` ({(i, j, option):
+    the convs that option keeps})."""
     arch: str
     options: Mapping
     space: Space
@@ -85,6 +138,9 @@ class ModelSpace:
     breaks: tuple[int, ...]
     residual: tuple[tuple[int, int], ...]
     free_after: Mapping[int, tuple[str, str]]
+    drop_layers: bool = False
+    conv_facts: Mapping[str, ConvFacts] = dataclasses.field(default_factory=dict)
+    keep: Mapping[tuple[int, int, str], tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def segments(self) -> tuple[tuple[int, int], ...]:
@@ -98,18 +154,64 @@ class ModelSpace:
                 "positions": [dataclasses.asdict(p) for p in self.positions],
                 "segments": [list(s) for s in self.segments],
                 "free": sorted(self.free_after)}
+        if self.drop_layers:  # (the kept subsets hang on the weights: not in the hash)
+            data["drop_layers"] = {f"{i},{j}": list(o) for (i, j), o in self.space.options.items()}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def convs(self, i: int, j: int) -> tuple[str, ...]:
         """The convs segment (i, j) merges."""
         return tuple(p.conv for p in self.positions[i + 1:j + 1])
 
-    def edits(self, plan: Plan, pieces: Mapping[tuple[int, int], tuple[int, ...]] | None = None
-              ) -> Edits:
+    def entries(self) -> tuple[tuple[int, int, str], ...]:
+        """Every (i, j, option) of the space: what the latency table times."""
+        return tuple((i, j, o) for (i, j), opts in self.space.options.items() for o in opts)
+
+    def dropped(self, i: int, j: int, option: str) -> tuple[str, ...]:
+        """The convs of segment (i, j) that `option` drops (none in an ECDC space)."""
+        if not self.drop_layers:
+            return ()
+        kept = set(self.keep[(i, j, option)])
+        return tuple(c for c in self.convs(i, j) if c not in kept)
+
+    def end_acts(self, i: int, j: int) -> tuple[int, ...]:
+        """The activation flags segment (i, j) may leave at its end: ECDC: (0, 1) at a free
+        position, else (1,); LayerMerge: at a free position (a MobileNetV2 block end) 1
+        iff the segment merges two or more convs (a ReLU6 inserted), else (1,)."""
+        if self.drop_layers and j in self.free_after:
+            return (1,) if j - i >= 2 else (0,)
+        return self.space.acts(j)
+
+    def _checked_drops(self, plan: Plan, drop) -> tuple[str, ...]:
+        """`drop` (a replayed plan's convs) checked against the plan's options: each one a
+        droppable conv of the space, and each segment keeping what its option merges."""
+        if not self.drop_layers:
+            if drop:
+                raise SearchError(f"the plan drops convs ({drop[0]!r}, ...) but this space "
+                                  "has no layer dropping: set method.drop_layers to true")
+            return ()
+        drop = list(drop)
+        for c in drop:
+            if c not in self.conv_facts:
+                raise SearchError(f"the plan drops {c!r}, not a searched conv of "
+                                  f"{self.arch}; {closest(c, list(self.conv_facts))}")
+            if not self.conv_facts[c].droppable:
+                raise SearchError(f"the plan drops {c!r}, an irreducible conv (it changes its "
+                                  "input's shape, or is 1x1): give a plan that keeps it")
+        for s in plan.segments:
+            kept = [c for c in self.convs(s.start, s.end) if c not in drop]
+            if not kept or option_key([self.conv_facts[c] for c in kept]) != s.option:
+                raise SearchError(f"the plan's segment ({s.start}, {s.end}) keeps {kept}, "
+                                  f"which does not merge into its option {s.option!r}: give "
+                                  "a plan a layermerge run wrote")
+        return tuple(c for p in self.positions if (c := p.conv) in drop)
+
+    def edits(self, plan: Plan, pieces: Mapping[tuple[int, int], tuple[int, ...]] | None = None,
+              drop=None) -> Edits:
         """What `plan` changes (see `Edits`). `pieces`: {(i, j): (i, b1, ..., j)}, how a
         chosen segment runs (ECDC's T_opt breaks, `dp.t_opt`); default: merged whole.
-        Raises `SearchError` for a plan of another length or with a segment the space
-        does not allow."""
+        `drop`: the convs a replayed plan drops (checked); default: those its options drop.
+        Raises `SearchError` for a plan of another length, with a segment or option the
+        space does not allow, or dropping a conv it may not."""
         L = self.space.positions
         if plan.positions != L:
             raise SearchError(f"the plan has {plan.positions} positions, this model's space "
@@ -122,37 +224,62 @@ class ModelSpace:
                 raise SearchError(f"the plan's segment {seg} is not in this model's space "
                                   "(it crosses a break or half a residual block): give a "
                                   "plan made for this model")
+            if s.option not in self.space.options[seg]:
+                raise SearchError(f"the plan's segment {seg} runs as {s.option!r}, not one of "
+                                  f"its options {self.space.options[seg]}: give a plan made "
+                                  "for this model's space (method.drop_layers)")
+            if int(s.act_end) not in self.end_acts(*seg):
+                raise SearchError(f"the plan {'keeps' if s.act_end else 'drops'} the "
+                                  f"activation at position {s.end}, which segment {seg} "
+                                  "does not allow: give a plan made for this model's space")
             inner = tuple(pieces.get(seg, seg))
             if inner[0] != s.start or inner[-1] != s.end or list(inner) != sorted(set(inner)):
                 raise SearchError(f"pieces {inner} of segment {seg} do not run from "
                                   f"{s.start} to {s.end}")
             cut.update(inner)
             linear += [p.site for p in self.positions[s.start + 1:s.end] if p.site]
-            if s.end in self.free_after:
-                if s.act_end:
-                    after, name = self.free_after[s.end]
-                    insert[name] = after
-            elif not s.act_end:
-                raise SearchError(f"the plan drops the activation at position {s.end}, "
-                                  "which is not a free position: give a plan made for "
-                                  "this model's space")
+            if s.end in self.free_after and s.act_end:
+                after, name = self.free_after[s.end]
+                insert[name] = after
         # a kept activation cuts by itself; the linear positions among the cuts are named
         kept = {p for p in cut if (self.positions[p].site and self.positions[p].site not in
                                    linear) or (p in self.free_after and self.free_after[p][1]
                                                in insert)}
         cuts = tuple(self.positions[p].tensor for p in sorted(cut - kept))
-        return Edits(tuple(linear), insert, cuts)
+        if drop is None:
+            drop = [c for s in plan.segments for c in self.dropped(s.start, s.end, s.option)]
+        return Edits(tuple(linear), insert, cuts, self._checked_drops(plan, drop))
+
+
+def drop_conv(m: Net, conv: str) -> None:
+    """Make `conv` the identity in `m`, in place: the conv and the BatchNorm that reads it
+    are removed (`Net.remove`), a residual add after them stays. Raises `UserError` for a
+    conv `m` lacks (with the closest) or one whose output is not its input's shape."""
+    layer = m.layers.get(conv)
+    if not isinstance(layer, Conv):
+        convs = [n for n, x in m.named_layers() if isinstance(x, Conv)]
+        raise UserError(f"cannot drop {conv!r}: not a conv of the model; {closest(conv, convs)}")
+    if layer.cin != layer.cout or layer.stride != (1, 1) or any(
+            a + b != k - 1 for (a, b), k in zip(layer.padding, layer.kernel_size)):
+        raise UserError(f"cannot drop {conv!r}: its output is not its input's shape")
+    readers = [n for n, ins in m.graph if conv in ins]
+    m.remove(conv)
+    if len(readers) == 1 and isinstance(m.layers[readers[0]], BatchNorm):
+        m.remove(readers[0])
 
 
 def apply_edits(m: Net, edits: Edits) -> Net:
-    """`m` with `edits` applied, in place: the activations inserted (nonlinear) and the
-    sites linearized. Raises `UserError` for a site or layer `m` lacks (with the closest)."""
+    """`m` with `edits` applied, in place: the activations inserted (nonlinear), the convs
+    dropped (`drop_conv`) and the sites linearized. Raises `UserError` for a site or layer
+    `m` lacks (with the closest)."""
     from jaxprune.activation_sites import linearize
     for name, after in edits.insert_act.items():
         if name not in m.layers:
             if after not in m.layers:
                 raise UserError(f"cannot insert {name!r}: the model has no layer {after!r}")
             m.insert_after(after, name, Act(INSERTED_ACT))
+    for conv in edits.drop:
+        drop_conv(m, conv)
     return linearize(m, edits.linearize)
 
 
@@ -245,9 +372,42 @@ def _allowed(i: int, j: int, breaks, residual) -> bool:
     return not any(i < s < j < t or s < i < t < j for s, t in residual)
 
 
-def build_space(m: Net) -> ModelSpace:
-    """The ECDC search space of `m` (see the module doc), built from its graph.
-    Raises `UserError` for a model outside `SUPPORTED`."""
+def _conv_facts(m: Net, conv: str) -> ConvFacts:
+    layer = m.layers[conv]
+    kernel = layer.kernel.value
+    if not isinstance(kernel, (np.ndarray, jax.Array)):
+        raise UserError("layer dropping picks the convs each option keeps by their weights: "
+                        "build the space from a model with weights, not its shapes")
+    kh, kw = layer.kernel_size
+    depthwise = layer.groups == layer.cin == layer.cout and layer.groups > 1
+    stride = int(max(layer.stride))
+    droppable = layer.cin == layer.cout and stride == 1 and kh * kw > 1
+    return ConvFacts(kh, stride, depthwise, droppable, float(np.abs(np.asarray(kernel)).sum()))
+
+
+def _options(names: tuple[str, ...], facts: Mapping[str, ConvFacts]) -> dict[str, tuple[str, ...]]:
+    """{option key: the convs it keeps} of one segment's convs (see the module doc)."""
+    classes: dict[tuple[int, bool], list[str]] = {}
+    for c in names:
+        classes.setdefault(facts[c].cls, []).append(c)
+    # per class: its irreducible convs, then its droppable ones by L1 norm (largest first)
+    ranked = {k: sorted(cs, key=lambda c: (facts[c].droppable, -facts[c].l1, names.index(c)))
+              for k, cs in classes.items()}
+    counts = [range(sum(not facts[c].droppable for c in cs), len(cs) + 1)
+              for cs in classes.values()]
+    out: dict[str, tuple[str, ...]] = {}
+    for n in itertools.product(*counts):
+        kept = {c for cs, k in zip(ranked.values(), n) for c in cs[:k]}
+        if kept:
+            out[option_key([facts[c] for c in names if c in kept])] = tuple(
+                c for c in names if c in kept)
+    return out
+
+
+def build_space(m: Net, *, drop_layers: bool = False) -> ModelSpace:
+    """The search space of `m` (see the module doc), built from its graph: ECDC's, or
+    LayerMerge's with `drop_layers` (which reads `m`'s conv weights). Raises `UserError`
+    for a model outside `SUPPORTED`, or a model without weights when dropping."""
     arch = m.spec.arch
     if arch not in SUPPORTED:
         raise UserError(f"layermerge has search-space rules for {list(SUPPORTED)}, not "
@@ -259,6 +419,17 @@ def build_space(m: Net) -> ModelSpace:
     segments = [(i, j) for i in range(L) for j in range(i + 1, L + 1)
                 if _allowed(i, j, breaks, residual)]
     forced = [p for p in range(L + 1) if not any(i < p < j for i, j in segments)]
-    space = Space.merged(L, segments, act_free=free, forced=forced)
+    facts, keep = {}, {}
+    if drop_layers:
+        facts = {p.conv: _conv_facts(m, p.conv) for p in positions[1:]}
+        options = {}
+        for i, j in segments:
+            names = tuple(p.conv for p in positions[i + 1:j + 1])
+            opts = _options(names, facts)
+            options[(i, j)] = tuple(opts)
+            keep.update({(i, j, o): kept for o, kept in opts.items()})
+        space = Space(L, options, frozenset(free), frozenset(forced))
+    else:
+        space = Space.merged(L, segments, act_free=free, forced=forced)
     return ModelSpace(arch, dict(m.spec.options), space, tuple(positions), tuple(breaks),
-                      tuple(residual), dict(free))
+                      tuple(residual), dict(free), drop_layers, facts, keep)
