@@ -128,8 +128,6 @@ def test_bad_plans_and_options_are_refused(searched):
             "its edits do not follow from its segments")
     with pytest.raises(jaxprune.UserError, match="layer dropping .* is not built yet"):
         _cfg(tmp, "method.drop_layers=true")
-    with pytest.raises(jaxprune.UserError, match="'finetune' .* is not built yet"):
-        _cfg(tmp, "method.importance=finetune")
     with pytest.raises(jaxprune.UserError, match="exactly one of method.target_speedup"):
         _cfg(tmp, "method.latency_ms=3")
 
