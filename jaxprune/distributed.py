@@ -5,6 +5,7 @@
     distributed.initialize()          # auto: only inside a detected cluster (Slurm, TPU pod, Open MPI)
     if distributed.is_main(): ...     # files are written by process 0 only
     distributed.barrier("ckpt")       # every process waits here until all arrive
+    x = distributed.broadcast_json(x) # process 0's x (JSON data) on every process
 
 Each process reads its own shard of every global batch (`data.loader(...,
 process_index, process_count)`), `data.to_global` assembles the shards into
@@ -118,3 +119,20 @@ def barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def broadcast_json(obj):
+    """Process 0's `obj` (JSON-serialisable data) on every process, exactly (sent as its
+    JSON text); the others' `obj` is ignored. For one process, `obj` as is. Every process
+    must call it at the same point. E.g. a latency table only process 0 measured."""
+    import jax
+    if jax.process_count() == 1:
+        return obj
+    import json
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+    raw = json.dumps(obj).encode() if is_main() else b""
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(raw))))
+    text = np.frombuffer(raw, np.uint8) if is_main() else np.zeros(n, np.uint8)
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(text)).tobytes())

@@ -126,8 +126,8 @@ def test_bad_plans_and_options_are_refused(searched):
             rf"linearizes '{site}x', not a site of resnet18_cifar; did you mean '{site}'")
     refused("hand", lambda d: d["edits"]["linearize"].pop(),
             "its edits do not follow from its segments")
-    with pytest.raises(jaxprune.UserError, match="'finetune' .* is not built yet"):
-        _cfg(tmp, "method.importance=finetune")
+    with pytest.raises(jaxprune.UserError, match="'finetune' is built for ECDC's space only"):
+        _cfg(tmp, "method.importance=finetune", "method.drop_layers=true")
     with pytest.raises(jaxprune.UserError, match="exactly one of method.target_speedup"):
         _cfg(tmp, "method.latency_ms=3")
 

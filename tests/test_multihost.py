@@ -108,6 +108,31 @@ def test_two_processes_match_one_process(tmp_path):
     assert all(w.split(" ", 1)[1].startswith(f"{run_dir}/checkpoints/") for w in other), other[:5]
 
 
+def test_broadcast_json_gives_every_process_process_0s_data(tmp_path):
+    """What a multi-process layermerge run does with the latency table only process 0
+    measured: every process gets it, exactly (floats included)."""
+    port = _free_port()
+    script = textwrap.dedent(f"""
+        import json, sys
+        from jaxprune import distributed
+        i = int(sys.argv[1])
+        distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=i)
+        got = distributed.broadcast_json({{"ms": {{"0,1": 0.1 + i, "0,2": 1 / 3}}, "who": i}}
+                                         if i == 0 else None)
+        print("GOT" + json.dumps(got))
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:]
+        got = json.loads(next(line for line in out.splitlines() if line.startswith("GOT"))[3:])
+        assert got == {"ms": {"0,1": 0.1, "0,2": 1 / 3}, "who": 0}
+    assert distributed.broadcast_json({"one": "process"}) == {"one": "process"}
+
+
 def test_initialize_without_a_cluster_is_a_no_op(monkeypatch):
     for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_NODELIST", "TPU_WORKER_HOSTNAMES",
                 "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_MCA_orte_hnp_uri"):

@@ -14,26 +14,31 @@ per kernel it may merge into, and there is no T_opt stage):
 2. its search space (`space.py`) and the latency table T(i, j) of every segment, timed
    here in JAX (`latency.py`; cached in the run folder, or reused: `latency_table`), and
    ECDC's stage 1, T_opt;
-3. the importance of each activation site from a proxy (`importance.py`: `entropy`, EASIER's
-   ON/OFF entropy over one epoch of training data, or `bn_entropy`, data-free from the
-   BatchNorm before the site); a segment earns the entropy of the activation it keeps at
-   its end, so the search keeps the high-entropy activations the budget allows (with
-   layer dropping, minus `drop_penalty` times the dropped convs' worth on the same scale);
+3. the importance of each segment: the papers' `finetune` (`finetune_importance.py`: per
+   segment, the validation accuracy after a short finetune with that segment merged,
+   normalised as ECDC), or a cheap proxy (`importance.py`: `entropy`, EASIER's ON/OFF
+   entropy over one epoch of training data, or `bn_entropy`, data-free from the BatchNorm
+   before the site: a segment earns the entropy of the activation it keeps at its end, so
+   the search keeps the high-entropy activations the budget allows; with layer dropping,
+   minus `drop_penalty` times the dropped convs' worth on the same scale);
 4. the exact dynamic program (`dp.py`) under the budget (`target_speedup` over the
    unmerged sum of T, or `latency_ms`), written to `plan.json` (`plan: PATH` replays one);
-5. the plan applied (sites inside segments linearized, dropped convs removed), finetuned for `finetune_epochs`
-   (optionally distilled from the original), then merged exactly as planned
+5. the plan applied (sites inside segments linearized, dropped convs removed), finetuned
+   for `finetune_epochs` (optionally distilled from the original), then merged exactly as planned
    (`jaxprune.merge(cost="none", cuts=...)`), exported and timed.
 
     method:
       name: layermerge
       target_speedup: 1.5      # or latency_ms
-      importance: entropy      # entropy | bn_entropy
+      importance: entropy      # entropy | bn_entropy | finetune
+      importance_epochs: 1     # finetune: epochs per table entry
+      importance_alpha: 1.6    # finetune: ECDC's per-segment bonus
       finetune_epochs: null    # null: train.epochs
 
 The package: `dp.py` (the search as pure functions over tables, the plan file), `space.py`
-(the ECDC and LayerMerge spaces of ResNet-18 and MobileNetV2, and what a plan changes), `latency.py`
-(T(i, j) measured), `importance.py` (the proxies), `method.py` (the stages), `report.py`.
+(the ECDC and LayerMerge spaces of ResNet-18 and MobileNetV2, and what a plan changes),
+`latency.py` (T(i, j) measured), `importance.py` (the proxies), `finetune_importance.py`
+(the papers' importance table), `method.py` (the stages), `report.py`.
 """
 from __future__ import annotations
 
@@ -61,6 +66,10 @@ class LayerMergeConfig(MethodConfig):
     # ... the budget itself, ms per batch of latency_batch (exactly one of the two)
     latency_ms: float | None = option(None, gt=0)
     importance: str = option("entropy", choices=IMPORTANCES)
+    # importance: finetune — epochs of each entry's finetune, and ECDC's α (the bonus per
+    # segment, in units of the mean one-conv Δacc: 1.6 for MobileNetV2-1.0, 1.2 for 1.4)
+    importance_epochs: int = option(1, ge=1)
+    importance_alpha: float = option(1.6, ge=0)
     latency_table: str | None = None   # a latency_table.json of an earlier run, reused
     plan: str | None = None            # a plan.json of an earlier run, replayed (no search)
     latency_batch: int = option(1, ge=1)     # batch the table is timed at
@@ -76,9 +85,11 @@ class LayerMergeConfig(MethodConfig):
     latency: bool = True    # time the dense and the fused model (jaxprune.measure; ~1 min)
 
     def check(self, cfg: Config) -> None:
-        if self.importance == "finetune":
-            raise UserError("method.importance 'finetune' (one finetune per segment) is not "
-                            "built yet: use entropy or bn_entropy")
+        if self.importance == "finetune" and self.drop_layers:
+            raise UserError("method.importance 'finetune' is built for ECDC's space only (each "
+                            "of LayerMerge's options would be a network of its own to "
+                            "finetune): use entropy or bn_entropy with drop_layers, or set "
+                            "drop_layers: false")
         if self.plan is None and (self.target_speedup is None) == (self.latency_ms is None):
             raise UserError("set exactly one of method.target_speedup and method.latency_ms "
                             "(or method.plan to replay a plan)")

@@ -148,25 +148,33 @@ def load_table(path: str | Path, key: TableKey) -> dict[tuple, float]:
     if not path.is_file():
         raise UserError(f"method.latency_table: {path} not found; give the latency_table.json "
                         "of an earlier layermerge run, or drop the key to measure one")
+    return table_ms(_read(path), key, str(path))
+
+
+def _read(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not JSON ({e}): give a latency_table.json a layermerge "
                         "run wrote") from None
-    return table_ms(data, key, str(path))
 
 
 def latency_table(m: Net, ms: ModelSpace, key: TableKey, cache: Path,
                   given: str | Path | None = None, **timing) -> dict[tuple, float]:
     """`table_ms` for `ms`: from `given` (a table file, checked against `key`), else from
     `cache` when an earlier run measured it there (checked likewise), else measured
-    (`measure_table`, `timing` its settings) and written to `cache`."""
+    (`measure_table`, `timing` its settings) and written to `cache`. In a multi-process
+    run, process 0 reads or measures the cached table and every process gets it from
+    there (`distributed.broadcast_json`), so all of them solve the same search."""
+    from jaxprune import distributed
     from jaxprune.files import write_json_atomic
     if given is not None:
         return load_table(given, key)
-    cache = Path(cache)
-    if cache.is_file():
-        return load_table(cache, key)
-    data = measure_table(m, ms, key, **timing)
-    write_json_atomic(cache, data)
-    return table_ms(data, key, str(cache))
+    cache, data = Path(cache), None
+    if distributed.is_main():
+        if cache.is_file():
+            data = _read(cache)
+        else:
+            data = measure_table(m, ms, key, **timing)
+            write_json_atomic(cache, data)
+    return table_ms(distributed.broadcast_json(data), key, str(cache))

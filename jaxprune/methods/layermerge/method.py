@@ -14,6 +14,7 @@ from jaxprune.methods.distillation import Distillation, DistillHooks
 from jaxprune.methods.fuse_export import fuse_and_export
 from jaxprune.methods.layermerge import PLAN_FILE, TABLE_FILE, report
 from jaxprune.methods.layermerge.dp import Plan, extend_importance, solve, t_opt
+from jaxprune.methods.layermerge.finetune_importance import finetune_importance
 from jaxprune.methods.layermerge.importance import (drop_costs, kept_entropy,
                                                     segment_importance, site_scores)
 from jaxprune.methods.layermerge.latency import latency_table, table_key
@@ -137,13 +138,18 @@ def run(ctx: RunContext) -> MethodResult:
         topt, breaks = t_opt(T, ms.segments)
     unmerged = sum(t for e, t in T.items() if e[1] == e[0] + 1)  # every conv alone
 
-    scores = source = None
+    scores = source = table = None
     if opts.plan is None:
         budget = budget_ms(opts, ms, topt, unmerged)
-        scores, source = site_scores(
-            original, ms, opts.importance,
-            lambda: ctx.data.train_batches(opts.pretrain_epochs)[1])
-        importance = segment_importance(ms, scores, opts.drop_penalty)
+        if opts.importance == "finetune":
+            importance, table = finetune_importance(
+                ctx, original, ms, results["dense"]["val_acc"], epochs=opts.importance_epochs,
+                alpha=opts.importance_alpha)
+        else:
+            scores, source = site_scores(
+                original, ms, opts.importance,
+                lambda: ctx.data.train_batches(opts.pretrain_epochs)[1])
+            importance = segment_importance(ms, scores, opts.drop_penalty)
         plan = solve(ms.space, topt, importance if ms.drop_layers else
                      extend_importance(ms.space, importance), budget, bins=opts.bins)
         pieces = {(s.start, s.end): breaks[(s.start, s.end)] for s in plan.segments
@@ -159,8 +165,8 @@ def run(ctx: RunContext) -> MethodResult:
     if distributed.is_main():
         (ctx.run_dir / PLAN_FILE).write_text(plan.to_json() + "\n")
     results["search"] = {
-        "importance": opts.importance if scores is not None else "from the plan",
-        "site_entropy": scores, "site_source": source,
+        "importance": opts.importance if opts.plan is None else "from the plan",
+        "site_entropy": scores, "site_source": source, "finetune_table": table,
         "entropy_kept": kept_entropy(ms, scores, edits.linearize) if scores else None,
         "entropy_total": kept_entropy(ms, scores, ()) if scores else None,
         "drop_cost": (sum(drop_costs(ms, scores, opts.drop_penalty)[c] for c in edits.drop)

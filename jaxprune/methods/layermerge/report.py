@@ -80,5 +80,17 @@ def report(results: dict) -> Report:
                        f"(objective {fmt(search['objective'])})."
                        if search.get("drop_cost") is not None else ""))
         sections.append(Section("Importance", text))
+    table = search.get("finetune_table")
+    if table:
+        rows = [[f"({k.replace(',', ', ')})", d, d - table["alpha"] * table["single_mean"]]
+                for k, d in table["delta"].items()]
+        sections.append(Section("Importance", [
+            f"Each entry: the network with that segment merged (activations inside removed; "
+            f"a one-conv segment re-initialised), finetuned {table['epochs']} epoch(s) from the "
+            f"original, Δ = its validation accuracy − the original's "
+            f"({fmt(table['base_val_acc'])} %). Importance = Δ − α · mean Δ of the one-conv "
+            f"entries = Δ − {table['alpha']:g} · ({fmt(table['single_mean'])}) (ECDC). "
+            f"Entries: `{table['file']}`.",
+            Table(["(i, j, a_i, a_j)", "Δ val acc (points)", "importance"], rows)]))
     sections += merge_sections(results, before="dense")
     return Report(f"layermerge: {results['model']} on {results['dataset']}", sections)
