@@ -191,15 +191,54 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
 
 # -- end to end ------------------------------------------------------------------------------
 
-def test_demo_config_end_to_end(tmp_path):
+# What `jaxprune.measure` reports in the tests below, in place of timing: ms per batch in
+# (JAX, torch). The fused model is slower than its unfused self in JAX.
+MEASURED = {"dense": (10.0, 11.0), "unfused": (8.0, 9.0), "fused": (9.0, 12.0), "bare": (8.5, 11.5)}
+
+
+def _fake_model_latency(calls: list):
+    """`measure.models.model_latency` answering `MEASURED`, recording what it was asked."""
+    from jaxprune.measure import Timing, Timings
+
+    def model_latency(named, hw, **kw):
+        calls.append((list(named), kw))
+        return Timings({f"{n} {rt}": Timing(f"{n} {rt}", rt, ms, (ms - 1, ms + 1), [ms],
+                                            kw["repeats"], 2, "cpu", {})
+                        for n in named for rt, ms in zip(("jax", "torch"), MEASURED[n])},
+                       kw["rounds"], True, "python -m jaxprune.measure SPEC")
+    return model_latency
+
+
+def _fake_layer_measure(workloads, **kw):
+    """`jaxprune.measure.measure` for merge's candidates: 1 ms per layer, 100 ms for a
+    kernel wider than 3 (a composed 3x3 pair), so no such layer is ever fused."""
+    from jaxprune.measure import Timing, Timings
+    out = {}
+    for w in workloads:
+        kernel = w.args["config"].get("kernel") or w.args["config"].get("kernel_size") or [1]
+        ms = 100.0 if max(kernel) > 3 else 1.0
+        out[w.name] = Timing(w.name, w.runtime, ms, (ms, ms), [ms], 5, 2, "cpu", {})
+    return Timings(out, 1, False, None)
+
+
+def test_demo_config_end_to_end(tmp_path, monkeypatch):
     """configs/demo.yaml, shortened (and on the plain digits, a quarter of digits_rot's
     images): every output of DESIGN.md §9, and a second run of the same config resumes
-    from the checkpoints instead of training again."""
+    from the checkpoints instead of training again. Timing is replaced by fixed numbers
+    (`MEASURED`, `_fake_layer_measure`): merge's latency cost model keeps every run whose
+    fused layer is timed slower and the report says so; the fused model, slower than its
+    unfused self, is not what is exported, and the report says so with both numbers."""
+    from jaxprune import measure
+    from jaxprune.measure import models as measure_models
+    from jaxprune.methods.fuse_export import LATENCY_BATCH
+    calls = []
+    monkeypatch.setattr(measure, "measure", _fake_layer_measure)
+    monkeypatch.setattr(measure_models, "model_latency", _fake_model_latency(calls))
     overrides = ["train.epochs=1", "method.max_rounds=2", "method.acc_budget=100",
                  "method.pretrain_epochs=1", "model.options={width: 4}", "data.name=digits",
-                 "method.latency=false",
                  f"out={tmp_path}"]
     cfg = config.load("configs/demo.yaml", overrides)
+    assert (cfg.method.merge_cost, cfg.method.latency) == ("latency", True)
     run_dir, results = runner.run(cfg)
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
@@ -221,12 +260,33 @@ def test_demo_config_end_to_end(tmp_path):
     assert sel["round"] == 2 and "max_rounds" in sel["stop"]
     merge, export = on_disk["merge"], on_disk["export"]
     assert merge["depth_after"] <= merge["depth_before"] == 18
-    assert merge["max_abs_diff"] < 1e-3 and merge["cost_model"] == "none"
+    assert merge["max_abs_diff"] < 1e-3 and merge["cost_model"] == "latency"
     assert export["max_abs_diff"] < 1e-3 and (run_dir / "export").is_dir()
     for name in ("report.md", "entropy.png", "accuracy.png", "config.yaml"):
         assert (run_dir / name).stat().st_size > 0, name
     report = (run_dir / "report.md").read_text()
     assert "| 2 | 2/17 |" in report and rounds[2]["new"][0] in report
+    # per run: no layer timed slower (a composed 5x5) was fused; each run kept says so
+    assert not [f for f in merge["fused"] if f["op"].startswith(("conv 5x5", "conv 7x7"))]
+    for kept in merge["skipped"]:
+        assert f"- kept {kept['run'][0]} .. {kept['run'][1]}: {kept['reason']}" in report
+        if "ms" in kept:
+            assert kept["ms"]["fused"] == 100.0 and kept["ms"]["chosen"] < 100.0
+    # the whole model, timed at the table's batch: what `jaxprune.measure` answered is what
+    # results.json and the report say, and the guard's decision is printed as made
+    (named, kw), = calls[:1]
+    assert named[0] == "dense" and "fused" in named and kw["batch"] == LATENCY_BATCH
+    jax_row = on_disk["latency"]["runtimes"]["jax"]
+    assert (jax_row["dense_ms"], jax_row["fused_ms"]) == (10.0, 9.0)
+    assert "| jax (jit) | 10.000 | 9.000 – 11.000 |" in report
+    guard = on_disk["guard"]
+    assert f"**Exported: the {guard['exported']} model**: {guard['why']}." in report
+    # no run fused beyond BatchNorm folds (the sites picked here, after residual sums,
+    # leave none): then the fused model is its unfused self, timed once
+    same = guard["why"].startswith("no run was fused")
+    assert ("unfused" in named) is not same
+    assert not same or (merge["depth_after"], merge["params_after"]) == (
+        on_disk["unfused"]["depth"], on_disk["unfused"]["params"])
     log = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # the dense pretraining, then one epoch per round
     assert [(r.get("stage"), r.get("round"), r["epoch"]) for r in log] == [
@@ -242,6 +302,70 @@ def test_demo_config_end_to_end(tmp_path):
     assert again_dir == run_dir
     assert again["rounds"] == results["rounds"]
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4  # nothing retrained
+
+
+def test_guard_exports_the_unfused_model_when_the_fused_one_measures_slower(tmp_path,
+                                                                           monkeypatch):
+    """fuse_and_export with the guard, `jaxprune.measure` answering `MEASURED` (fused 9 ms,
+    unfused 8 ms in JAX): the dense, unfused and fused models are timed together, the
+    unfused model (BatchNorms folded, no run fused) is exported and returned, and the
+    report gives every row as measured and says why, with both numbers."""
+    from jaxprune.activation_sites import dense_copy
+    from jaxprune.config import from_dict
+    from jaxprune.context import RunContext
+    from jaxprune.measure import models as measure_models
+    from jaxprune.methods.fuse_export import fuse_and_export, merge_sections
+    from jaxprune.report import Report, markdown
+    from models.layers import Conv, FusedConv
+    calls = []
+    monkeypatch.setattr(measure_models, "model_latency", _fake_model_latency(calls))
+    cfg = from_dict({"model": {"options": {"width": 4}}, "data": {"image_size": 16},
+                     "method": {"name": "easier"}})
+    monkeypatch.setattr(RunContext, "image_size", (16, 16))
+    ctx = RunContext(cfg, tmp_path, 10)
+    m = models.create("resnet18_cifar", num_classes=10, width=4)
+    jaxprune.linearize(m, ["layer1.0.relu1", "layer2.1.relu1"])
+    out, exported = fuse_and_export(ctx, m, dense_copy(m), cost="none", guard=True, rounds=2)
+    (named, kw), = calls
+    assert named[:3] == ["dense", "unfused", "fused"] and kw["rounds"] == 2
+    assert kw["programs"]["fused"] == tmp_path / "latency" / "fused"
+    assert kw["programs"]["unfused"] == tmp_path / "latency" / "unfused"
+    assert out["guard"]["exported"] == "unfused"
+    assert out["guard"]["why"] == (
+        "the fused model measured slower than its unfused self in JAX (9.000 against 8.000 ms "
+        "per batch of 1): the unfused model (BatchNorms folded, no run fused) is exported "
+        "instead")
+    assert out["merge"]["depth_after"] == 16 and out["unfused"]["depth"] == 18
+    assert not any(isinstance(layer, FusedConv) or isinstance(layer, Conv)
+                   and layer.kernel_size == (5, 5) for layer in exported.layers.values())
+    assert out["export"]["path"] == str(tmp_path / "export")
+    assert ((tmp_path / "export" / "arch.json").read_text()
+            == (tmp_path / "latency" / "unfused" / "arch.json").read_text())
+    for runtime, k in (("jax", 0), ("torch", 1)):
+        row = out["latency"]["runtimes"][runtime]
+        assert [row["dense_ms"], row["unfused_ms"], row["fused_ms"]] == [
+            MEASURED["dense"][k], MEASURED["unfused"][k], MEASURED["fused"][k]]
+    text = markdown(Report("t", merge_sections(out, before="dense")))
+    assert ("| jax (jit) | 10.000 | 9.000 – 11.000 | 8.000 | 7.000 – 9.000 | 9.000 | "
+            "8.000 – 10.000 | **1.11x** | **0.89x** |") in text
+    assert "| torch (eager: dense = torchvision's/timm's own module, unfused and fused = " \
+           "model.pt2) | 11.000 | 10.000 – 12.000 | 9.000 | 8.000 – 10.000 | 12.000 |" in text
+    assert f"**Exported: the unfused model**: {out['guard']['why']}." in text
+    assert "| depth (weight layers) | 18 | 18 | 16 | 0.89 |" in text
+
+
+def test_guard_exports_the_fused_model_unless_it_measures_slower_in_jax():
+    from jaxprune.methods.fuse_export import guard_decision
+
+    def table(fused, unfused):
+        return {"batch": 1, "runtimes": {"jax": {"fused_ms": fused, "unfused_ms": unfused},
+                                         "torch": {"fused_ms": 1.0, "unfused_ms": 9.0}}}
+    assert guard_decision(table(1.0, 2.0), same=False)["exported"] == "fused"
+    assert guard_decision(table(1.0, 1.0), same=False)["exported"] == "fused"
+    slower = guard_decision(table(2.5, 2.0), same=False)
+    assert slower["exported"] == "unfused" and "(2.500 against 2.000 ms" in slower["why"]
+    same = guard_decision({"batch": 1, "runtimes": {"jax": {"fused_ms": 3.0}}}, same=True)
+    assert same["exported"] == "fused" and same["why"].startswith("no run was fused")
 
 
 # -- the paper's configs -----------------------------------------------------------------------

@@ -503,6 +503,55 @@ def test_latency_cost_model_times_candidates(built):
     assert rep.cost_model == "latency"
 
 
+def _timed_by_kernel(wide_ms: float):
+    """A stand-in for `_Planner.timed` (what `jaxprune.measure` would measure): 1 ms per
+    layer, `wide_ms` for a layer with a kernel wider than 3 (a composed 3x3 pair)."""
+    def timed(self):
+        return {key: wide_ms if max(getattr(layer, "kernel_size", (1,))) > 3 else 1.0
+                for key, (layer, _) in self.requests.items()}
+    return timed
+
+
+@pytest.mark.parametrize("wide_ms", [100.0, 0.5])
+def test_latency_cost_model_fuses_a_run_only_where_it_measures_faster(built, monkeypatch,
+                                                                     wide_ms):
+    """A residual block with its inner ReLU linear fuses into one 5x5 layer only when that
+    layer is timed faster than the block kept (conv+bn, conv+bn, add: 3 ms); kept, the
+    report gives both measured times."""
+    from jaxprune.merging import fuse
+    monkeypatch.setattr(fuse._Planner, "timed", _timed_by_kernel(wide_ms))
+    m = only(built("resnet18_cifar"), ["layer1.0.relu1"])
+    small, rep = check_exact(m, (32, 32), cost="latency")
+    kept = [s for s in rep.skipped if s["run"][0] == "layer1.0.conv1"]
+    if wide_ms > 3.0:
+        assert not isinstance(small.layers["layer1.0.conv1"], FusedConv)
+        assert small.layers["layer1.0.conv1"].kernel_size == (3, 3)
+        assert [s["ms"] for s in kept] == [{"fused": 100.0, "chosen": 3.0}]
+        assert ("kept layer1.0.conv1 .. layer1.0.add: fused whole it would cost 100.000 ms per "
+                "batch of 1, as chosen 3.000 ms per batch of 1 (latency cost model)") in str(rep)
+    else:
+        assert not kept and small.layers["layer1.0.conv1"].kernel_size == (5, 5)
+    assert rep.after.depth == rep.before.depth - (wide_ms < 3.0)
+
+
+def test_fold_only_cuts_leave_every_run_unfused(built):
+    """`merge` under `fold_only_cuts`: every BatchNorm folded and every identity site gone,
+    but no two weight layers composed (without the cuts, "none" fuses layer1.0 into a 5x5:
+    test_cost_model_skips_resnet_block_fusion_and_says_why)."""
+    from jaxprune.merging.fuse import fold_only_cuts
+    m = only(built("resnet18_cifar"), ["layer1.0.relu1", "layer2.1.relu2"])
+    small, rep = merge(m, input_size=(32, 32), cost="none", cuts=fold_only_cuts(m),
+                       verify=True, return_report=True)
+    assert rep.max_abs_diff <= TOL * rep.logit_scale
+    assert rep.after.depth == rep.before.depth and rep.after.macs == rep.before.macs
+    kinds = {type(layer).__name__ for layer in small.layers.values()}
+    assert "BatchNorm" not in kinds and "FusedConv" not in kinds
+    assert all(layer.kernel_size == (3, 3) or layer.kernel_size == (1, 1)
+               for layer in small.layers.values() if isinstance(layer, Conv))
+    assert not [n for n, layer in small.named_layers() if isinstance(layer, Act)
+                and layer.linear_kind() == "identity"]
+
+
 def test_report_dict_has_the_results_json_fields(built):
     m = only(built("resnet18_cifar"), [])
     _, rep = merge(m, cost="macs", return_report=True)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # runs are kept short enough to compare closely.
 OVERRIDES = ["model.options.width=8", "train.epochs=1", "train.milestones=[]", "train.lr=0.01",
              "method.max_rounds=1", "method.pretrain_epochs=0", "method.latency=false",
-             "data.name=digits", "data.batch_size=512", "name=mh"]
+             "method.merge_cost=none", "data.name=digits", "data.batch_size=512", "name=mh"]
 
 # Runs run.py with an audit hook that records every file-system write under the run
 # folder (open for writing, mkdir, rename, remove) into a JSON list at exit.

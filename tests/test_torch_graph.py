@@ -222,7 +222,8 @@ def test_traced_resnet18_is_the_builtin_resnet18():
 def test_torch_name_config_runs_easier_end_to_end(tmp_path):
     overrides = ["model.name=torch:tests.torch_ref:OwnNet", "model.options={}",
                  "data.image_size=16", "data.batch_size=128", "train.epochs=1",
-                 "method.max_rounds=1", "method.acc_budget=100", f"out={tmp_path}"]
+                 "method.max_rounds=1", "method.acc_budget=100", "method.latency=false",
+                 "method.merge_cost=none", f"out={tmp_path}"]
     cfg = config.load("configs/demo.yaml", overrides)
     plan = runner.plan(cfg)
     assert "model:  torch:tests.torch_ref:OwnNet" in plan and "sites:  7" in plan

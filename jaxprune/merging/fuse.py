@@ -27,6 +27,7 @@ asked (`fixed_size=True`), the fused layers are made for the merge size only.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import jax
@@ -296,15 +297,19 @@ class _Planner:
 
     def timed(self) -> dict:
         """Every requested layer timed at `batch` in one JAX process of its own, the
-        layers alternating call by call (`jaxprune.measure`, workload `jax_layers`)."""
+        layers alternating call by call (`jaxprune.measure`, workload `jax_layers`).
+        Layers alike (kind, config, input shapes) are timed once and get the same time,
+        so equal choices are decided alike (and each compiles once)."""
         from jaxprune.measure import Workload, measure
-        keys = list(self.requests)
-        ws = [Workload(str(k), "jax", "jaxprune.measure.workloads:jax_layers",
-                       {"batch": self.batch, "kind": type(layer).__name__,
-                        "config": layer.config(), "input_shapes": [list(s[1:]) for s in ins]})
-              for k, (layer, ins) in enumerate(self.requests.values())]
+        args = {key: {"batch": self.batch, "kind": type(layer).__name__, "config": layer.config(),
+                      "input_shapes": [list(s[1:]) for s in ins]}
+                for key, (layer, ins) in self.requests.items()}
+        alike = {json.dumps(a, sort_keys=True): a for a in args.values()}
+        index = {text: str(k) for k, text in enumerate(alike)}
+        ws = [Workload(index[text], "jax", "jaxprune.measure.workloads:jax_layers", a)
+              for text, a in alike.items()]
         t = measure(ws, rounds=1, warmup=2, repeats=5, separate=False)
-        return {key: t[str(k)].median_ms for k, key in enumerate(keys)}
+        return {key: t[index[json.dumps(a, sort_keys=True)]].median_ms for key, a in args.items()}
 
     def keep_cost(self, n: str) -> Cost:
         kind, layer = self.g.kind[n], self.m.layers[n]
@@ -567,9 +572,11 @@ def sizes_text(sizes: dict) -> str:
     return "every input size (no fused layer has border terms)"
 
 
-def _fmt(c: Cost, model: str) -> str:
+def _fmt(c: Cost, model: str, batch: int) -> str:
     if model == "latency":
-        return f"{c.ms:.3f} ms" if math.isfinite(c.ms) else f"{c.macs / 1e6:.2f} MMAC (not timed)"
+        return (f"{c.ms:.3f} ms per batch of {batch}" if math.isfinite(c.ms) else
+                f"{c.macs / 1e6:.2f} MMAC (over {_LATENCY_MAC_RATIO:g}x the arithmetic of its "
+                f"layers: not timed)")
     return f"{c.macs / 1e6:.2f} MMAC in {c.layers} layers"
 
 
@@ -606,6 +613,21 @@ def merge(m: Net, *, input_size=None, cost: str = "macs", batch: int = 1, verify
     return (new, report) if return_report else new
 
 
+def fold_only_cuts(m: Net) -> tuple[str, ...]:
+    """The `cuts` under which `merge(m, cost="none", cuts=...)` fuses no two weight layers:
+    the output of every layer stays materialized but that of a conv or linear read only by
+    per-channel affine layers (its BatchNorms, folded into it). What is left is `m`'s
+    unfused self: BatchNorms folded, identity sites removed, every weight layer its own."""
+    readers: dict[str, list[str]] = {n: [] for n in m.layers}
+    for n, inputs in m.graph:
+        for i in inputs:
+            readers.get(i, []).append(n)
+    folds = {n for n in m.layers if m.layers[n].linear_kind() in ("conv", "linear")
+             and readers[n] and all(m.layers[r].linear_kind() == "channelwise"
+                                    for r in readers[n])}
+    return tuple(n for n in m.layers if n not in folds)
+
+
 def _merge(m: Net, hw, cost: str, batch: int, verify: bool, fixed_size: bool,
            cuts=frozenset()):
     planner = _Planner(m, hw, cost, batch, fixed_size, cuts=cuts)
@@ -632,11 +654,16 @@ def _merge(m: Net, hw, cost: str, batch: int, verify: bool, fixed_size: bool,
         elif isinstance(whole, NotFusable):
             reason = f"not one layer: {whole}"
         elif isinstance(whole, Plan):
-            reason = (f"fused whole it would cost {_fmt(whole.cost, cost)}, as chosen "
-                      f"{_fmt(plan.cost, cost)} ({cost} cost model)")
+            reason = (f"fused whole it would cost {_fmt(whole.cost, cost, batch)}, as chosen "
+                      f"{_fmt(plan.cost, cost, batch)} ({cost} cost model)")
         else:
             reason = "only normalizations and sums: fusing would add a weight layer"
         skipped.append({"run": run, "reason": reason})
+        if cost == "latency" and isinstance(whole, Plan) and not asked and not inner:
+            # the measured decision, as numbers: the run fused whole (None: not timed, more
+            # than _LATENCY_MAC_RATIO times its arithmetic) against the cut chosen
+            skipped[-1]["ms"] = {"fused": whole.cost.ms if math.isfinite(whole.cost.ms) else None,
+                                 "chosen": plan.cost.ms}
 
     # One fused layer made for the merge size only makes the model so: then every fused
     # layer is (fewer border parameters), but for those without border terms.

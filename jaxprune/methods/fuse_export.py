@@ -4,6 +4,7 @@ report sections that say what that gave."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -16,51 +17,133 @@ from jaxprune.report import Section, Table, fmt
 from models.net import Net
 
 LATENCY_BATCH, LATENCY_ROUNDS, LATENCY_REPEATS = 1, 3, 20
-LATENCY_SPEC = "latency/spec.json"
+LATENCY_DIR = "latency"   # the timing spec and, under the guard, the programs it timed
+LATENCY_SPEC = f"{LATENCY_DIR}/spec.json"
 
 
 def fuse_and_export(ctx: RunContext, m: Net, dense: Net, *, cost: str = "macs",
-                    latency: bool = True, cuts=()) -> tuple[dict, Net]:
+                    latency: bool = True, cuts=(), guard: bool = False,
+                    rounds: int = LATENCY_ROUNDS) -> tuple[dict, Net]:
     """Fuse `m` with `jaxprune.merge` at the run's input size (`cuts`: the layers whose
-    outputs stay materialized, as `merge` takes them), export the fused model to
-    `<run>/export` (each step checked against `m` on random inputs), profile the `dense`
+    outputs stay materialized, as `merge` takes them; under `cost="latency"` its candidates
+    are timed at `LATENCY_BATCH`, the batch of the latency table), export the fused model
+    to `<run>/export` (each step checked against `m` on random inputs), profile the `dense`
     original (what a user runs without jaxprune) and the fused model (depth, params,
-    MACs), and, with `latency`, time both on this device (`latency_table`).
-    Returns ({"merge": ..., "export": ..., "latency": ...} for results.json, the fused model)."""
+    MACs), and, with `latency`, time both on this device (`latency_table`, `rounds`).
+
+    With `latency` and `guard`, the fused model is also timed against its unfused self:
+    `m` merged with every run left unfused (`fold_only_cuts`: BatchNorms folded, identity
+    sites removed). Where the fused model measures slower in JAX, the unfused one is what
+    is exported and returned; results["guard"] says which and both medians.
+    Returns ({"merge": ..., "export": ..., "latency": ..., "guard": ...} for results.json,
+    the exported model)."""
     from jaxprune import merge, profile
+    from jaxprune.merging.fuse import fold_only_cuts
     hw = ctx.image_size
     x = np.asarray(jax.random.normal(jax.random.key(0), (4, *hw, m.spec.in_channels)))
     m.eval()
     logits = np.asarray(m(x))
-    small, rep = merge(m, input_size=hw, cost=cost, return_report=True, cuts=cuts)
+    small, rep = merge(m, input_size=hw, cost=cost, batch=LATENCY_BATCH, return_report=True,
+                       cuts=cuts)
     before = profile(dense, hw)
     out = {"merge": {**rep.as_dict(), "depth_before": before.depth,
                      "params_before": before.params, "macs_before": before.macs,
-                     "max_abs_diff": float(np.max(np.abs(np.asarray(small(x)) - logits)))}}
-    if distributed.is_main():  # one process writes the run folder and times on its machine
-        out["export"] = export_torch(small, ctx.run_dir / "export", x, logits)
-        if latency:
-            ctx.log("timing the dense and the fused model (jaxprune.measure) ...")
-            out["latency"] = latency_table(ctx, dense, small, ctx.run_dir / "export")
-    return out, small
+                     "max_abs_diff": _diff(small, x, logits)}}
+    export = ctx.run_dir / "export"
+    if not (latency and guard):
+        if distributed.is_main():  # one process writes the run folder and times on its machine
+            out["export"] = export_torch(small, export, x, logits)
+            if latency:
+                ctx.log("timing the dense and the fused model (jaxprune.measure) ...")
+                out["latency"] = latency_table(ctx, dense, small, export, rounds=rounds)
+        return out, small
+
+    unfused = merge(m, input_size=hw, cost="none", cuts=(*cuts, *fold_only_cuts(m)),
+                    verify=False)  # checked below, as the fused model is
+    p = profile(unfused, hw)
+    out["unfused"] = {"depth": p.depth, "params": p.params, "macs": p.macs,
+                      "max_abs_diff": _diff(unfused, x, logits)}
+    same = _layers(unfused) == _layers(small)
+    use_unfused = False
+    if distributed.is_main():
+        timed = ctx.run_dir / LATENCY_DIR
+        exports = {"fused": export_torch(small, timed / "fused", x, logits)}
+        if not same:
+            exports["unfused"] = export_torch(unfused, timed / "unfused", x, logits)
+        ctx.log(f"timing the dense{'' if same else ', the unfused'} and the fused model "
+                f"(jaxprune.measure) ...")
+        out["latency"] = latency_table(ctx, dense, small, timed / "fused", rounds=rounds,
+                                       unfused=None if same else (unfused, timed / "unfused"))
+        out["guard"] = guard_decision(out["latency"], same)
+        use_unfused = out["guard"]["exported"] == "unfused"
+        chosen = "unfused" if use_unfused else "fused"
+        shutil.rmtree(export, ignore_errors=True)
+        shutil.copytree(timed / chosen, export)
+        out["export"] = {**exports[chosen], "path": str(export)}
+        ctx.log(out["guard"]["why"])
+    if jax.process_count() > 1:  # every process returns the model process 0 exported
+        from jax.experimental import multihost_utils
+        use_unfused = bool(multihost_utils.broadcast_one_to_all(np.asarray(use_unfused)))
+    return out, unfused if use_unfused else small
 
 
-def latency_table(ctx: RunContext, dense: Net, fused: Net, export: Path) -> dict:
-    """ms per batch of `LATENCY_BATCH` images of the dense and the fused model, in JAX (jit)
-    and torch (the dense model as torchvision's or timm's own module, the fused one as its
-    exported `model.pt2`), each in fresh processes, alternating, `LATENCY_ROUNDS` rounds
-    (`jaxprune.measure`); the spec is saved so that `command` reruns it. When the fused
-    layers carry border terms, the fused model without them (`without_border_terms`,
-    inexact at the borders) is timed alongside: `border_ms` is what the terms cost."""
+def _diff(model: Net, x: np.ndarray, logits: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(model(x)) - logits)))
+
+
+def _layers(model: Net) -> tuple:
+    """What a model computes with, as structure: its graph and each layer's kind and config."""
+    return model.graph, tuple((n, type(layer).__name__, json.dumps(layer.config(), sort_keys=True,
+                                                                   default=str))
+                              for n, layer in model.named_layers())
+
+
+def guard_decision(latency: dict, same: bool) -> dict:
+    """Which model to export, from `latency_table`'s record: the unfused one where the fused
+    one measured slower in JAX (medians), else the fused one; `why` says it with both
+    numbers. `same`: no run was fused (the fused model is its unfused self, timed once)."""
+    jax_row = latency["runtimes"]["jax"]
+    if same:
+        return {"exported": "fused", "fused_jax_ms": jax_row["fused_ms"],
+                "unfused_jax_ms": jax_row["fused_ms"],
+                "why": "no run was fused: the fused model is its unfused self (BatchNorms "
+                       "folded), exported as it is"}
+    f, u = jax_row["fused_ms"], jax_row["unfused_ms"]
+    batch = latency["batch"]
+    if f > u:
+        why = (f"the fused model measured slower than its unfused self in JAX ({f:.3f} against "
+               f"{u:.3f} ms per batch of {batch}): the unfused model (BatchNorms folded, no "
+               f"run fused) is exported instead")
+    else:
+        why = (f"the fused model measured no slower than its unfused self in JAX ({f:.3f} "
+               f"against {u:.3f} ms per batch of {batch}): the fused model is exported")
+    return {"exported": "unfused" if f > u else "fused", "fused_jax_ms": f,
+            "unfused_jax_ms": u, "why": why}
+
+
+def latency_table(ctx: RunContext, dense: Net, fused: Net, export: Path,
+                  unfused: tuple[Net, Path] | None = None, rounds: int = LATENCY_ROUNDS) -> dict:
+    """ms per batch of `LATENCY_BATCH` images of the dense and the fused model (and of the
+    `unfused` model with its export folder, when given), in JAX (jit) and torch (the dense
+    model as torchvision's or timm's own module, the others as their exported `model.pt2`),
+    each in fresh processes, alternating, `rounds` rounds (`jaxprune.measure`); the spec is
+    saved in `<run>/latency` so that `command` reruns it. When the fused layers carry border
+    terms, the fused model without them (`without_border_terms`, inexact at the borders;
+    exported to `<run>/latency/bare` for the rerun) is timed alongside: `border_ms` is what
+    the terms cost."""
+    import converters
     from jaxprune.measure.models import model_latency
     from jaxprune.merging.fuse import without_border_terms
     from jaxprune.merging.profiling import border_params
-    named = {"dense": dense, "fused": fused}
+    named, programs = {"dense": dense}, {"fused": export}
+    if unfused is not None:
+        named["unfused"], programs["unfused"] = unfused
+    named["fused"] = fused
     if border_params(fused):
         named["bare"] = without_border_terms(fused)
-    t = model_latency(named, ctx.image_size, batch=LATENCY_BATCH,
-                      programs={"fused": export}, rounds=LATENCY_ROUNDS,
-                      repeats=LATENCY_REPEATS, save=ctx.run_dir / LATENCY_SPEC)
+        programs["bare"] = converters.export(named["bare"], ctx.run_dir / LATENCY_DIR / "bare")
+    t = model_latency(named, ctx.image_size, batch=LATENCY_BATCH, programs=programs,
+                      rounds=rounds, repeats=LATENCY_REPEATS, save=ctx.run_dir / LATENCY_SPEC)
     rows = {}
     for runtime in ("jax", "torch"):
         d, f = t[f"dense {runtime}"], t[f"fused {runtime}"]
@@ -68,11 +151,15 @@ def latency_table(ctx: RunContext, dense: Net, fused: Net, export: Path) -> dict
                          "fused_ms": f.median_ms, "fused_spread_ms": list(f.spread_ms),
                          "speedup": d.median_ms / f.median_ms, "threads": d.threads,
                          "device": d.device}
+        if "unfused" in named:
+            u = t[f"unfused {runtime}"]
+            rows[runtime].update({"unfused_ms": u.median_ms, "unfused_spread_ms": list(u.spread_ms),
+                                  "speedup_vs_unfused": u.median_ms / f.median_ms})
         if "bare" in named:
             bare = t[f"bare {runtime}"]
             rows[runtime].update({"bare_ms": bare.median_ms,
                                   "border_ms": f.median_ms - bare.median_ms})
-    return {"batch": LATENCY_BATCH, "rounds": LATENCY_ROUNDS, "repeats": LATENCY_REPEATS,
+    return {"batch": LATENCY_BATCH, "rounds": rounds, "repeats": LATENCY_REPEATS,
             "command": t.command, "runtimes": rows}
 
 
@@ -91,19 +178,30 @@ def export_torch(m: Net, folder: Path, x: np.ndarray, logits: np.ndarray) -> dic
 
 def latency_blocks(latency: dict | None, before: str) -> list:
     """The latency table of a report, from `latency_table`'s record (nothing when the run
-    did not time its models)."""
+    did not time its models): a column pair per model timed (`before`, the unfused model
+    where the run timed it, the fused one) and the fused model's speed-ups."""
     if not latency:
         return ["Latency not measured (method.latency: false)."]
+    first = next(iter(latency["runtimes"].values()))
+    unfused = "unfused_ms" in first
+    header = ["runtime", f"{before} ms", "spread"]
+    header += ["unfused ms", "spread"] if unfused else []
+    header += ["fused ms", "spread", "speed-up" + (f" vs {before}" if unfused else "")]
+    header += ["speed-up vs unfused"] if unfused else []
     rows = []
     for runtime, r in latency["runtimes"].items():
         side = ("jit" if runtime == "jax" else
-                "eager: dense = torchvision's/timm's own module, fused = model.pt2")
-        rows.append([f"{runtime} ({side})", f"{r['dense_ms']:.3f}", _spread(r["dense_spread_ms"]),
-                     f"{r['fused_ms']:.3f}", _spread(r["fused_spread_ms"]),
-                     f"**{r['speedup']:.2f}x**"])
-    device = next(iter(latency["runtimes"].values()))["device"]
-    return [Table(["runtime", f"{before} ms", "spread", "fused ms", "spread", "speed-up"], rows),
-            f"ms per batch of {latency['batch']} on this machine ({device}), median of "
+                f"eager: {before} = torchvision's/timm's own module, "
+                f"{'unfused and ' if unfused else ''}fused = model.pt2")
+        row = [f"{runtime} ({side})", f"{r['dense_ms']:.3f}", _spread(r["dense_spread_ms"])]
+        if unfused:
+            row += [f"{r['unfused_ms']:.3f}", _spread(r["unfused_spread_ms"])]
+        row += [f"{r['fused_ms']:.3f}", _spread(r["fused_spread_ms"]), f"**{r['speedup']:.2f}x**"]
+        if unfused:
+            row.append(f"**{r['speedup_vs_unfused']:.2f}x**")
+        rows.append(row)
+    return [Table(header, rows),
+            f"ms per batch of {latency['batch']} on this machine ({first['device']}), median of "
             f"{latency['rounds']} rounds of {latency['repeats']} calls, each runtime and model "
             f"in a fresh process of its own, the models alternating; spread = min – max of "
             f"the round medians. Rerun: `{latency['command']}`."]
@@ -119,18 +217,28 @@ def merge_sections(results: dict, before: str) -> list[Section]:
     out = []
     merge = results.get("merge")
     if merge:
+        unfused = results.get("unfused")
         rows = []
         for label, key in (("depth (weight layers)", "depth"), ("parameters", "params"),
                            ("MACs per image", "macs")):
             b, a = merge[f"{key}_before"], merge[f"{key}_after"]
-            rows.append([label, b, a, f"{a / b:.2f}" if b else None])
+            rows.append([label, b, *([unfused[key]] if unfused else []), a,
+                         f"{a / b:.2f}" if b else None])
         h, w = merge["input_size"]
-        blocks = [Table(["", before, "fused", "fused / " + before], rows),
+        blocks = [Table(["", before, *(["unfused"] if unfused else []), "fused",
+                         "fused / " + before], rows),
                   *latency_blocks(results.get("latency"), before),
-                  f"Fused against unfused model: max |Δ logits| = {fmt(merge['max_abs_diff'])} "
-                  f"on random inputs; {len(merge['fused'])} layers fused at {h}x{w}, cost "
-                  f"model `{merge['cost_model']}`. The fused model runs at "
-                  f"{sizes_text(merge['input_sizes'])}."]
+                  f"Fused against the linearized model: max |Δ logits| = "
+                  f"{fmt(merge['max_abs_diff'])} on random inputs; {len(merge['fused'])} layers "
+                  f"fused at {h}x{w}, cost model `{merge['cost_model']}`. The fused model runs "
+                  f"at {sizes_text(merge['input_sizes'])}."]
+        if unfused:
+            blocks.append(f"Unfused: the same linearized model with no run fused (BatchNorms "
+                          f"folded, identity sites removed), max |Δ logits| = "
+                          f"{fmt(unfused['max_abs_diff'])}.")
+        if "guard" in results:
+            blocks.append(f"**Exported: the {results['guard']['exported']} model**: "
+                          f"{results['guard']['why']}.")
         if merge["border_params_after"]:
             blocks.append(_border_table(merge, results.get("latency")))
         fused, kept = merge["fused"], merge["skipped"]

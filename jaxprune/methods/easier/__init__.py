@@ -10,7 +10,9 @@ the one compiled train step.
       name: easier
       max_rounds: null     # linearization rounds after round 0; null: until a stop below
       acc_budget: 1.0      # largest allowed drop of validation accuracy vs round 0 (points)
-      merge_cost: macs     # how jaxprune.merge decides which linear runs to fuse
+      merge_cost: latency  # how jaxprune.merge decides which linear runs to fuse
+      latency: true        # time dense, unfused and fused models; export the faster
+      latency_rounds: 3    # rounds of that timing (each model and runtime a fresh process)
       pretrain_epochs: 0   # dense training before round 0 (checkpointed as stage "dense")
 
 With `pretrain_epochs`, the dense network is first trained that long (a
@@ -36,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxprune.config import FuseConfig, option
+from jaxprune.merging import COST_MODELS
 from jaxprune.methods import register
 
 
@@ -50,3 +53,7 @@ class EasierConfig(FuseConfig):
     # dense training before round 0 (a model without pretrained weights), so that the
     # rounds, round 0 included, each finetune a trained network for train.epochs
     pretrain_epochs: int = option(0, ge=0)
+    # fuse a run only where its fused layer measures faster on this machine
+    merge_cost: str = option("latency", choices=COST_MODELS)
+    # rounds of timing the dense, unfused and fused models (fresh processes each)
+    latency_rounds: int = option(3, ge=1)

@@ -82,6 +82,6 @@ def run(ctx: RunContext) -> MethodResult:
     if diverged:
         results["diverged"] = diverged
     fused, _ = fuse_and_export(ctx, m, dense_copy(m), cost=opts.merge_cost,
-                               latency=opts.latency)
+                               latency=opts.latency, guard=True, rounds=opts.latency_rounds)
     results.update(fused)
     return MethodResult(results, report.report(results))
