@@ -299,17 +299,23 @@ class _Planner:
         """Every requested layer timed at `batch` in one JAX process of its own, the
         layers alternating call by call (`jaxprune.measure`, workload `jax_layers`).
         Layers alike (kind, config, input shapes) are timed once and get the same time,
-        so equal choices are decided alike (and each compiles once)."""
+        so equal choices are decided alike (and each compiles once). In a multi-process
+        run process 0 times them and every process gets its times
+        (`distributed.broadcast_json`), so all of them fuse the same model."""
+        from jaxprune import distributed
         from jaxprune.measure import Workload, measure
         args = {key: {"batch": self.batch, "kind": type(layer).__name__, "config": layer.config(),
                       "input_shapes": [list(s[1:]) for s in ins]}
                 for key, (layer, ins) in self.requests.items()}
         alike = {json.dumps(a, sort_keys=True): a for a in args.values()}
-        index = {text: str(k) for k, text in enumerate(alike)}
-        ws = [Workload(index[text], "jax", "jaxprune.measure.workloads:jax_layers", a)
-              for text, a in alike.items()]
-        t = measure(ws, rounds=1, warmup=2, repeats=5, separate=False)
-        return {key: t[index[json.dumps(a, sort_keys=True)]].median_ms for key, a in args.items()}
+        ms = None
+        if distributed.is_main():
+            ws = [Workload(str(k), "jax", "jaxprune.measure.workloads:jax_layers", a)
+                  for k, a in enumerate(alike.values())]
+            t = measure(ws, rounds=1, warmup=2, repeats=5, separate=False)
+            ms = [t[str(k)].median_ms for k in range(len(alike))]
+        ms = dict(zip(alike, distributed.broadcast_json(ms)))
+        return {key: ms[json.dumps(a, sort_keys=True)] for key, a in args.items()}
 
     def keep_cost(self, n: str) -> Cost:
         kind, layer = self.g.kind[n], self.m.layers[n]
