@@ -81,9 +81,7 @@ def fuse_and_export(ctx: RunContext, m: Net, dense: Net, *, cost: str = "macs",
         shutil.copytree(timed / chosen, export)
         out["export"] = {**exports[chosen], "path": str(export)}
         ctx.log(out["guard"]["why"])
-    if jax.process_count() > 1:  # every process returns the model process 0 exported
-        from jax.experimental import multihost_utils
-        use_unfused = bool(multihost_utils.broadcast_one_to_all(np.asarray(use_unfused)))
+    use_unfused = distributed.broadcast_json(use_unfused)  # every process: process 0's choice
     return out, unfused if use_unfused else small
 
 
