@@ -26,7 +26,7 @@ does after a removed block (`Net.insert_after`).
 `build_space(m)` gives a `ModelSpace`: the pure `dp.Space` for the search, the positions
 with their layers, and `edits(plan)`, what a `dp.Plan` changes: the sites to linearize,
 the activations to insert and the tensors to keep (`merge(..., cuts=...)`), so that the
-merged model runs exactly the plan's pieces. Supported: `resnet18_cifar`, `resnet18`,
+merged model runs exactly the plan's pieces. Supported: `resnet18_cifar`, `resnet18`, `resnet34`,
 `mobilenet_v2` (either layout, any width), `mobilenet_v2_cifar`.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ from jaxprune.merging.regions import GraphInfo
 from models.layers import Act, Conv
 from models.net import Net
 
-RESNETS = ("resnet18_cifar", "resnet18")
+RESNETS = ("resnet18_cifar", "resnet18", "resnet34")
 MOBILENETS = ("mobilenet_v2", "mobilenet_v2_cifar")
 SUPPORTED = RESNETS + MOBILENETS
 INSERTED_ACT = "relu6"  # MobileNetV2's activation, inserted at a free block end
