@@ -1,9 +1,9 @@
 """The ECDC search space of the project's models (`jaxprune.methods.layermerge.space`):
 positions, breaks, residual blocks and segment counts against the reference rules
 (ResNet-18 derived, ResNet-34 and MobileNetV2 as the reference code counts them),
-positions against the models' activation sites, and plans applied to a model: the sites linearized, the activations
-inserted, and `merge` cutting exactly at the plan's pieces, with the fused model equal to
-the planned one (merge's own check)."""
+positions against the models' activation sites, and plans applied to a model: the sites
+linearized, the activations inserted, and `merge` cutting exactly at the plan's pieces,
+with the fused model equal to the planned one (merge's own check)."""
 import numpy as np
 import pytest
 from flax import nnx

@@ -56,7 +56,8 @@ def workloads(name: str, m: Net, hw, *, batch: int, runtimes, program: Path | No
                 import converters
                 program = converters.export(m, Path(scratch) / name)
             out.append(Workload(f"{name} torch", "torch", f"{FACTORIES}:torch_program",
-                                {"folder": str(program), "batch": batch, "input_size": size}))
+                                {"folder": str(program), "batch": batch, "input_size": size,
+                                 "in_channels": m.spec.in_channels}))
     return out
 
 

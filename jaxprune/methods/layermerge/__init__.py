@@ -10,8 +10,8 @@ the summed importance of the pieces is largest. The method runs ECDC's space
 
 1. the original network (`pretrain_epochs` of dense training when it has no weights);
 2. its search space (`space.py`) and the latency table T(i, j) of every segment, timed
-   here in JAX (`latency.py`; cached in the run folder, or reused: `latency_table`), and
-   ECDC's stage 1, T_opt;
+   here in JAX or, with `runtime: torch`, as its torch export run eagerly (`latency.py`;
+   cached in the run folder, or reused: `latency_table`), and ECDC's stage 1, T_opt;
 3. the importance of each activation site from a proxy (`importance.py`: `entropy`, EASIER's
    ON/OFF entropy over one epoch of training data, or `bn_entropy`, data-free from the
    BatchNorm before the site); a segment earns the entropy of the activation it keeps at
@@ -38,6 +38,7 @@ import dataclasses
 
 from jaxprune.config import Config, MethodConfig, option
 from jaxprune.errors import UserError
+from jaxprune.measure import RUNTIMES
 from jaxprune.methods import register
 
 IMPORTANCES = ("entropy", "bn_entropy", "finetune")
@@ -59,6 +60,9 @@ class LayerMergeConfig(MethodConfig):
     latency_table: str | None = None   # a latency_table.json of an earlier run, reused
     plan: str | None = None            # a plan.json of an earlier run, replayed (no search)
     latency_batch: int = option(1, ge=1)     # batch the table is timed at
+    # where the table is timed: jax (jit, the run's device) or torch (the export, eager, CPU)
+    runtime: str = option("jax", choices=RUNTIMES, why="the runtime each segment's merged "
+                          "layer is timed in")
     latency_rounds: int = option(3, ge=1)    # rounds, each one fresh process timing every segment
     latency_repeats: int = option(20, ge=1)  # timed calls per round
     bins: int = option(1000, ge=1)           # time bins over the budget (the DP's grid)

@@ -11,9 +11,11 @@ and the activations are not in T: a budget T0 covers the searched convolutions a
 (The reference times each merged conv followed by a ReLU; the ReLU is left out here, since
 whether a boundary keeps its activation is the plan's choice.)
 
-Timing: every segment's layer in one fresh JAX process per round, the layers alternating
-call by call (`jaxprune.measure`, `separate=False`), the median of the rounds' medians, ms
-per call of `batch` images.
+Timing (`jaxprune.measure`): in the runtime the key names, `jax` (each segment's layer
+jitted) or `torch` (each segment's layer exported by `converters.export` and its
+`model.pt2` called eagerly, in processes that never import JAX), every segment in one fresh
+process per round, the layers alternating call by call (`separate=False`), the median of
+the rounds' medians, ms per call of `batch` images.
 
 A table is JSON (`TABLE_SCHEMA`) with its `TableKey`: the model and its options, the input
 size, the batch, the runtime, the device, the JAX version and the space's hash. A table is
@@ -31,12 +33,13 @@ from jaxprune.methods.layermerge.space import ModelSpace
 from models.net import Net
 
 TABLE_SCHEMA = "jaxprune.layermerge.latency/1"
-RUNTIME = "jax"
 
 
 @dataclasses.dataclass(frozen=True)
 class TableKey:
-    """Everything a latency table depends on."""
+    """Everything a latency table depends on. `runtime`: `jax` or `torch`; `device`: JAX's
+    first device, or for torch `cpu: torch <version>` (the timing workers' torch runs on
+    the CPU)."""
     arch: str
     options: dict
     input_size: tuple[int, int]
@@ -52,12 +55,19 @@ class TableKey:
         return d
 
 
-def table_key(ms: ModelSpace, input_size, batch: int) -> TableKey:
-    """The key of `ms`'s table measured here (this process's first JAX device)."""
+def table_key(ms: ModelSpace, input_size, batch: int, runtime: str = "jax") -> TableKey:
+    """The key of `ms`'s table measured here in `runtime` (`jax`: this process's first JAX
+    device; `torch`: torch on the CPU)."""
+    import importlib.metadata
+
     import jax
-    d = jax.devices()[0]
+    if runtime == "torch":
+        device = f"cpu: torch {importlib.metadata.version('torch')}"
+    else:
+        d = jax.devices()[0]
+        device = f"{d.platform}: {d.device_kind}"
     return TableKey(ms.arch, dict(ms.options), tuple(int(s) for s in input_size), int(batch),
-                    RUNTIME, f"{d.platform}: {d.device_kind}", jax.__version__, ms.hash)
+                    runtime, device, jax.__version__, ms.hash)
 
 
 def segment_net(m: Net, ms: ModelSpace, i: int, j: int, input_size) -> Net:
@@ -91,18 +101,22 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
                   repeats: int = 20) -> dict:
     """T(i, j) in ms for every segment of `ms` (see the module doc), as the table's JSON
     data: {"schema", "key", "ms": {"i,j": ms}, "spread_ms": {"i,j": [min, max]}}."""
-    from converters.torch_arch import arch_dict
-    from jaxprune.measure import Workload, measure
-    ws = []
-    for i, j in ms.segments:
-        sub = segment_net(m, ms, i, j, key.input_size)
-        ws.append(Workload(f"{i},{j}", "jax", "jaxprune.measure.workloads:jax_model",
-                           {"batch": key.batch, "input_size": list(sub.spec.input_size),
-                            "arch": arch_dict(sub)}))
-    t = measure(ws, rounds=rounds, warmup=warmup, repeats=repeats, separate=False)
+    import tempfile
+
+    from jaxprune.measure import measure
+    from jaxprune.measure.models import workloads
+    ws, segment = [], {}
+    with tempfile.TemporaryDirectory(prefix="jaxprune-table-") as scratch:  # torch's exports
+        for i, j in ms.segments:
+            sub = segment_net(m, ms, i, j, key.input_size)
+            w, = workloads(f"{i},{j}", sub, sub.spec.input_size, batch=key.batch,
+                           runtimes=(key.runtime,), scratch=Path(scratch))
+            ws.append(w)
+            segment[w.name] = f"{i},{j}"
+        t = measure(ws, rounds=rounds, warmup=warmup, repeats=repeats, separate=False)
     return {"schema": TABLE_SCHEMA, "key": key.as_dict(),
-            "ms": {w.name: t[w.name].median_ms for w in ws},
-            "spread_ms": {w.name: list(t[w.name].spread_ms) for w in ws},
+            "ms": {segment[w.name]: t[w.name].median_ms for w in ws},
+            "spread_ms": {segment[w.name]: list(t[w.name].spread_ms) for w in ws},
             "rounds": rounds, "repeats": repeats}
 
 
