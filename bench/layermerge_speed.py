@@ -1,7 +1,7 @@
 """layermerge's speed targets, re-runnable: predicted against measured speed-up of a plan.
 
     python bench/layermerge_speed.py [--cases resnet18,mbv2_100] [--runtime torch]
-                                     [--batch 1] [--rounds 3] [--table-dir DIR]
+                                     [--batch 1] [--rounds 3] [--threads N] [--table-dir DIR]
 
 Cases (224 px, random weights, BatchNorm statistics randomized):
 * resnet18: torchvision's ResNet-18, target_speedup 1.5 (target: >= 1.4x in torch);
@@ -54,6 +54,7 @@ from jaxprune.report import table  # noqa: E402
 from models.net import randomize_bn  # noqa: E402
 
 HW = (224, 224)
+BINS = 1000  # the DP's time grid over the budget (method.bins' default)
 # case: (arch, options, target_speedup, the issue's measured target in torch)
 CASES = {"resnet18": ("resnet18", {}, 1.5, 1.4),
          "mbv2_100": ("mobilenet_v2", {"width_mult": 1.0}, 1.6, 1.6)}
@@ -67,15 +68,15 @@ def random_batches(n: int = 2, batch: int = 8):
 
 
 def plan_case(case: str, runtime: str, batch: int, rounds: int, repeats: int,
-              table_dir: Path) -> dict:
+              threads: int | None, table_dir: Path) -> dict:
     """Space, table, search and the planned, merged model of `case`."""
     arch, options, target, _ = CASES[case]
     dense = randomize_bn(models.create(arch, num_classes=1000, **options))
     ms = build_space(dense)
     key = table_key(ms, HW, batch, runtime)
-    cache = table_dir / f"{case}-{runtime}-b{batch}.json"
+    cache = table_dir / f"{case}-{runtime}-b{batch}-t{threads or 'cores'}.json"
     t0 = time.perf_counter()
-    T = latency_table(dense, ms, key, cache, rounds=rounds, repeats=repeats)
+    T = latency_table(dense, ms, key, cache, rounds=rounds, repeats=repeats, threads=threads)
     table_s = time.perf_counter() - t0
     topt, breaks = t_opt(T, ms.segments)
     L = ms.space.positions
@@ -86,10 +87,11 @@ def plan_case(case: str, runtime: str, batch: int, rounds: int, repeats: int,
                                     ms, topt, unmerged), True
     except UserError as e:  # the table's fastest plan is slower than the target: take it
         print(f"  {case}: {e}; planning the fastest instead", flush=True)
-        budget, reached = fastest_ms(ms, topt), False
+        # ceil rounding adds under one bin per segment (at most L of BINS): leave room
+        budget, reached = fastest_ms(ms, topt) / (1 - ms.space.positions / BINS), False
     scores, source = site_scores(dense, ms, "bn_entropy", random_batches)
     plan = solve(ms.space, topt, extend_importance(ms.space, segment_importance(ms, scores)),
-                 budget, bins=1000)
+                 budget, bins=BINS)
     pieces = {(s.start, s.end): breaks[(s.start, s.end)] for s in plan.segments}
     edits = ms.edits(plan, pieces)
     planned = apply_edits(nnx.clone(dense), edits)
@@ -112,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1, help="batch of the table and the timing")
     p.add_argument("--rounds", type=int, default=3, help="rounds, each a fresh process")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per round")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads and JAX host devices (default: one per core)")
     p.add_argument("--table-dir", default="runs/bench/layermerge_tables",
                    help="where latency tables are kept and reused")
     args = p.parse_args(argv)
@@ -124,7 +128,8 @@ def main(argv=None) -> int:
     results = []
     for case in cases:
         t0 = time.perf_counter()
-        c = plan_case(case, args.runtime, args.batch, args.rounds, args.repeats, table_dir)
+        c = plan_case(case, args.runtime, args.batch, args.rounds, args.repeats, args.threads,
+                      table_dir)
         rep = c["report"]
         predicted = c["unmerged_ms"] / c["planned_ms"]
         print(f"\n== {case}: {c['positions']} positions, {c['segments']} segments; table "
@@ -142,7 +147,7 @@ def main(argv=None) -> int:
             program = converters.export(c["fused"], Path(tmp) / "fused")
             t = model_latency({"dense": c["dense"], "fused": c["fused"]}, HW, batch=args.batch,
                               programs={"fused": program}, rounds=args.rounds,
-                              repeats=args.repeats)
+                              repeats=args.repeats, threads=args.threads)
         for rt in ("torch", "jax"):
             d, f = t[f"dense {rt}"], t[f"fused {rt}"]
             row = {"case": case, "runtime": rt, "batch": args.batch,

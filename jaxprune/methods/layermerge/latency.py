@@ -98,9 +98,10 @@ def segment_net(m: Net, ms: ModelSpace, i: int, j: int, input_size) -> Net:
 
 
 def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, warmup: int = 3,
-                  repeats: int = 20) -> dict:
+                  repeats: int = 20, threads: int | None = None) -> dict:
     """T(i, j) in ms for every segment of `ms` (see the module doc), as the table's JSON
-    data: {"schema", "key", "ms": {"i,j": ms}, "spread_ms": {"i,j": [min, max]}}."""
+    data: {"schema", "key", "ms": {"i,j": ms}, "spread_ms": {"i,j": [min, max]}}.
+    `threads`: `jaxprune.measure`'s (default: one per core)."""
     import tempfile
 
     from jaxprune.measure import measure
@@ -113,11 +114,12 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
                            runtimes=(key.runtime,), scratch=Path(scratch))
             ws.append(w)
             segment[w.name] = f"{i},{j}"
-        t = measure(ws, rounds=rounds, warmup=warmup, repeats=repeats, separate=False)
+        t = measure(ws, rounds=rounds, warmup=warmup, repeats=repeats, threads=threads,
+                    separate=False)
     return {"schema": TABLE_SCHEMA, "key": key.as_dict(),
             "ms": {segment[w.name]: t[w.name].median_ms for w in ws},
             "spread_ms": {segment[w.name]: list(t[w.name].spread_ms) for w in ws},
-            "rounds": rounds, "repeats": repeats}
+            "rounds": rounds, "repeats": repeats, "threads": t[ws[0].name].threads}
 
 
 def table_ms(data: dict, key: TableKey, source: str) -> dict[tuple[int, int], float]:
