@@ -16,8 +16,8 @@ from converters.torch_in import load_state, read_file, torch_state_dict
 
 # jaxprune arch -> torchvision builder whose weights enum it takes
 TORCHVISION_BUILDERS = {
-    "resnet18": "resnet18", "vgg16_bn": "vgg16_bn", "mobilenet_v2": "mobilenet_v2",
-    "swin_t": "swin_t",
+    "resnet18": "resnet18", "resnet34": "resnet34", "vgg16_bn": "vgg16_bn",
+    "mobilenet_v2": "mobilenet_v2", "swin_t": "swin_t",
 }
 
 

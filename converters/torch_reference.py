@@ -12,6 +12,7 @@ parity tests both use it, so there is one definition of "the torch original":
 |---|---|
 | `resnet18` | torchvision `resnet18` (channels scaled by `width`/64 when `width` is not 64) |
 | `resnet18_cifar` | the same with `conv1` a 3x3 stride-1 conv (EASIER's CIFAR stem, maxpool kept) |
+| `resnet34` | torchvision `resnet34` (channels scaled likewise) |
 | `vgg16_bn` | torchvision `vgg16_bn` |
 | `mobilenet_v2` | torchvision `mobilenet_v2`, or timm `mobilenetv2_<width*100>` with `layout="timm"` |
 | `mobilenet_v2_cifar` | the same with stem and stage-2 stride 1 |
@@ -63,21 +64,25 @@ def _narrow(module: torch.nn.Module, width: int, base: int = 64) -> torch.nn.Mod
     return module
 
 
-def _resnet18(num_classes: int, width: int, cifar: bool) -> torch.nn.Module:
+def _resnet(depth: int, num_classes: int, width: int, cifar: bool = False) -> torch.nn.Module:
     if width < 1:
-        raise UserError(f"resnet18 width must be a positive integer, got {width}")
-    t = torchvision().models.resnet18(num_classes=num_classes)
+        raise UserError(f"resnet{depth} width must be a positive integer, got {width}")
+    t = getattr(torchvision().models, f"resnet{depth}")(num_classes=num_classes)
     if cifar:  # EASIER's CIFAR ResNet-18: 3x3 stride-1 stem, maxpool kept
         t.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     return _narrow(t, width) if width != 64 else t
 
 
 def resnet18(num_classes: int = 1000, width: int = 64) -> torch.nn.Module:
-    return _resnet18(num_classes, width, cifar=False)
+    return _resnet(18, num_classes, width)
 
 
 def resnet18_cifar(num_classes: int = 10, width: int = 64) -> torch.nn.Module:
-    return _resnet18(num_classes, width, cifar=True)
+    return _resnet(18, num_classes, width, cifar=True)
+
+
+def resnet34(num_classes: int = 1000, width: int = 64) -> torch.nn.Module:
+    return _resnet(34, num_classes, width)
 
 
 def vgg16_bn(num_classes: int = 1000, dropout: float = 0.5) -> torch.nn.Module:
@@ -129,7 +134,7 @@ def swin_t(num_classes: int = 1000, window_size: int = 7, stochastic_depth_prob:
         dropout=dropout, num_classes=num_classes)
 
 
-BUILDERS = {f.__name__: f for f in (resnet18, resnet18_cifar, vgg16_bn, mobilenet_v2,
+BUILDERS = {f.__name__: f for f in (resnet18, resnet18_cifar, resnet34, vgg16_bn, mobilenet_v2,
                                     mobilenet_v2_cifar, efficientnet_lite0, swin_t)}
 
 

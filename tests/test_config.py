@@ -1,5 +1,6 @@
 """Config validation: every bad key, type or value is a one-line UserError that says what to fix."""
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -144,6 +145,26 @@ def test_validating_a_config_imports_no_training_code():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/layermerge").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_layermerge_configs_pass_every_check_a_run_starts_with(path, tmp_path, monkeypatch):
+    """Each shipped layermerge config parses, passes its method's rules (one budget, the
+    options built) and fits its model: the model builds (shapes only) and has a search space
+    (`check_model`). Run where neither ImageNet nor the weights files are: those are
+    the only things missing, and a run would name them."""
+    from jaxprune import preflight
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(path, [f"out={tmp_path / 'runs'}"])
+    assert cfg.method.name == "layermerge"
+    assert (cfg.method.target_speedup or cfg.method.latency_ms) and cfg.method.plan is None
+    found = preflight.check(cfg)
+    for line in found.missing:
+        assert line.startswith(("ImageNet-2012 not found", "model.pretrained: weights/")), line
 
 
 # -- ranges: declared once beside each key, documented as declared ---------------------------

@@ -1,7 +1,7 @@
 """The latency table of a layermerge search space (`jaxprune.methods.layermerge.latency`):
 each segment is timed as the layer `merge` makes of it in the planned model, tables are
-refused for another model, size, batch, device or space, and one tiny table measured
-through `jaxprune.measure` and cached."""
+refused for another model, size, batch, runtime, device or space, and one tiny table
+measured through `jaxprune.measure` (in JAX and in torch) and cached."""
 import json
 
 import pytest
@@ -64,6 +64,10 @@ def test_table_from_another_setting_is_refused(resnet, tmp_path):
     with pytest.raises(UserError, match=r"measured for another setting \(input_size is \[32, 32\], "
                                         r"here \[16, 16\]; batch is 2, here 4\)"):
         load_table(path, other)
+    # a JAX table for a torch run: the runtime is named (and torch's device)
+    with pytest.raises(UserError, match=r"runtime is 'jax', here 'torch'; device is 'cpu: "
+                                        r".*', here 'cpu: torch "):
+        load_table(path, table_key(ms, HW, 2, runtime="torch"))
     data = _table(key, ms)
     data["key"]["device"] = "gpu: NVIDIA H200"
     path.write_text(json.dumps(data))
@@ -79,14 +83,18 @@ def test_table_from_another_setting_is_refused(resnet, tmp_path):
 
 
 @pytest.mark.slow
-def test_table_is_measured_once_and_cached(resnet, tmp_path):
+@pytest.mark.parametrize("runtime", ["jax", "torch"])
+def test_table_is_measured_once_and_cached(resnet, tmp_path, runtime):
+    """In JAX each segment's layer is jitted; in torch it is exported and its model.pt2 run
+    eagerly (a piece of the network: `width` input channels, not 3)."""
     m, ms = resnet
-    key = table_key(ms, HW, 2)
+    key = table_key(ms, HW, 2, runtime=runtime)
     cache = tmp_path / "latency_table.json"
     table = latency_table(m, ms, key, cache, rounds=1, warmup=1, repeats=2)
     assert set(table) == set(ms.segments) and all(v > 0 for v in table.values())
     data = json.loads(cache.read_text())
     assert data["key"] == key.as_dict() and data["rounds"] == 1
+    assert data["key"]["runtime"] == runtime
     assert latency_table(m, ms, key, cache) == table   # read back, not measured again
 
 

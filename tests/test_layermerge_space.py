@@ -1,9 +1,9 @@
 """The ECDC search space of the project's models (`jaxprune.methods.layermerge.space`):
 positions, breaks, residual blocks and segment counts against the reference rules
-(ResNet-18 derived, MobileNetV2 as the released tables), positions against the models'
-activation sites, and plans applied to a model: the sites linearized, the activations
-inserted, and `merge` cutting exactly at the plan's pieces, with the fused model equal to
-the planned one (merge's own check)."""
+(ResNet-18 derived, ResNet-34 and MobileNetV2 as the reference code counts them),
+positions against the models' activation sites, and plans applied to a model: the sites
+linearized, the activations inserted, and `merge` cutting exactly at the plan's pieces,
+with the fused model equal to the planned one (merge's own check)."""
 import numpy as np
 import pytest
 from flax import nnx
@@ -24,10 +24,14 @@ def _shape_only(arch, **options):
 # arch, options -> L, segments, breaks, residual blocks, forced boundaries (no segment crosses)
 RESNET18 = (16, 22, (5, 9, 13), tuple((2 * b, 2 * b + 2) for b in range(8)),
             [0, 4, 5, 6, 8, 9, 10, 12, 13, 14, 16])
+# the reference's ResNet-34 (LayerMerge): strided conv1 of stages 2-4 at 7, 15, 27
+RESNET34 = (32, 62, (7, 15, 27), tuple((2 * b, 2 * b + 2) for b in range(16)),
+            [0, 6, 7, 8, 14, 15, 16, 26, 27, 28, 32])
 MBV2 = (50, 171, (5, 11, 20, 41),
         ((5, 8), (11, 14), (14, 17), (20, 23), (23, 26), (26, 29), (32, 35), (35, 38),
          (41, 44), (44, 47)), [0, 5, 11, 20, 41, 50])
 EXPECTED = [("resnet18_cifar", {}, RESNET18), ("resnet18", {}, RESNET18),
+            ("resnet34", {}, RESNET34),
             ("mobilenet_v2", {}, MBV2), ("mobilenet_v2", {"width_mult": 1.4}, MBV2),
             ("mobilenet_v2", {"layout": "timm"}, MBV2)]
 

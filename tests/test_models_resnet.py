@@ -138,3 +138,42 @@ def test_fresh_weights_follow_torch_and_the_seed():
     assert not np.array_equal(conv, np.asarray(other.layers["layer3.0.conv2"].kernel.value))
     shapes = nnx.eval_shape(lambda: models.create("resnet18_cifar", num_classes=10, width=16))
     assert shapes.layers["layer3.0.conv2"].kernel.value.shape == conv.shape
+
+
+# -- ResNet-34: the same builder, [3, 4, 6, 3] blocks ---------------------------------------
+
+@pytest.fixture(scope="module")
+def resnet34_pair():
+    """torchvision's own resnet34 (fresh weights, BatchNorms made non-trivial) and its import."""
+    torch.manual_seed(0)
+    t = randomize(torchvision().models.resnet34(num_classes=10), seed=0)
+    return t, converters.from_torch(t)
+
+
+def test_resnet34_matches_torchvision(resnet34_pair):
+    from converters.torch_reference import tolerance
+    t, m = resnet34_pair
+    assert m.spec.arch == "resnet34"   # recognised from the weights alone (no arch given)
+    names = jaxprune.sites(m)
+    assert len(names) == models.entry("resnet34").sites == 33
+    assert names[-3:] == ["layer4.1.relu2", "layer4.2.relu1", "layer4.2.relu2"]
+    for size in (64, 45):
+        x = images(2, size)
+        err = max_diff(torch_logits(t, x), jax_logits(m, x))
+        assert err <= tolerance("resnet34"), f"size {size}: max |dlogits| {err}"
+
+
+def test_resnet34_exports_torchvisions_state_dict(resnet34_pair):
+    t, m = resnet34_pair
+    ref = {k: v.numpy() for k, v in t.state_dict().items() if not k.endswith("num_batches_tracked")}
+    out = converters.torch_state_dict(m)
+    assert set(out) == set(ref)
+    assert all(np.array_equal(out[k], ref[k]) for k in ref)
+    back = converters.to_torchvision(m)     # loads strictly into torchvision's resnet34
+    assert type(back) is type(t) and len(back.layer3) == 6
+
+
+def test_resnet18_and_resnet34_weights_are_told_apart():
+    r18 = {k: v.numpy() for k, v in torchvision().models.resnet18().state_dict().items()}
+    with pytest.raises(jaxprune.UserError, match="are a 'resnet18' .*not a 'resnet34'"):
+        converters.from_torch(r18, arch="resnet34")

@@ -64,7 +64,8 @@ class Imported:
     def __init__(self, name: str):
         factory, native, _, _ = MODELS[name]
         self.torch = ready(factory(), seed=len(name), calib_size=native)
-        if name.startswith("timm_"):  # a registered builder claims it: trace it explicitly
+        if name.startswith("timm_") or name == "resnet34":  # a registered builder claims
+            # it (efficientnet_lite0, resnet34): trace it explicitly
             self.jax = converters.trace(self.torch, (native, native))
         else:
             self.jax = converters.from_torch(self.torch)

@@ -56,19 +56,21 @@ def workloads(name: str, m: Net, hw, *, batch: int, runtimes, program: Path | No
                 import converters
                 program = converters.export(m, Path(scratch) / name)
             out.append(Workload(f"{name} torch", "torch", f"{FACTORIES}:torch_program",
-                                {"folder": str(program), "batch": batch, "input_size": size}))
+                                {"folder": str(program), "batch": batch, "input_size": size,
+                                 "in_channels": m.spec.in_channels}))
     return out
 
 
 def model_latency(models_: dict[str, Net], hw, *, batch: int = 1, runtimes=("jax", "torch"),
                   programs: dict[str, Path] | None = None, rounds: int = 3, repeats: int = 20,
-                  save: Path | None = None) -> Timings:
+                  threads: int | None = None, save: Path | None = None) -> Timings:
     """Time each named model in each runtime, every workload in its own process, the
-    models alternating round by round (`jaxprune.measure.measure`). Workload names are
+    models alternating round by round (`jaxprune.measure.measure`; `threads`: its torch
+    threads and JAX host devices, default one per core). Workload names are
     `<model name> <runtime>`."""
     programs = programs or {}
     with tempfile.TemporaryDirectory(prefix="jaxprune-latency-") as scratch:
         ws = [w for name, m in models_.items()
               for w in workloads(name, m, hw, batch=batch, runtimes=runtimes,
                                  program=programs.get(name), scratch=Path(scratch))]
-        return measure(ws, rounds=rounds, repeats=repeats, save=save)
+        return measure(ws, rounds=rounds, repeats=repeats, threads=threads, save=save)

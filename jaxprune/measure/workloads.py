@@ -91,11 +91,12 @@ def _torch_forward(module, batch: int, input_size, in_channels: int = 3):
     return step
 
 
-def torch_program(folder: str, batch: int, input_size):
-    """One eager call of the `torch.export` program `folder/model.pt2` (jaxprune-free)."""
+def torch_program(folder: str, batch: int, input_size, in_channels: int = 3):
+    """One eager call of the `torch.export` program `folder/model.pt2` (jaxprune-free), on
+    `in_channels` input channels (not 3 for a piece of a network, e.g. a merged segment)."""
     import torch
     module = torch.export.load(f"{folder}/model.pt2").module()
-    return _torch_forward(module, batch, input_size)
+    return _torch_forward(module, batch, input_size, in_channels)
 
 
 def torch_original(arch: str, batch: int, input_size, options: dict | None = None,

@@ -12,8 +12,8 @@ per kernel it may merge into, and there is no T_opt stage):
 
 1. the original network (`pretrain_epochs` of dense training when it has no weights);
 2. its search space (`space.py`) and the latency table T(i, j) of every segment, timed
-   here in JAX (`latency.py`; cached in the run folder, or reused: `latency_table`), and
-   ECDC's stage 1, T_opt;
+   here in JAX or, with `runtime: torch`, as its torch export run eagerly (`latency.py`;
+   cached in the run folder, or reused: `latency_table`), and ECDC's stage 1, T_opt;
 3. the importance of each segment: the papers' `finetune` (`finetune_importance.py`: per
    segment, the validation accuracy after a short finetune with that segment merged,
    normalised as ECDC), or a cheap proxy (`importance.py`: `entropy`, EASIER's ON/OFF
@@ -46,6 +46,7 @@ import dataclasses
 
 from jaxprune.config import Config, MethodConfig, option
 from jaxprune.errors import UserError
+from jaxprune.measure import RUNTIMES
 from jaxprune.methods import register
 
 IMPORTANCES = ("entropy", "bn_entropy", "finetune")
@@ -73,6 +74,9 @@ class LayerMergeConfig(MethodConfig):
     latency_table: str | None = None   # a latency_table.json of an earlier run, reused
     plan: str | None = None            # a plan.json of an earlier run, replayed (no search)
     latency_batch: int = option(1, ge=1)     # batch the table is timed at
+    # where the table is timed: jax (jit, the run's device) or torch (the export, eager, CPU)
+    runtime: str = option("jax", choices=RUNTIMES, why="the runtime each segment's merged "
+                          "layer is timed in")
     latency_rounds: int = option(3, ge=1)    # rounds, each one fresh process timing every segment
     latency_repeats: int = option(20, ge=1)  # timed calls per round
     bins: int = option(1000, ge=1)           # time bins over the budget (the DP's grid)

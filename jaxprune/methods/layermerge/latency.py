@@ -11,9 +11,11 @@ and the activations are not in T: a budget T0 covers the searched convolutions a
 (The reference times each merged conv followed by a ReLU; the ReLU is left out here, since
 whether a boundary keeps its activation is the plan's choice.)
 
-Timing: every segment's layer in one fresh JAX process per round, the layers alternating
-call by call (`jaxprune.measure`, `separate=False`), the median of the rounds' medians, ms
-per call of `batch` images.
+Timing (`jaxprune.measure`): in the runtime the key names, `jax` (each segment's layer
+jitted) or `torch` (each segment's layer exported by `converters.export` and its
+`model.pt2` called eagerly, in processes that never import JAX), every segment in one fresh
+process per round, the layers alternating call by call (`separate=False`), the median of
+the rounds' medians, ms per call of `batch` images.
 
 With layer dropping (LayerMerge) every option of a segment is timed, as the layer merge
 makes of the segment with that option's convs dropped: T(i, j, option), named "i,j,option"
@@ -36,12 +38,13 @@ from jaxprune.methods.layermerge.space import ModelSpace
 from models.net import Net
 
 TABLE_SCHEMA = "jaxprune.layermerge.latency/1"
-RUNTIME = "jax"
 
 
 @dataclasses.dataclass(frozen=True)
 class TableKey:
-    """Everything a latency table depends on."""
+    """Everything a latency table depends on. `runtime`: `jax` or `torch`; `device`: JAX's
+    first device, or for torch `cpu: torch <version>` (the timing workers' torch runs on
+    the CPU)."""
     arch: str
     options: dict
     input_size: tuple[int, int]
@@ -58,13 +61,19 @@ class TableKey:
         return d
 
 
-def table_key(ms: ModelSpace, input_size, batch: int) -> TableKey:
-    """The key of `ms`'s table measured here (this process's first JAX device)."""
+def table_key(ms: ModelSpace, input_size, batch: int, runtime: str = "jax") -> TableKey:
+    """The key of `ms`'s table measured here in `runtime` (`jax`: this process's first JAX
+    device; `torch`: torch on the CPU)."""
+    import importlib.metadata
+
     import jax
-    d = jax.devices()[0]
+    if runtime == "torch":
+        device = f"cpu: torch {importlib.metadata.version('torch')}"
+    else:
+        d = jax.devices()[0]
+        device = f"{d.platform}: {d.device_kind}"
     return TableKey(ms.arch, dict(ms.options), tuple(int(s) for s in input_size), int(batch),
-                    RUNTIME, f"{d.platform}: {d.device_kind}", jax.__version__, ms.hash,
-                    ms.drop_layers)
+                    runtime, device, jax.__version__, ms.hash, ms.drop_layers)
 
 
 def _entry_name(i: int, j: int, option: str, ms: ModelSpace) -> str:
@@ -103,23 +112,30 @@ def segment_net(m: Net, ms: ModelSpace, i: int, j: int, input_size,
 
 
 def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, warmup: int = 3,
-                  repeats: int = 20) -> dict:
+                  repeats: int = 20, threads: int | None = None) -> dict:
     """T(i, j) in ms for every segment of `ms` (every option of it, with layer dropping;
     see the module doc), as the table's JSON data: {"schema", "key", "ms": {"i,j": ms},
-    "spread_ms": {"i,j": [min, max]}} ("i,j,option" with layer dropping)."""
-    from converters.torch_arch import arch_dict
-    from jaxprune.measure import Workload, measure
-    ws = []
-    for i, j, o in ms.entries():
-        sub = segment_net(m, ms, i, j, key.input_size, o)
-        ws.append(Workload(_entry_name(i, j, o, ms), "jax", "jaxprune.measure.workloads:jax_model",
-                           {"batch": key.batch, "input_size": list(sub.spec.input_size),
-                            "arch": arch_dict(sub)}))
-    t = measure(ws, rounds=rounds, warmup=warmup, repeats=repeats, separate=False)
+    "spread_ms": {"i,j": [min, max]}} ("i,j,option" with layer dropping).
+    `threads`: `jaxprune.measure`'s (default: one per core)."""
+    import tempfile
+
+    from jaxprune.measure import measure
+    from jaxprune.measure.models import workloads
+    ws, entry = [], {}
+    with tempfile.TemporaryDirectory(prefix="jaxprune-table-") as scratch:  # torch's exports
+        for i, j, o in ms.entries():
+            sub = segment_net(m, ms, i, j, key.input_size, o)
+            name = _entry_name(i, j, o, ms)
+            w, = workloads(name, sub, sub.spec.input_size, batch=key.batch,
+                           runtimes=(key.runtime,), scratch=Path(scratch))
+            ws.append(w)
+            entry[w.name] = name
+        t = measure(ws, rounds=rounds, warmup=warmup, repeats=repeats, threads=threads,
+                    separate=False)
     return {"schema": TABLE_SCHEMA, "key": key.as_dict(),
-            "ms": {w.name: t[w.name].median_ms for w in ws},
-            "spread_ms": {w.name: list(t[w.name].spread_ms) for w in ws},
-            "rounds": rounds, "repeats": repeats}
+            "ms": {entry[w.name]: t[w.name].median_ms for w in ws},
+            "spread_ms": {entry[w.name]: list(t[w.name].spread_ms) for w in ws},
+            "rounds": rounds, "repeats": repeats, "threads": t[ws[0].name].threads}
 
 
 def table_ms(data: dict, key: TableKey, source: str) -> dict[tuple, float]:

@@ -127,9 +127,10 @@ def run(ctx: RunContext) -> MethodResult:
     if opts.plan is not None:   # refused before the table is timed
         plan, pieces, edits = read_plan(opts.plan, ms, cfg, ctx.image_size, original)
         ctx.log(f"layermerge: replaying {opts.plan}")
-    key = table_key(ms, ctx.image_size, opts.latency_batch)
+    key = table_key(ms, ctx.image_size, opts.latency_batch, opts.runtime)
     if opts.latency_table is None and not (ctx.run_dir / TABLE_FILE).is_file():
-        ctx.log(f"layermerge: timing {len(ms.entries())} segment options (jaxprune.measure) ...")
+        ctx.log(f"layermerge: timing {len(ms.entries())} segment options in {opts.runtime} "
+                f"(jaxprune.measure) ...")
     T = latency_table(original, ms, key, ctx.run_dir / TABLE_FILE, given=opts.latency_table,
                       rounds=opts.latency_rounds, repeats=opts.latency_repeats)
     if ms.drop_layers:  # LayerMerge: every segment one merged layer, no stage 1
@@ -175,6 +176,7 @@ def run(ctx: RunContext) -> MethodResult:
         "unmerged_ms": unmerged, "planned_ms": plan.time_ms,
         "predicted_speedup": unmerged / plan.time_ms if plan.time_ms else None,
         "objective": plan.objective, "latency_batch": opts.latency_batch,
+        "latency_runtime": key.runtime,
         "segments": [{**dataclasses.asdict(s), "convs": list(ms.convs(s.start, s.end)),
                       "dropped": [c for c in ms.convs(s.start, s.end) if c in edits.drop],
                       "pieces": list(pieces.get((s.start, s.end), (s.start, s.end)))}

@@ -44,21 +44,24 @@ def report(results: dict) -> Report:
         + (f" Dropped (identity, residual add kept): {', '.join(dropped) or 'none'}."
            if drop else "")]))
 
+    runtime = {"jax": "JAX", "torch": "torch"}[search.get("latency_runtime", "jax")]
     blocks = [Table(["", "ms"], [
         ["unmerged: Σ T(k, k+1) of the table", search["unmerged_ms"]],
         ["budget", search["budget_ms"]],
         [f"planned: Σ {'T' if drop else 'T_opt'} of the plan's segments",
          search["planned_ms"]]]),
         f"Predicted speed-up of the searched convolutions: "
-        f"{fmt(search['predicted_speedup'])}x (JAX, batch {search['latency_batch']}, the "
+        f"{fmt(search['predicted_speedup'])}x ({runtime}, batch {search['latency_batch']}, the "
         f"table's device; each segment timed alone as its fused layer, BatchNorm folded; the "
         f"stem, the head, the adds kept explicit and the activations are not in the table). "
         f"DP grid: {search['bins']} bins."]
-    jax_row = ((results.get("latency") or {}).get("runtimes") or {}).get("jax")
-    if jax_row:
-        blocks.append(f"Measured, whole model (JAX, batch {results['latency']['batch']}): "
-                      f"{jax_row['dense_ms']:.3f} ms dense → {jax_row['fused_ms']:.3f} ms "
-                      f"fused, **{jax_row['speedup']:.2f}x**; against the dense model as "
+    # measured in the runtime the table was timed in (tables of older runs: JAX)
+    row = ((results.get("latency") or {}).get("runtimes") or {}).get(
+        search.get("latency_runtime", "jax"))
+    if row:
+        blocks.append(f"Measured, whole model ({runtime}, batch {results['latency']['batch']}): "
+                      f"{row['dense_ms']:.3f} ms dense → {row['fused_ms']:.3f} ms "
+                      f"fused, **{row['speedup']:.2f}x**; against the dense model as "
                       "built, so this also counts every BatchNorm folded into its conv, "
                       "which the table's times have on both sides.")
     sections.append(Section("Latency", blocks))

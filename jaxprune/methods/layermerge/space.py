@@ -48,7 +48,8 @@ ends a segment of two or more convs, and a single-conv segment ending there stay
 `build_space(m, drop_layers=...)` gives a `ModelSpace`: the pure `dp.Space` for the
 search, the positions with their layers, and `edits(plan)`, what a `dp.Plan` changes: the
 sites to linearize, the activations to insert, the convs to drop and the tensors to keep
-(`merge(..., cuts=...)`), so that the merged model runs exactly the plan's pieces. Supported: `resnet18_cifar`, `resnet18`,
+(`merge(..., cuts=...)`), so that the merged model runs exactly the plan's pieces. Supported:
+`resnet18_cifar`, `resnet18`, `resnet34`,
 `mobilenet_v2` (either layout, any width), `mobilenet_v2_cifar`.
 """
 from __future__ import annotations
@@ -68,7 +69,7 @@ from jaxprune.merging.regions import GraphInfo
 from models.layers import Act, BatchNorm, Conv
 from models.net import Net
 
-RESNETS = ("resnet18_cifar", "resnet18")
+RESNETS = ("resnet18_cifar", "resnet18", "resnet34")
 MOBILENETS = ("mobilenet_v2", "mobilenet_v2_cifar")
 SUPPORTED = RESNETS + MOBILENETS
 INSERTED_ACT = "relu6"  # MobileNetV2's activation, inserted at a free block end

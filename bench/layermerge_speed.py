@@ -1,0 +1,180 @@
+"""layermerge's speed targets, re-runnable: predicted against measured speed-up of a plan.
+
+    python bench/layermerge_speed.py [--cases resnet18,mbv2_100] [--runtime torch]
+                                     [--batch 1] [--rounds 3] [--threads N] [--table-dir DIR]
+
+Cases (224 px, random weights, BatchNorm statistics randomized):
+* resnet18: torchvision's ResNet-18, target_speedup 1.5 (target: >= 1.4x in torch);
+* mbv2_100: torchvision's MobileNetV2-1.0, target_speedup 1.6 (target: >= 1.6x in torch).
+
+Each case runs what `method: layermerge` runs, minus training: the search space, the
+latency table of every segment (`--runtime`: `torch`, each segment's merged layer exported
+and its `model.pt2` timed eagerly, or `jax`, jitted; `jaxprune.measure`, kept in
+`--table-dir` and reused on the next run), ECDC's T_opt, `bn_entropy` importance (data-free
+from the BatchNorms; ResNet's `relu2` sites, after the residual add, have no BatchNorm
+before them and take their entropy on random normal images instead, as the weights are
+random too), the exact DP under the budget (when the table's fastest plan is slower than
+the target, the bench says so and plans the fastest), the plan applied, `jaxprune.merge` with the
+plan's cuts (`cost="none"`), and the export. Then it times the whole models
+(`jaxprune.measure.models.model_latency`: every model and runtime in a fresh process of
+its own, dense and fused alternating round by round, median of the round medians, spread
+= min-max of the round medians): in torch torchvision's own dense model against the fused
+`model.pt2`, in JAX the dense jaxprune model against the fused one.
+
+"predicted" is the table's speed-up of the searched convolutions (unmerged sum of T over
+the plan's sum of T_opt); the stem, the head, the adds kept explicit and the activations
+are not in the table, so the whole model's measured speed-up is expected to be smaller.
+The last lines are one JSON object per (case, runtime).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import converters  # noqa: E402
+import jaxprune  # noqa: E402
+import models  # noqa: E402
+from jaxprune.measure.models import model_latency  # noqa: E402
+from jaxprune.methods.layermerge.dp import extend_importance, solve, t_opt  # noqa: E402
+from jaxprune.methods.layermerge.importance import segment_importance, site_scores  # noqa: E402
+from jaxprune.methods.layermerge.latency import latency_table, table_key  # noqa: E402
+from jaxprune.errors import UserError  # noqa: E402
+from jaxprune.methods.layermerge.method import budget_ms, fastest_ms  # noqa: E402
+from jaxprune.methods.layermerge.space import apply_edits, build_space  # noqa: E402
+from jaxprune.report import table  # noqa: E402
+from models.net import randomize_bn  # noqa: E402
+
+HW = (224, 224)
+BINS = 1000  # the DP's time grid over the budget (method.bins' default)
+# case: (arch, options, target_speedup, the issue's measured target in torch)
+CASES = {"resnet18": ("resnet18", {}, 1.5, 1.4),
+         "mbv2_100": ("mobilenet_v2", {"width_mult": 1.0}, 1.6, 1.6)}
+
+
+def random_batches(n: int = 2, batch: int = 8):
+    """Random normal images: the data for the sites bn_entropy cannot score from a
+    BatchNorm (the weights are random, so there is no real data to prefer)."""
+    rng = np.random.default_rng(0)
+    return [{"image": rng.normal(size=(batch, *HW, 3)).astype(np.float32)} for _ in range(n)]
+
+
+def plan_case(case: str, runtime: str, batch: int, rounds: int, repeats: int,
+              threads: int | None, table_dir: Path) -> dict:
+    """Space, table, search and the planned, merged model of `case`."""
+    arch, options, target, _ = CASES[case]
+    dense = randomize_bn(models.create(arch, num_classes=1000, **options))
+    ms = build_space(dense)
+    key = table_key(ms, HW, batch, runtime)
+    cache = table_dir / f"{case}-{runtime}-b{batch}-t{threads or 'cores'}.json"
+    t0 = time.perf_counter()
+    T = latency_table(dense, ms, key, cache, rounds=rounds, repeats=repeats, threads=threads)
+    table_s = time.perf_counter() - t0
+    topt, breaks = t_opt(T, ms.segments)
+    L = ms.space.positions
+    unmerged = sum(T[(k, k + 1)] for k in range(L))
+    try:
+        budget, reached = budget_ms(types.SimpleNamespace(latency_ms=None,
+                                                          target_speedup=target),
+                                    ms, topt, unmerged), True
+    except UserError as e:  # the table's fastest plan is slower than the target: take it
+        print(f"  {case}: {e}; planning the fastest instead", flush=True)
+        # ceil rounding adds under one bin per segment (at most L of BINS): leave room
+        budget, reached = fastest_ms(ms, topt) / (1 - ms.space.positions / BINS), False
+    scores, source = site_scores(dense, ms, "bn_entropy", random_batches)
+    plan = solve(ms.space, topt, extend_importance(ms.space, segment_importance(ms, scores)),
+                 budget, bins=BINS)
+    pieces = {(s.start, s.end): breaks[(s.start, s.end)] for s in plan.segments}
+    edits = ms.edits(plan, pieces)
+    planned = apply_edits(nnx.clone(dense), edits)
+    fused, rep = jaxprune.merge(planned, input_size=HW, cost="none", cuts=edits.cuts,
+                                return_report=True)
+    return {"dense": dense, "fused": fused, "report": rep, "segments": len(ms.segments),
+            "positions": L, "table_s": table_s, "table": str(cache), "unmerged_ms": unmerged,
+            "budget_ms": budget, "planned_ms": plan.time_ms, "target": target,
+            "reached": reached,
+            "linearized": list(edits.linearize), "inserted": list(edits.insert_act),
+            "pieces": [list(pieces[(s.start, s.end)]) for s in plan.segments],
+            "data_sites": sorted(s for s, v in source.items() if v == "data")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", default="resnet18,mbv2_100", help=f"comma list of {list(CASES)}")
+    p.add_argument("--runtime", default="torch", choices=("jax", "torch"),
+                   help="the latency table's runtime")
+    p.add_argument("--batch", type=int, default=1, help="batch of the table and the timing")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, each a fresh process")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per round")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads and JAX host devices (default: one per core)")
+    p.add_argument("--table-dir", default="runs/bench/layermerge_tables",
+                   help="where latency tables are kept and reused")
+    args = p.parse_args(argv)
+    cases = args.cases.split(",")
+    for c in cases:
+        if c not in CASES:
+            p.error(f"unknown case {c!r}; choose from {list(CASES)}")
+    table_dir = Path(args.table_dir)
+    table_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for case in cases:
+        t0 = time.perf_counter()
+        c = plan_case(case, args.runtime, args.batch, args.rounds, args.repeats, args.threads,
+                      table_dir)
+        rep = c["report"]
+        predicted = c["unmerged_ms"] / c["planned_ms"]
+        print(f"\n== {case}: {c['positions']} positions, {c['segments']} segments; table "
+              f"({args.runtime}, batch {args.batch}) {c['table_s']:.0f} s, {c['table']}")
+        print(f"  unmerged {c['unmerged_ms']:.3f} ms, budget {c['budget_ms']:.3f} ms "
+              f"(target {c['target']}x{'' if c['reached'] else ', out of reach'}), planned {c['planned_ms']:.3f} ms: predicted "
+              f"{predicted:.2f}x of the searched convs")
+        print(f"  linearized {c['linearized']}; inserted {c['inserted']}")
+        print(f"  pieces {c['pieces']}")
+        print(f"  entropy from random images (no BatchNorm before): {c['data_sites']}")
+        print(f"  dense {rep.before}\n  fused {rep.after}")
+        print(f"  max |fused - planned logits| {rep.max_abs_diff:.2e}; searched and merged "
+              f"in {time.perf_counter() - t0:.0f} s", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            program = converters.export(c["fused"], Path(tmp) / "fused")
+            t = model_latency({"dense": c["dense"], "fused": c["fused"]}, HW, batch=args.batch,
+                              programs={"fused": program}, rounds=args.rounds,
+                              repeats=args.repeats, threads=args.threads)
+        for rt in ("torch", "jax"):
+            d, f = t[f"dense {rt}"], t[f"fused {rt}"]
+            row = {"case": case, "runtime": rt, "batch": args.batch,
+                   "table_runtime": args.runtime, "target_speedup": c["target"],
+                   "target_in_reach": c["reached"],
+                   "predicted_speedup": round(predicted, 3),
+                   "dense_ms": round(d.median_ms, 2), "fused_ms": round(f.median_ms, 2),
+                   "dense_spread_ms": [round(v, 2) for v in d.spread_ms],
+                   "fused_spread_ms": [round(v, 2) for v in f.spread_ms],
+                   "measured_speedup": round(d.median_ms / f.median_ms, 3),
+                   "threads": d.threads, "device": d.device, "rounds": args.rounds,
+                   "repeats": args.repeats}
+            results.append(row)
+            print(f"  {rt:<5} dense {d.median_ms:8.2f} ms {row['dense_spread_ms']}  fused "
+                  f"{f.median_ms:8.2f} ms {row['fused_spread_ms']}  measured "
+                  f"x{row['measured_speedup']:.2f} (predicted x{predicted:.2f})", flush=True)
+    rows = [[r["case"], r["runtime"], r["batch"], f"{r['target_speedup']}x",
+             f"{r['predicted_speedup']}x", r["dense_ms"], r["fused_ms"],
+             f"{r['measured_speedup']}x", CASES[r["case"]][3] if r["runtime"] == "torch" else ""]
+            for r in results]
+    print("\n" + "\n".join(table(["case", "runtime", "batch", "budget", "predicted",
+                                  "dense ms", "fused ms", "measured", "issue target"],
+                                 rows)) + "\n")
+    for r in results:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
