@@ -1,6 +1,6 @@
 """layermerge's speed targets, re-runnable: predicted against measured speed-up of a plan.
 
-    python bench/layermerge_speed.py [--cases resnet18,mbv2_100] [--runtime torch]
+    python bench/layermerge_speed.py [--cases resnet18,mbv2_100] [--runtime torch] [--drop-layers]
                                      [--batch 1] [--rounds 3] [--threads N] [--table-dir DIR]
 
 Cases (224 px, random weights, BatchNorm statistics randomized):
@@ -44,11 +44,11 @@ import converters  # noqa: E402
 import jaxprune  # noqa: E402
 import models  # noqa: E402
 from jaxprune.measure.models import model_latency  # noqa: E402
-from jaxprune.methods.layermerge.dp import extend_importance, solve, t_opt  # noqa: E402
 from jaxprune.methods.layermerge.importance import segment_importance, site_scores  # noqa: E402
 from jaxprune.methods.layermerge.latency import latency_table, table_key  # noqa: E402
 from jaxprune.errors import UserError  # noqa: E402
-from jaxprune.methods.layermerge.method import budget_ms, fastest_ms  # noqa: E402
+from jaxprune.methods.layermerge.method import (budget_ms, fastest_ms, search,  # noqa: E402
+                                                stage_one)
 from jaxprune.methods.layermerge.space import apply_edits, build_space  # noqa: E402
 from jaxprune.report import table  # noqa: E402
 from models.net import randomize_bn  # noqa: E402
@@ -68,19 +68,19 @@ def random_batches(n: int = 2, batch: int = 8):
 
 
 def plan_case(case: str, runtime: str, batch: int, rounds: int, repeats: int,
-              threads: int | None, table_dir: Path) -> dict:
+              threads: int | None, table_dir: Path, drop_layers: bool) -> dict:
     """Space, table, search and the planned, merged model of `case`."""
     arch, options, target, _ = CASES[case]
     dense = randomize_bn(models.create(arch, num_classes=1000, **options))
-    ms = build_space(dense)
+    ms = build_space(dense, drop_layers=drop_layers)
     key = table_key(ms, HW, batch, runtime)
-    cache = table_dir / f"{case}-{runtime}-b{batch}-t{threads or 'cores'}.json"
+    space = "lm" if drop_layers else "ecdc"
+    cache = table_dir / f"{case}-{space}-{runtime}-b{batch}-t{threads or 'cores'}.json"
     t0 = time.perf_counter()
     T = latency_table(dense, ms, key, cache, rounds=rounds, repeats=repeats, threads=threads)
     table_s = time.perf_counter() - t0
-    topt, breaks = t_opt(T, ms.segments)
+    topt, breaks, unmerged = stage_one(ms, T)
     L = ms.space.positions
-    unmerged = sum(T[(k, k + 1)] for k in range(L))
     try:
         budget, reached = budget_ms(types.SimpleNamespace(latency_ms=None,
                                                           target_speedup=target),
@@ -90,9 +90,7 @@ def plan_case(case: str, runtime: str, batch: int, rounds: int, repeats: int,
         # ceil rounding adds under one bin per segment (at most L of BINS): leave room
         budget, reached = fastest_ms(ms, topt) / (1 - ms.space.positions / BINS), False
     scores, source = site_scores(dense, ms, "bn_entropy", random_batches)
-    plan = solve(ms.space, topt, extend_importance(ms.space, segment_importance(ms, scores)),
-                 budget, bins=BINS)
-    pieces = {(s.start, s.end): breaks[(s.start, s.end)] for s in plan.segments}
+    plan, pieces = search(ms, topt, breaks, segment_importance(ms, scores), budget, BINS)
     edits = ms.edits(plan, pieces)
     planned = apply_edits(nnx.clone(dense), edits)
     fused, rep = jaxprune.merge(planned, input_size=HW, cost="none", cuts=edits.cuts,
@@ -102,7 +100,9 @@ def plan_case(case: str, runtime: str, batch: int, rounds: int, repeats: int,
             "budget_ms": budget, "planned_ms": plan.time_ms, "target": target,
             "reached": reached,
             "linearized": list(edits.linearize), "inserted": list(edits.insert_act),
-            "pieces": [list(pieces[(s.start, s.end)]) for s in plan.segments],
+            "dropped": list(edits.drop),
+            "pieces": [list(pieces.get((s.start, s.end), (s.start, s.end)))
+                       + ([s.option] if drop_layers else []) for s in plan.segments],
             "data_sites": sorted(s for s, v in source.items() if v == "data")}
 
 
@@ -116,6 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=20, help="timed calls per round")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads and JAX host devices (default: one per core)")
+    p.add_argument("--drop-layers", action="store_true",
+                   help="LayerMerge's space (convs inside the blocks may be dropped; "
+                        "drop_penalty 1) instead of ECDC's")
     p.add_argument("--table-dir", default="runs/bench/layermerge_tables",
                    help="where latency tables are kept and reused")
     args = p.parse_args(argv)
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
     for case in cases:
         t0 = time.perf_counter()
         c = plan_case(case, args.runtime, args.batch, args.rounds, args.repeats, args.threads,
-                      table_dir)
+                      table_dir, args.drop_layers)
         rep = c["report"]
         predicted = c["unmerged_ms"] / c["planned_ms"]
         print(f"\n== {case}: {c['positions']} positions, {c['segments']} segments; table "
@@ -137,7 +140,8 @@ def main(argv=None) -> int:
         print(f"  unmerged {c['unmerged_ms']:.3f} ms, budget {c['budget_ms']:.3f} ms "
               f"(target {c['target']}x{'' if c['reached'] else ', out of reach'}), planned {c['planned_ms']:.3f} ms: predicted "
               f"{predicted:.2f}x of the searched convs")
-        print(f"  linearized {c['linearized']}; inserted {c['inserted']}")
+        print(f"  linearized {c['linearized']}; inserted {c['inserted']}; dropped "
+              f"{c['dropped']}")
         print(f"  pieces {c['pieces']}")
         print(f"  entropy from random images (no BatchNorm before): {c['data_sites']}")
         print(f"  dense {rep.before}\n  fused {rep.after}")
@@ -150,7 +154,8 @@ def main(argv=None) -> int:
                               repeats=args.repeats, threads=args.threads)
         for rt in ("torch", "jax"):
             d, f = t[f"dense {rt}"], t[f"fused {rt}"]
-            row = {"case": case, "runtime": rt, "batch": args.batch,
+            row = {"case": case, "space": "layermerge" if args.drop_layers else "ecdc",
+                   "runtime": rt, "batch": args.batch,
                    "table_runtime": args.runtime, "target_speedup": c["target"],
                    "target_in_reach": c["reached"],
                    "predicted_speedup": round(predicted, 3),

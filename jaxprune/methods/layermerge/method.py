@@ -37,6 +37,28 @@ def fastest_ms(ms: ModelSpace, latency: dict) -> float:
     return best[ms.space.positions]
 
 
+def stage_one(ms: ModelSpace, T: dict) -> tuple[dict, dict, float]:
+    """(the latency the DP reads, {(i, j): the pieces a segment runs as}, the unmerged sum
+    of T: every conv alone, ms) from the table `T`: ECDC's T_opt and its breaks, or with
+    layer dropping T itself (LayerMerge: every segment one merged layer, no stage 1)."""
+    unmerged = sum(t for e, t in T.items() if e[1] == e[0] + 1)
+    if ms.drop_layers:
+        return T, {}, unmerged
+    topt, breaks = t_opt(T, ms.segments)
+    return topt, breaks, unmerged
+
+
+def search(ms: ModelSpace, topt: dict, breaks: dict, importance: dict, budget: float,
+           bins: int) -> tuple[Plan, dict]:
+    """The exact DP's plan under `budget` ms (ECDC's extended importance without layer
+    dropping) and its segments' pieces, {(i, j): (i, ..., j)}, as `ModelSpace.edits`
+    takes them."""
+    plan = solve(ms.space, topt, importance if ms.drop_layers else
+                 extend_importance(ms.space, importance), budget, bins=bins)
+    return plan, {(s.start, s.end): breaks[(s.start, s.end)] for s in plan.segments
+                  if (s.start, s.end) in breaks}
+
+
 def budget_ms(opts, ms: ModelSpace, topt: dict, unmerged: float) -> float:
     """The DP's budget: `latency_ms`, or the unmerged sum over `target_speedup`. Raises the
     one-line `UserError` naming the best reachable speed-up when no plan is that fast."""
@@ -133,11 +155,7 @@ def run(ctx: RunContext) -> MethodResult:
                 f"(jaxprune.measure) ...")
     T = latency_table(original, ms, key, ctx.run_dir / TABLE_FILE, given=opts.latency_table,
                       rounds=opts.latency_rounds, repeats=opts.latency_repeats)
-    if ms.drop_layers:  # LayerMerge: every segment one merged layer, no stage 1
-        topt, breaks = T, {}
-    else:
-        topt, breaks = t_opt(T, ms.segments)
-    unmerged = sum(t for e, t in T.items() if e[1] == e[0] + 1)  # every conv alone
+    topt, breaks, unmerged = stage_one(ms, T)
 
     scores = source = table = None
     if opts.plan is None:
@@ -151,10 +169,7 @@ def run(ctx: RunContext) -> MethodResult:
                 original, ms, opts.importance,
                 lambda: ctx.data.train_batches(opts.pretrain_epochs)[1])
             importance = segment_importance(ms, scores, opts.drop_penalty)
-        plan = solve(ms.space, topt, importance if ms.drop_layers else
-                     extend_importance(ms.space, importance), budget, bins=opts.bins)
-        pieces = {(s.start, s.end): breaks[(s.start, s.end)] for s in plan.segments
-                  if (s.start, s.end) in breaks}
+        plan, pieces = search(ms, topt, breaks, importance, budget, opts.bins)
         edits = ms.edits(plan, pieces)
         plan = dataclasses.replace(plan, extra={
             "model": cfg.model.name, "model_options": dict(cfg.model.options),
