@@ -332,9 +332,9 @@ def test_guard_exports_the_unfused_model_when_the_fused_one_measures_slower(tmp_
     assert kw["programs"]["unfused"] == tmp_path / "latency" / "unfused"
     assert out["guard"]["exported"] == "unfused"
     assert out["guard"]["why"] == (
-        "the fused model measured slower than its unfused self in JAX (9.000 against 8.000 ms "
-        "per batch of 1): the unfused model (BatchNorms folded, no run fused) is exported "
-        "instead")
+        "the fused model measured slower than its unfused self in JAX and torch (JAX: 9.000 "
+        "against 8.000 ms; torch: 12.000 against 9.000 ms, per batch of 1): the unfused model "
+        "(BatchNorms folded, no run fused) is exported instead")
     assert out["merge"]["depth_after"] == 16 and out["unfused"]["depth"] == 18
     assert not any(isinstance(layer, FusedConv) or isinstance(layer, Conv)
                    and layer.kernel_size == (5, 5) for layer in exported.layers.values())
@@ -354,16 +354,21 @@ def test_guard_exports_the_unfused_model_when_the_fused_one_measures_slower(tmp_
     assert "| depth (weight layers) | 18 | 18 | 16 | 0.89 |" in text
 
 
-def test_guard_exports_the_fused_model_unless_it_measures_slower_in_jax():
+def test_guard_exports_the_fused_model_unless_it_measures_slower_in_a_runtime():
+    """A fused model slower than its unfused self in JAX or in torch (its model.pt2, what
+    the export is) is not exported; equal is not slower."""
     from jaxprune.methods.fuse_export import guard_decision
 
-    def table(fused, unfused):
+    def table(fused, unfused, torch_fused=1.0):
         return {"batch": 1, "runtimes": {"jax": {"fused_ms": fused, "unfused_ms": unfused},
-                                         "torch": {"fused_ms": 1.0, "unfused_ms": 9.0}}}
+                                         "torch": {"fused_ms": torch_fused, "unfused_ms": 9.0}}}
     assert guard_decision(table(1.0, 2.0), same=False)["exported"] == "fused"
     assert guard_decision(table(1.0, 1.0), same=False)["exported"] == "fused"
     slower = guard_decision(table(2.5, 2.0), same=False)
-    assert slower["exported"] == "unfused" and "(2.500 against 2.000 ms" in slower["why"]
+    assert slower["exported"] == "unfused" and slower["slower_in"] == ["jax"]
+    assert "in JAX (JAX: 2.500 against 2.000 ms; torch: 1.000 against 9.000 ms" in slower["why"]
+    in_torch = guard_decision(table(1.0, 2.0, torch_fused=9.5), same=False)
+    assert in_torch["exported"] == "unfused" and in_torch["slower_in"] == ["torch"]
     same = guard_decision({"batch": 1, "runtimes": {"jax": {"fused_ms": 3.0}}}, same=True)
     assert same["exported"] == "fused" and same["why"].startswith("no run was fused")
 

@@ -33,8 +33,8 @@ def fuse_and_export(ctx: RunContext, m: Net, dense: Net, *, cost: str = "macs",
 
     With `latency` and `guard`, the fused model is also timed against its unfused self:
     `m` merged with every run left unfused (`fold_only_cuts`: BatchNorms folded, identity
-    sites removed). Where the fused model measures slower in JAX, the unfused one is what
-    is exported and returned; results["guard"] says which and both medians.
+    sites removed). Where the fused model measures slower in JAX or in torch, the unfused
+    one is what is exported and returned; results["guard"] says which and the medians.
     Returns ({"merge": ..., "export": ..., "latency": ..., "guard": ...} for results.json,
     the exported model)."""
     from jaxprune import merge, profile
@@ -96,27 +96,33 @@ def _layers(model: Net) -> tuple:
                               for n, layer in model.named_layers())
 
 
+RUNTIME_NAMES = {"jax": "JAX", "torch": "torch"}
+
+
 def guard_decision(latency: dict, same: bool) -> dict:
     """Which model to export, from `latency_table`'s record: the unfused one where the fused
-    one measured slower in JAX (medians), else the fused one; `why` says it with both
-    numbers. `same`: no run was fused (the fused model is its unfused self, timed once)."""
-    jax_row = latency["runtimes"]["jax"]
+    one measured slower in any runtime timed (medians: JAX's jitted model, or torch's
+    `model.pt2`, what the export is), else the fused one; `why` says it with every
+    runtime's two numbers. `same`: no run was fused (the fused model is its unfused self,
+    timed once)."""
+    rows = latency["runtimes"]
     if same:
-        return {"exported": "fused", "fused_jax_ms": jax_row["fused_ms"],
-                "unfused_jax_ms": jax_row["fused_ms"],
+        return {"exported": "fused", "slower_in": [],
                 "why": "no run was fused: the fused model is its unfused self (BatchNorms "
                        "folded), exported as it is"}
-    f, u = jax_row["fused_ms"], jax_row["unfused_ms"]
+    slower = [rt for rt, r in rows.items() if r["fused_ms"] > r["unfused_ms"]]
+    times = "; ".join(f"{RUNTIME_NAMES.get(rt, rt)}: {r['fused_ms']:.3f} against "
+                      f"{r['unfused_ms']:.3f} ms" for rt, r in rows.items())
     batch = latency["batch"]
-    if f > u:
-        why = (f"the fused model measured slower than its unfused self in JAX ({f:.3f} against "
-               f"{u:.3f} ms per batch of {batch}): the unfused model (BatchNorms folded, no "
-               f"run fused) is exported instead")
+    if slower:
+        why = (f"the fused model measured slower than its unfused self in "
+               f"{' and '.join(RUNTIME_NAMES.get(rt, rt) for rt in slower)} ({times}, per "
+               f"batch of {batch}): the unfused model (BatchNorms folded, no run fused) is "
+               f"exported instead")
     else:
-        why = (f"the fused model measured no slower than its unfused self in JAX ({f:.3f} "
-               f"against {u:.3f} ms per batch of {batch}): the fused model is exported")
-    return {"exported": "unfused" if f > u else "fused", "fused_jax_ms": f,
-            "unfused_jax_ms": u, "why": why}
+        why = (f"the fused model measured no slower than its unfused self ({times}, per batch "
+               f"of {batch}): the fused model is exported")
+    return {"exported": "unfused" if slower else "fused", "slower_in": slower, "why": why}
 
 
 def latency_table(ctx: RunContext, dense: Net, fused: Net, export: Path,
