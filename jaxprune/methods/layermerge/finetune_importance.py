@@ -39,10 +39,9 @@ from flax import nnx
 from jaxprune import distributed
 from jaxprune.context import RunContext
 from jaxprune.errors import UserError
-from jaxprune.methods.layermerge.space import INSERTED_ACT, ModelSpace
+from jaxprune.methods.layermerge.space import INSERTED_ACT, ModelSpace, conv_bn
 from jaxprune.train import Trainer, fit
 from models.layers import Act
-from models.layers.norm import BatchNorm
 from models.net import Net
 
 SCHEMA = "jaxprune.layermerge.importance/1"
@@ -61,10 +60,15 @@ def keys(ms: ModelSpace) -> list[tuple[int, int, int, int]]:
     return out
 
 
+def single_mean(delta: dict[tuple, float]) -> float | None:
+    """Mean Δacc of the one-conv entries (j = i + 1); None without any."""
+    singles = [v for (i, j, _, _), v in delta.items() if j == i + 1]
+    return float(np.mean(singles)) if singles else None
+
+
 def normalize(delta: dict[tuple, float], alpha: float) -> dict[tuple, float]:
     """ECDC's `single` normalisation: Δacc − α · mean(Δacc of the one-conv entries)."""
-    singles = [v for (i, j, _, _), v in delta.items() if j == i + 1]
-    shift = alpha * float(np.mean(singles)) if singles else 0.0
+    shift = alpha * (single_mean(delta) or 0.0)
     return {k: v - shift for k, v in delta.items()}
 
 
@@ -83,7 +87,6 @@ class _Probe:
         spec = original.spec
         self.fresh = models.create(spec.arch, num_classes=spec.num_classes, seed=seed + 1,
                                    **dict(spec.options))
-        self.graph = dict(self.m.graph)
 
     def _mask(self, name: str, on: bool) -> None:
         layer = self.m.layers[name]
@@ -99,9 +102,7 @@ class _Probe:
             self._mask(name, (p == i and ai == 1) or (p == j and aj == 1))
         if j == i + 1:
             conv = self.ms.positions[j].conv
-            bn = [n for n, ins in self.graph.items()
-                  if ins == (conv,) and isinstance(self.m.layers[n], BatchNorm)]
-            for name in [conv, *bn]:
+            for name in filter(None, (conv, conv_bn(self.m, conv))):
                 nnx.update(self.m.layers[name], nnx.state(self.fresh.layers[name]))
 
 
@@ -126,8 +127,8 @@ def _load(path: Path, header: dict) -> dict[str, float]:
 def finetune_importance(ctx: RunContext, original: Net, ms: ModelSpace, base_val_acc: float,
                         *, epochs: int, alpha: float) -> tuple[dict[tuple, float], dict]:
     """The importance table {(i, j, a_i, a_j): I} of `ms` (see the module doc) for
-    `dp.extend_importance`, and a summary for results.json (the raw Δacc per key, the
-    baseline, α and the shift). `base_val_acc`: the original's validation accuracy (%)."""
+    `dp.extend_importance`, and a summary for results.json (the raw Δacc and the
+    importance per key, the baseline, α and the one-conv mean). `base_val_acc`: the original's validation accuracy (%)."""
     path = ctx.run_dir / FILE
     header = json.loads(json.dumps(  # as the file holds it (tuples as lists)
         {"schema": SCHEMA, "space_hash": ms.hash, "epochs": epochs,
@@ -152,9 +153,8 @@ def finetune_importance(ctx: RunContext, original: Net, ms: ModelSpace, base_val
             path.write_text(json.dumps({**header, "delta": done}, indent=1) + "\n")
     delta = {k: done[_key_text(k)] for k in todo}
     importance = normalize(delta, alpha)
-    singles = [v for (i, j, _, _), v in delta.items() if j == i + 1]
     return importance, {"entries": len(todo), "epochs": epochs, "alpha": alpha,
-                        "base_val_acc": base_val_acc,
-                        "single_mean": float(np.mean(singles)) if singles else None,
+                        "base_val_acc": base_val_acc, "single_mean": single_mean(delta),
                         "delta": {_key_text(k): v for k, v in delta.items()},
+                        "importance": {_key_text(k): v for k, v in importance.items()},
                         "file": str(path)}

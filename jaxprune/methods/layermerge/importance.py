@@ -90,12 +90,12 @@ def drop_costs(ms: ModelSpace, scores: dict[str, float], penalty: float) -> dict
     """{droppable conv: d_c · λ}, the importance dropping it costs (see the module doc)."""
     mean_h = float(np.mean(list(scores.values()))) if scores else 0.0
     droppable = {c: f for c, f in ms.conv_facts.items() if f.droppable}
-    out = {}
-    for c, f in droppable.items():
-        norms = [g.l1 for g in droppable.values() if g.cls == f.cls]
-        mean = float(np.mean(norms))
-        out[c] = penalty * mean_h * (f.l1 / mean if mean > 0 else 1.0)
-    return out
+    norms: dict[tuple, list[float]] = {}
+    for f in droppable.values():
+        norms.setdefault(f.cls, []).append(f.l1)
+    mean = {k: float(np.mean(v)) for k, v in norms.items()}
+    return {c: penalty * mean_h * (f.l1 / mean[f.cls] if mean[f.cls] > 0 else 1.0)
+            for c, f in droppable.items()}
 
 
 def segment_importance(ms: ModelSpace, scores: dict[str, float], penalty: float = 1.0

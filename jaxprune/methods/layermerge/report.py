@@ -2,7 +2,7 @@
 latency, the site entropies, then the fused model."""
 from __future__ import annotations
 
-from jaxprune.methods.fuse_export import merge_sections
+from jaxprune.methods.fuse_export import RUNTIME_NAMES, merge_sections
 from jaxprune.report import Report, Section, Table, fmt
 
 
@@ -44,7 +44,7 @@ def report(results: dict) -> Report:
         + (f" Dropped (identity, residual add kept): {', '.join(dropped) or 'none'}."
            if drop else "")]))
 
-    runtime = {"jax": "JAX", "torch": "torch"}[search.get("latency_runtime", "jax")]
+    runtime = RUNTIME_NAMES[search.get("latency_runtime", "jax")]
     blocks = [Table(["", "ms"], [
         ["unmerged: Σ T(k, k+1) of the table", search["unmerged_ms"]],
         ["budget", search["budget_ms"]],
@@ -85,7 +85,7 @@ def report(results: dict) -> Report:
         sections.append(Section("Importance", text))
     table = search.get("finetune_table")
     if table:
-        rows = [[f"({k.replace(',', ', ')})", d, d - table["alpha"] * table["single_mean"]]
+        rows = [[f"({k.replace(',', ', ')})", d, table["importance"][k]]
                 for k, d in table["delta"].items()]
         sections.append(Section("Importance", [
             f"Each entry: the network with that segment merged (activations inside removed; "

@@ -263,10 +263,19 @@ def drop_conv(m: Net, conv: str) -> None:
     if layer.cin != layer.cout or layer.stride != (1, 1) or any(
             a + b != k - 1 for (a, b), k in zip(layer.padding, layer.kernel_size)):
         raise UserError(f"cannot drop {conv!r}: its output is not its input's shape")
-    readers = [n for n, ins in m.graph if conv in ins]
+    bn = conv_bn(m, conv)
     m.remove(conv)
+    if bn is not None:
+        m.remove(bn)
+
+
+def conv_bn(m: Net, conv: str) -> str | None:
+    """The BatchNorm that alone reads `conv` (its own, folded into it when merging), or
+    None."""
+    readers = [n for n, ins in m.graph if conv in ins]
     if len(readers) == 1 and isinstance(m.layers[readers[0]], BatchNorm):
-        m.remove(readers[0])
+        return readers[0]
+    return None
 
 
 def apply_edits(m: Net, edits: Edits) -> Net:
