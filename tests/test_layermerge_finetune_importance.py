@@ -108,3 +108,4 @@ def test_a_real_table_on_the_digits(tmp_path, monkeypatch):
                                                  r"made with other settings \(epochs 1 "
                                                  r"\(here 2\)\): use a new run name"):
         fi.finetune_importance(ctx, m, ms, 10.0, epochs=2, alpha=1.6)
+

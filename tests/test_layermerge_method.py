@@ -2,7 +2,8 @@
 plan under its budget, writes plan.json, finetunes and merges exactly as planned; the plan
 replays to the same edits; bad budgets, plans and options are refused in one line.
 The run (module fixture, about 75 s on 2 cores: compiling, the exact merge's check and the
-torch export dominate) is shared by every test here but the budget one."""
+torch export dominate) is shared by every test here but the budget one and the run on the
+finetune importance table."""
 import json
 import math
 from pathlib import Path
@@ -228,3 +229,26 @@ def test_plan_with_drops_replays_and_bad_drops_are_refused(dropped):
     refused("irreducible", lambda d: d["edits"]["drop"].append("layer2.0.conv1"),
             "drops 'layer2.0.conv1', an irreducible conv", "method.drop_layers=true")
     refused("ecdc", lambda d: None, "was made with method.drop_layers true, here false")
+
+
+@pytest.mark.slow
+def test_a_run_searches_on_the_finetune_table(tmp_path):
+    """`method.importance: finetune` end to end: the DP's plan scores each of its segments
+    by the table's normalised entry (ResNet has no free block ends, so ECDC's extended
+    importance adds nothing), and the report shows the table. About 60 s on 2 cores."""
+    from jaxprune.methods.layermerge import finetune_importance as fi
+    table = _table(tmp_path)
+    run_dir, res = runner.run(_cfg(tmp_path, f"method.latency_table={table}",
+                                   "method.importance=finetune", "method.target_speedup=1.3",
+                                   "method.finetune_epochs=0", "name=ft"))
+    ft = res["search"]["finetune_table"]
+    assert ft["entries"] == 22 and (run_dir / fi.FILE).is_file()
+    assert ft["importance"] == pytest.approx(
+        {k: v - 1.6 * ft["single_mean"] for k, v in ft["delta"].items()})
+    plan = Plan.from_json((run_dir / PLAN_FILE).read_text())
+    assert res["search"]["planned_ms"] <= res["search"]["budget_ms"]
+    for s in plan.segments:
+        assert s.importance == pytest.approx(ft["importance"][f"{s.start},{s.end},1,1"])
+    assert plan.objective == pytest.approx(sum(s.importance for s in plan.segments))
+    assert "| (i, j, a_i, a_j) | Δ val acc (points) | importance |" in \
+        (run_dir / "report.md").read_text()
