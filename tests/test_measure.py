@@ -109,7 +109,8 @@ def test_every_latency_figure_comes_from_the_module(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_a_real_latency_table_of_a_fused_model(tmp_path):
     """fuse_and_export with latency on: dense torchvision-style original against the fused
-    export, both runtimes, real processes; the saved spec reruns it."""
+    export, both runtimes, real processes, at the batch asked for; the saved spec reruns
+    it."""
     import jaxprune
     from jaxprune.activation_sites import dense_copy
     from jaxprune.config import from_dict
@@ -120,9 +121,9 @@ def test_a_real_latency_table_of_a_fused_model(tmp_path):
     ctx = RunContext(cfg, tmp_path, 10)
     m = models.create("resnet18_cifar", num_classes=10, width=4)
     jaxprune.linearize(m, [s for s in m.sites() if s.endswith("relu1")])
-    out, small = fuse_and_export(ctx, m, dense_copy(m), cost="none")
+    out, small = fuse_and_export(ctx, m, dense_copy(m), cost="none", batch=2)
     lat = out["latency"]
-    assert set(lat["runtimes"]) == {"jax", "torch"}
+    assert set(lat["runtimes"]) == {"jax", "torch"} and lat["batch"] == 2
     for r in lat["runtimes"].values():
         assert r["dense_ms"] > 0 and r["fused_ms"] > 0
         assert np.isclose(r["speedup"], r["dense_ms"] / r["fused_ms"])
@@ -135,3 +136,4 @@ def test_a_real_latency_table_of_a_fused_model(tmp_path):
     assert [w.factory.split(":")[1] for w in workloads] == [
         "jax_model", "torch_original", "jax_model", "torch_program", "jax_model", "torch_program"]
     assert [w.name for w in workloads][4:] == ["bare jax", "bare torch"]
+    assert {w.args["batch"] for w in workloads} == {2}

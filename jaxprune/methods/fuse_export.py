@@ -23,13 +23,14 @@ LATENCY_SPEC = f"{LATENCY_DIR}/spec.json"
 
 def fuse_and_export(ctx: RunContext, m: Net, dense: Net, *, cost: str = "macs",
                     latency: bool = True, cuts=(), guard: bool = False,
-                    rounds: int = LATENCY_ROUNDS) -> tuple[dict, Net]:
+                    rounds: int = LATENCY_ROUNDS, batch: int = LATENCY_BATCH
+                    ) -> tuple[dict, Net]:
     """Fuse `m` with `jaxprune.merge` at the run's input size (`cuts`: the layers whose
     outputs stay materialized, as `merge` takes them; under `cost="latency"` its candidates
-    are timed at `LATENCY_BATCH`, the batch of the latency table), export the fused model
-    to `<run>/export` (each step checked against `m` on random inputs), profile the `dense`
-    original (what a user runs without jaxprune) and the fused model (depth, params,
-    MACs), and, with `latency`, time both on this device (`latency_table`, `rounds`).
+    are timed at `batch`), export the fused model to `<run>/export` (each step checked
+    against `m` on random inputs), profile the `dense` original (what a user runs without
+    jaxprune) and the fused model (depth, params, MACs), and, with `latency`, time both on
+    this device (`latency_table`, `rounds` rounds, ms per batch of `batch` images).
 
     With `latency` and `guard`, the fused model is also timed against its unfused self:
     `m` merged with every run left unfused (`fold_only_cuts`: BatchNorms folded, identity
@@ -43,7 +44,7 @@ def fuse_and_export(ctx: RunContext, m: Net, dense: Net, *, cost: str = "macs",
     x = np.asarray(jax.random.normal(jax.random.key(0), (4, *hw, m.spec.in_channels)))
     m.eval()
     logits = np.asarray(m(x))
-    small, rep = merge(m, input_size=hw, cost=cost, batch=LATENCY_BATCH, return_report=True,
+    small, rep = merge(m, input_size=hw, cost=cost, batch=batch, return_report=True,
                        cuts=cuts)
     before = profile(dense, hw)
     out = {"merge": {**rep.as_dict(), "depth_before": before.depth,
@@ -55,7 +56,8 @@ def fuse_and_export(ctx: RunContext, m: Net, dense: Net, *, cost: str = "macs",
             out["export"] = export_torch(small, export, x, logits)
             if latency:
                 ctx.log("timing the dense and the fused model (jaxprune.measure) ...")
-                out["latency"] = latency_table(ctx, dense, small, export, rounds=rounds)
+                out["latency"] = latency_table(ctx, dense, small, export, rounds=rounds,
+                                               batch=batch)
         return out, small
 
     unfused = merge(m, input_size=hw, cost="none", cuts=(*cuts, *fold_only_cuts(m)),
@@ -73,7 +75,8 @@ def fuse_and_export(ctx: RunContext, m: Net, dense: Net, *, cost: str = "macs",
         ctx.log(f"timing the dense{'' if same else ', the unfused'} and the fused model "
                 f"(jaxprune.measure) ...")
         out["latency"] = latency_table(ctx, dense, small, timed / "fused", rounds=rounds,
-                                       unfused=None if same else (unfused, timed / "unfused"))
+                                       unfused=None if same else (unfused, timed / "unfused"),
+                                       batch=batch)
         out["guard"] = guard_decision(out["latency"], same)
         use_unfused = out["guard"]["exported"] == "unfused"
         chosen = "unfused" if use_unfused else "fused"
@@ -126,8 +129,9 @@ def guard_decision(latency: dict, same: bool) -> dict:
 
 
 def latency_table(ctx: RunContext, dense: Net, fused: Net, export: Path,
-                  unfused: tuple[Net, Path] | None = None, rounds: int = LATENCY_ROUNDS) -> dict:
-    """ms per batch of `LATENCY_BATCH` images of the dense and the fused model (and of the
+                  unfused: tuple[Net, Path] | None = None, rounds: int = LATENCY_ROUNDS,
+                  batch: int = LATENCY_BATCH) -> dict:
+    """ms per batch of `batch` images of the dense and the fused model (and of the
     `unfused` model with its export folder, when given), in JAX (jit) and torch (the dense
     model as torchvision's or timm's own module, the others as their exported `model.pt2`),
     each in fresh processes, alternating, `rounds` rounds (`jaxprune.measure`); the spec is
@@ -146,7 +150,7 @@ def latency_table(ctx: RunContext, dense: Net, fused: Net, export: Path,
     if border_params(fused):
         named["bare"] = without_border_terms(fused)
         programs["bare"] = converters.export(named["bare"], ctx.run_dir / LATENCY_DIR / "bare")
-    t = model_latency(named, ctx.image_size, batch=LATENCY_BATCH, programs=programs,
+    t = model_latency(named, ctx.image_size, batch=batch, programs=programs,
                       rounds=rounds, repeats=LATENCY_REPEATS, save=ctx.run_dir / LATENCY_SPEC)
     rows = {}
     for runtime in ("jax", "torch"):
@@ -163,7 +167,7 @@ def latency_table(ctx: RunContext, dense: Net, fused: Net, export: Path,
             bare = t[f"bare {runtime}"]
             rows[runtime].update({"bare_ms": bare.median_ms,
                                   "border_ms": f.median_ms - bare.median_ms})
-    return {"batch": LATENCY_BATCH, "rounds": rounds, "repeats": LATENCY_REPEATS,
+    return {"batch": batch, "rounds": rounds, "repeats": LATENCY_REPEATS,
             "command": t.command, "runtimes": rows}
 
 

@@ -206,7 +206,7 @@ def run(ctx: RunContext) -> MethodResult:
     results["finetune"] = {**finetune(ctx, original, planned),
                            **evaluate_model(planned, cfg.train, ctx.data, ctx.mesh)}
     fused, small = fuse_and_export(ctx, planned, original, cost="none", cuts=edits.cuts,
-                                   latency=opts.latency)
+                                   latency=opts.latency, batch=opts.latency_batch)
     results.update(fused)
     results["fused"] = evaluate_model(small, cfg.train, ctx.data, ctx.mesh, splits=("test",))
     return MethodResult(results, report.report(results))
