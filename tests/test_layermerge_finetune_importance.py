@@ -14,7 +14,7 @@ import models
 from jaxprune import config
 from jaxprune.context import RunContext, build_model
 from jaxprune.methods.layermerge import finetune_importance as fi
-from jaxprune.methods.layermerge.space import build_space
+from jaxprune.methods.layermerge.space import Edits, apply_edits, build_space
 from models.net import randomize_bn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +36,22 @@ def test_the_keys_are_the_references():
     assert (0, 2, 1, 0) not in keys and (2, 5, 1, 0) not in keys
     r18 = build_space(models.create("resnet18_cifar", width=4))
     assert fi.keys(r18) == [(i, j, 1, 1) for i, j in r18.segments]
+
+
+def test_layermerges_keys_are_its_options():
+    """With layer dropping, one key per option of every segment (LayerMerge's 391 for
+    MobileNetV2), its flags fixed: the original's at i, the space's at j (a ReLU6 after a
+    block end closing two or more convs)."""
+    mb = build_space(models.create("mobilenet_v2"), drop_layers=True)
+    keys = fi.keys(mb)
+    assert len(keys) == 391 == len(mb.entries())
+    assert [k[:3] for k in keys] == list(mb.entries())
+    free = set(mb.free_after)
+    for i, j, _, ai, aj in keys:
+        assert ai == (0 if i in free else 1)
+        assert aj == (1 if j not in free or j - i >= 2 else 0)
+    r18 = build_space(models.create("resnet18_cifar", width=4), drop_layers=True)
+    assert [k[3:] for k in fi.keys(r18)] == [(1, 1)] * 30
 
 
 def test_normalisation_is_ecdcs_single():
@@ -68,11 +84,27 @@ def test_a_key_changes_only_its_segment():
     assert all(np.array_equal(a, b) for a, b in
                zip(_weights(probe.m, "layer1.0.conv2"), _weights(m, "layer1.0.conv2")))
 
+    # with layer dropping, the key's option drops its convs: a network of its own
+    lm = build_space(m, drop_layers=True)
+    probe = fi._Probe(m, lm, seed=0)
+    key = (0, 2, "k3s1d", 1, 1)               # layer1.0 as one 3x3 conv: one conv dropped
+    dropped, = lm.dropped(*key[:3])
+    assert probe.set(key) and dropped not in probe.m.layers
+    assert [s for s in probe.m.sites() if float(probe.m.layers[s].mask.value) == 0] == [
+        "layer1.0.relu1"]
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, *HW, 3)))
+    want = apply_edits(nnx.clone(m), Edits(("layer1.0.relu1",), {}, (), (dropped,)))
+    probe.m.eval(), want.eval()
+    np.testing.assert_allclose(probe.m(x), want(x), atol=1e-5)  # the plan's network
+    assert probe.set((0, 2, "k5s1d", 1, 1)) and dropped in probe.m.layers  # none dropped
+    net = probe.m
+    assert not probe.set((1, 2, "k3s1d", 1, 1)) and probe.m is net  # the same convs: reset
+
     mb = models.create("mobilenet_v2_cifar", num_classes=10, width_mult=0.1)
     mbs = build_space(mb)
     probe = fi._Probe(mb, mbs, seed=0)
-    act = {p: probe.m.layers[name] for p, name in probe.inserted.items()}
     probe.set((2, 5, 0, 1))
+    act = {p: probe.m.layers[name] for p, name in probe.inserted.items()}
     assert float(act[2].mask.value) == 0 and float(act[5].mask.value) == 1
     assert all(float(a.mask.value) == 0 for p, a in act.items() if p not in (2, 5))
     probe.set((3, 5, 1, 0))
@@ -108,4 +140,5 @@ def test_a_real_table_on_the_digits(tmp_path, monkeypatch):
                                                  r"made with other settings \(epochs 1 "
                                                  r"\(here 2\)\): use a new run name"):
         fi.finetune_importance(ctx, m, ms, 10.0, epochs=2, alpha=1.6)
+
 

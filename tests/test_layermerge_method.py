@@ -127,8 +127,6 @@ def test_bad_plans_and_options_are_refused(searched):
             rf"linearizes '{site}x', not a site of resnet18_cifar; did you mean '{site}'")
     refused("hand", lambda d: d["edits"]["linearize"].pop(),
             "its edits do not follow from its segments")
-    with pytest.raises(jaxprune.UserError, match="'finetune' is built for ECDC's space only"):
-        _cfg(tmp, "method.importance=finetune", "method.drop_layers=true")
     with pytest.raises(jaxprune.UserError, match="exactly one of method.target_speedup"):
         _cfg(tmp, "method.latency_ms=3")
 
@@ -251,4 +249,30 @@ def test_a_run_searches_on_the_finetune_table(tmp_path):
         assert s.importance == pytest.approx(ft["importance"][f"{s.start},{s.end},1,1"])
     assert plan.objective == pytest.approx(sum(s.importance for s in plan.segments))
     assert "| (i, j, a_i, a_j) | Δ val acc (points) | importance |" in \
+        (run_dir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_layermerge_run_searches_on_its_finetune_table(tmp_path, monkeypatch):
+    """`importance: finetune` with layer dropping: 30 finetunes, one per option, one
+    compiled train step per set of dropped convs (8 here); LayerMerge's normalisation
+    exp(Δ / 100); the plan scores each segment by its option's entry, and the report
+    shows the table. About 100 s on 2 cores."""
+    from jaxprune.methods.layermerge import finetune_importance as fi
+    built, real = [], fi.Trainer
+    monkeypatch.setattr(fi, "Trainer", lambda net, *a, **k: built.append(net) or real(net, *a, **k))
+    table = _drop_table(tmp_path)
+    run_dir, res = runner.run(_cfg(tmp_path, "method.drop_layers=true",
+                                   f"method.latency_table={table}", "method.importance=finetune",
+                                   "method.target_speedup=1.3", "method.finetune_epochs=0",
+                                   "name=ft-drop"))
+    ft = res["search"]["finetune_table"]
+    assert ft["entries"] == 30 and ft["normalisation"] == "exp" and len(built) == 8
+    assert ft["importance"] == pytest.approx({k: np.exp(v / 100) for k, v in ft["delta"].items()})
+    plan = Plan.from_json((run_dir / PLAN_FILE).read_text())
+    assert res["search"]["planned_ms"] <= res["search"]["budget_ms"]
+    assert res["search"]["edits"]["drop"]
+    for s in plan.segments:
+        assert s.importance == pytest.approx(ft["importance"][f"{s.start},{s.end},{s.option},1,1"])
+    assert "| (i, j, option, a_i, a_j) | Δ val acc (points) | importance |" in \
         (run_dir / "report.md").read_text()

@@ -68,12 +68,13 @@ class LayerMergeConfig(MethodConfig):
     latency_ms: float | None = option(None, gt=0)
     importance: str = option("entropy", choices=IMPORTANCES)
     # importance: finetune — epochs of each entry's finetune, and ECDC's α (the bonus per
-    # segment, in units of the mean one-conv Δacc: 1.6 for MobileNetV2-1.0, 1.2 for 1.4)
+    # segment, in units of the mean one-conv Δacc: 1.6 for MobileNetV2-1.0, 1.2 for 1.4;
+    # LayerMerge's space normalises with exp(Δacc / 100) instead)
     importance_epochs: int = option(1, ge=1)
     importance_alpha: float = option(1.6, ge=0)
     latency_table: str | None = None   # a latency_table.json of an earlier run, reused
     plan: str | None = None            # a plan.json of an earlier run, replayed (no search)
-    latency_batch: int = option(1, ge=1)     # batch the table is timed at
+    latency_batch: int = option(1, ge=1)     # batch the table and the final models are timed at
     # where the table is timed: jax (jit, the run's device) or torch (the export, eager, CPU)
     runtime: str = option("jax", choices=RUNTIMES, why="the runtime each segment's merged "
                           "layer is timed in")
@@ -89,11 +90,6 @@ class LayerMergeConfig(MethodConfig):
     latency: bool = True    # time the dense and the fused model (jaxprune.measure; ~1 min)
 
     def check(self, cfg: Config) -> None:
-        if self.importance == "finetune" and self.drop_layers:
-            raise UserError("method.importance 'finetune' is built for ECDC's space only (each "
-                            "of LayerMerge's options would be a network of its own to "
-                            "finetune): use entropy or bn_entropy with drop_layers, or set "
-                            "drop_layers: false")
         if self.plan is None and (self.target_speedup is None) == (self.latency_ms is None):
             raise UserError("set exactly one of method.target_speedup and method.latency_ms "
                             "(or method.plan to replay a plan)")

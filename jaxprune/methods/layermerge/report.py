@@ -87,13 +87,18 @@ def report(results: dict) -> Report:
     if table:
         rows = [[f"({k.replace(',', ', ')})", d, table["importance"][k]]
                 for k, d in table["delta"].items()]
+        if table["normalisation"] == "exp":
+            how, key = ("Importance = exp(Δ / 100) (LayerMerge).", "(i, j, option, a_i, a_j)")
+        else:
+            how, key = (f"Importance = Δ − α · mean Δ of the one-conv entries = Δ − "
+                        f"{table['alpha']:g} · ({fmt(table['single_mean'])}) (ECDC).",
+                        "(i, j, a_i, a_j)")
         sections.append(Section("Importance", [
-            f"Each entry: the network with that segment merged (activations inside removed; "
-            f"a one-conv segment re-initialised), finetuned {table['epochs']} epoch(s) from the "
-            f"original, Δ = its validation accuracy − the original's "
-            f"({fmt(table['base_val_acc'])} %). Importance = Δ − α · mean Δ of the one-conv "
-            f"entries = Δ − {table['alpha']:g} · ({fmt(table['single_mean'])}) (ECDC). "
+            f"Each entry: the network with that segment merged (activations inside removed, "
+            f"the convs its option drops removed; a one-conv segment re-initialised), "
+            f"finetuned {table['epochs']} epoch(s) from the original, Δ = its validation "
+            f"accuracy − the original's ({fmt(table['base_val_acc'])} %). {how} "
             f"Entries: `{table['file']}`.",
-            Table(["(i, j, a_i, a_j)", "Δ val acc (points)", "importance"], rows)]))
+            Table([key, "Δ val acc (points)", "importance"], rows)]))
     sections += merge_sections(results, before="dense")
     return Report(f"layermerge: {results['model']} on {results['dataset']}", sections)
