@@ -15,10 +15,10 @@ per kernel it may merge into, and there is no T_opt stage):
    here in JAX or, with `runtime: torch`, as its torch export run eagerly (`latency.py`;
    cached in the run folder, or reused: `latency_table`), and ECDC's stage 1, T_opt;
 3. the importance of each segment: the papers' `finetune` (`finetune_importance.py`: per
-   segment, the validation accuracy after a short finetune with that segment merged,
-   normalised as ECDC), or a cheap proxy (`importance.py`: `entropy`, EASIER's ON/OFF
-   entropy over one epoch of training data, or `bn_entropy`, data-free from the BatchNorm
-   before the site: a segment earns the entropy of the activation it keeps at its end, so
+   segment, or per option with layer dropping, the validation accuracy after a short
+   finetune with that segment merged, normalised as ECDC or LayerMerge), or a cheap
+   proxy (`importance.py`: `entropy`, EASIER's ON/OFF entropy over one epoch of training
+   data, or `bn_entropy`, data-free from the BatchNorm before the site: a segment earns the entropy of the activation it keeps at its end, so
    the search keeps the high-entropy activations the budget allows; with layer dropping,
    minus `drop_penalty` times the dropped convs' worth on the same scale);
 4. the exact dynamic program (`dp.py`) under the budget (`target_speedup` over the
@@ -32,7 +32,7 @@ per kernel it may merge into, and there is no T_opt stage):
       target_speedup: 1.5      # or latency_ms
       importance: entropy      # entropy | bn_entropy | finetune
       importance_epochs: 1     # finetune: epochs per table entry
-      importance_alpha: 1.6    # finetune: ECDC's per-segment bonus
+      importance_alpha: 1.6    # finetune, ECDC's space: the per-segment bonus
       finetune_epochs: null    # null: train.epochs
 
 The package: `dp.py` (the search as pure functions over tables, the plan file), `space.py`
