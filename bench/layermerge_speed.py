@@ -18,7 +18,8 @@ the target, the bench says so and plans the fastest), the plan applied, `jaxprun
 plan's cuts (`cost="none"`), and the export. Then it times the whole models
 (`jaxprune.measure.models.model_latency`: every model and runtime in a fresh process of
 its own, dense and fused alternating round by round, median of the round medians, spread
-= min-max of the round medians): in torch torchvision's own dense model against the fused
+= min-max of the round medians; "round by round": the median and min-max of dense over
+fused within each round, the two timed one after the other): in torch torchvision's own dense model against the fused
 `model.pt2`, in JAX the dense jaxprune model against the fused one.
 
 "predicted" is the table's speed-up of the searched convolutions (unmerged sum of T over
@@ -163,12 +164,18 @@ def main(argv=None) -> int:
                    "dense_spread_ms": [round(v, 2) for v in d.spread_ms],
                    "fused_spread_ms": [round(v, 2) for v in f.spread_ms],
                    "measured_speedup": round(d.median_ms / f.median_ms, 3),
+                   # round k of each model ran one after the other: their ratio cancels
+                   # the machine's drift between rounds
+                   "round_speedups": [round(a / b, 3) for a, b in
+                                      zip(d.round_medians_ms, f.round_medians_ms)],
                    "threads": d.threads, "device": d.device, "rounds": args.rounds,
                    "repeats": args.repeats}
             results.append(row)
             print(f"  {rt:<5} dense {d.median_ms:8.2f} ms {row['dense_spread_ms']}  fused "
                   f"{f.median_ms:8.2f} ms {row['fused_spread_ms']}  measured "
-                  f"x{row['measured_speedup']:.2f} (predicted x{predicted:.2f})", flush=True)
+                  f"x{row['measured_speedup']:.2f} (predicted x{predicted:.2f}); round by "
+                  f"round x{np.median(row['round_speedups']):.2f} "
+                  f"[{min(row['round_speedups'])}, {max(row['round_speedups'])}]", flush=True)
     rows = [[r["case"], r["runtime"], r["batch"], f"{r['target_speedup']}x",
              f"{r['predicted_speedup']}x", r["dense_ms"], r["fused_ms"],
              f"{r['measured_speedup']}x", CASES[r["case"]][3] if r["runtime"] == "torch" else ""]
