@@ -19,8 +19,9 @@ plan's cuts (`cost="none"`), and the export. Then it times the whole models
 (`jaxprune.measure.models.model_latency`: every model and runtime in a fresh process of
 its own, dense and fused alternating round by round, median of the round medians, spread
 = min-max of the round medians; "round by round": the median and min-max of dense over
-fused within each round, the two timed one after the other): in torch torchvision's own dense model against the fused
-`model.pt2`, in JAX the dense jaxprune model against the fused one.
+fused within each round, the two timed one after the other): in torch torchvision's own
+dense model against the fused `model.pt2`, in JAX the dense jaxprune model against the
+fused one.
 
 "predicted" is the table's speed-up of the searched convolutions (unmerged sum of T over
 the plan's sum of T_opt); the stem, the head, the adds kept explicit and the activations

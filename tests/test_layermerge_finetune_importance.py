@@ -94,7 +94,8 @@ def test_a_key_changes_only_its_segment():
         "layer1.0.relu1"]
     x = np.asarray(jax.random.normal(jax.random.key(0), (2, *HW, 3)))
     want = apply_edits(nnx.clone(m), Edits(("layer1.0.relu1",), {}, (), (dropped,)))
-    probe.m.eval(), want.eval()
+    probe.m.eval()
+    want.eval()
     np.testing.assert_allclose(probe.m(x), want(x), atol=1e-5)  # the plan's network
     assert probe.set((0, 2, "k5s1d", 1, 1)) and dropped in probe.m.layers  # none dropped
     net = probe.m
@@ -140,5 +141,3 @@ def test_a_real_table_on_the_digits(tmp_path, monkeypatch):
                                                  r"made with other settings \(epochs 1 "
                                                  r"\(here 2\)\): use a new run name"):
         fi.finetune_importance(ctx, m, ms, 10.0, epochs=2, alpha=1.6)
-
-

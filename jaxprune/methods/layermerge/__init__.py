@@ -18,9 +18,10 @@ per kernel it may merge into, and there is no T_opt stage):
    segment, or per option with layer dropping, the validation accuracy after a short
    finetune with that segment merged, normalised as ECDC or LayerMerge), or a cheap
    proxy (`importance.py`: `entropy`, EASIER's ON/OFF entropy over one epoch of training
-   data, or `bn_entropy`, data-free from the BatchNorm before the site: a segment earns the entropy of the activation it keeps at its end, so
-   the search keeps the high-entropy activations the budget allows; with layer dropping,
-   minus `drop_penalty` times the dropped convs' worth on the same scale);
+   data, or `bn_entropy`, data-free from the BatchNorm before the site: a segment earns
+   the entropy of the activation it keeps at its end, so the search keeps the
+   high-entropy activations the budget allows; with layer dropping, minus `drop_penalty`
+   times the dropped convs' worth on the same scale);
 4. the exact dynamic program (`dp.py`) under the budget (`target_speedup` over the
    unmerged sum of T, or `latency_ms`), written to `plan.json` (`plan: PATH` replays one);
 5. the plan applied (sites inside segments linearized, dropped convs removed), finetuned

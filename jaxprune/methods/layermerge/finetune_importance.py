@@ -90,9 +90,9 @@ def normalize(delta: dict[tuple, float], alpha: float) -> dict[tuple, float]:
 
 def normalize_options(ms: ModelSpace, delta: dict[tuple, float]) -> dict[tuple, float]:
     """LayerMerge's normalisation, exp(Δacc / 100), of keys (i, j, option, a_i, a_j),
-    keyed for `dp.solve` by every flag a_i the space lets the search arrive with."""
-    return {(i, j, o, ai, aj): float(np.exp(v / 100.0))
-            for (i, j, o, _, aj), v in delta.items() for ai in ms.space.acts(i)}
+    keyed for `dp.solve` by every flag the search may take (`ModelSpace.act_keys`)."""
+    return {key: float(np.exp(v / 100.0))
+            for (i, j, o, _, _), v in delta.items() for key in ms.act_keys(i, j, o)}
 
 
 class _Probe:

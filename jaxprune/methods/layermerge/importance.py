@@ -104,16 +104,14 @@ def segment_importance(ms: ModelSpace, scores: dict[str, float], penalty: float 
     for every segment option and activation flag `ms` allows (`ModelSpace.end_acts`; an
     inserted activation scores 0), as `dp.solve` takes it; `penalty`: λ of the module
     doc (layer dropping only)."""
-    space = ms.space
     cost = drop_costs(ms, scores, penalty) if ms.drop_layers else {}
     out = {}
     for i, j, o in ms.entries():
         site = ms.positions[j].site
         h = scores[site] if site else 0.0
         paid = sum(cost[c] for c in ms.dropped(i, j, o))
-        for ai in space.acts(i):
-            for aj in ms.end_acts(i, j):
-                out[(i, j, o, ai, aj)] = float(aj * h - paid)
+        for key in ms.act_keys(i, j, o):
+            out[key] = float(key[-1] * h - paid)
     return out
 
 

@@ -182,6 +182,12 @@ class ModelSpace:
             return (1,) if j - i >= 2 else (0,)
         return self.space.acts(j)
 
+    def act_keys(self, i: int, j: int, option: str) -> list[tuple]:
+        """The DP's keys (i, j, option, a_i, a_j) of one segment option: every flag a_i the
+        search may arrive with at i, every flag `end_acts` allows at j."""
+        return [(i, j, option, ai, aj) for ai in self.space.acts(i)
+                for aj in self.end_acts(i, j)]
+
     def _checked_drops(self, plan: Plan, drop) -> tuple[str, ...]:
         """`drop` (a replayed plan's convs) checked against the plan's options: each one a
         droppable conv of the space, and each segment keeping what its option merges."""
