@@ -24,7 +24,8 @@ dense model against the fused `model.pt2`, in JAX the dense jaxprune model again
 fused one.
 
 "predicted" is the table's speed-up of the searched convolutions (unmerged sum of T over
-the plan's sum of T_opt); the stem, the head, the adds kept explicit and the activations
+the plan's sum of T_opt, each T its time less the runtime's per-call overhead, which the
+table times with the segments and the bench prints); the stem, the head, the adds kept explicit and the activations
 are not in the table, so the whole model's measured speed-up is expected to be smaller.
 The last lines are one JSON object per (case, runtime).
 """
@@ -79,7 +80,7 @@ def plan_case(case: str, runtime: str, batch: int, rounds: int, repeats: int,
     space = "lm" if drop_layers else "ecdc"
     cache = table_dir / f"{case}-{space}-{runtime}-b{batch}-t{threads or 'cores'}.json"
     t0 = time.perf_counter()
-    T = latency_table(dense, ms, key, cache, rounds=rounds, repeats=repeats, threads=threads)
+    T, overhead = latency_table(dense, ms, key, cache, rounds=rounds, repeats=repeats, threads=threads)
     table_s = time.perf_counter() - t0
     topt, breaks, unmerged = stage_one(ms, T)
     L = ms.space.positions
@@ -98,7 +99,8 @@ def plan_case(case: str, runtime: str, batch: int, rounds: int, repeats: int,
     fused, rep = jaxprune.merge(planned, input_size=HW, cost="none", cuts=edits.cuts,
                                 return_report=True)
     return {"dense": dense, "fused": fused, "report": rep, "segments": len(ms.segments),
-            "positions": L, "table_s": table_s, "table": str(cache), "unmerged_ms": unmerged,
+            "positions": L, "table_s": table_s, "table": str(cache), "overhead_ms": overhead,
+            "unmerged_ms": unmerged,
             "budget_ms": budget, "planned_ms": plan.time_ms, "target": target,
             "reached": reached,
             "linearized": list(edits.linearize), "inserted": list(edits.insert_act),
@@ -139,6 +141,7 @@ def main(argv=None) -> int:
         predicted = c["unmerged_ms"] / c["planned_ms"]
         print(f"\n== {case}: {c['positions']} positions, {c['segments']} segments; table "
               f"({args.runtime}, batch {args.batch}) {c['table_s']:.0f} s, {c['table']}")
+        print(f"  per-call overhead {c['overhead_ms'] * 1000:.1f} us, taken off every entry")
         print(f"  unmerged {c['unmerged_ms']:.3f} ms, budget {c['budget_ms']:.3f} ms "
               f"(target {c['target']}x{'' if c['reached'] else ', out of reach'}), planned {c['planned_ms']:.3f} ms: predicted "
               f"{predicted:.2f}x of the searched convs")

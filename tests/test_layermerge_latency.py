@@ -54,6 +54,21 @@ def _table(key, ms):
             "ms": {f"{i},{j}": 1.0 for i, j in ms.segments}}
 
 
+def test_a_table_is_read_less_its_call_overhead(resnet, tmp_path):
+    """Each entry is taken off the per-call overhead timed with it (a whole model pays it
+    once, not once per segment), never below 0; a table written before the overhead was
+    recorded is read as measured."""
+    m, ms = resnet
+    key, path = table_key(ms, HW, 2), tmp_path / "t.json"
+    data = _table(key, ms)
+    data["ms"][next(iter(data["ms"]))] = 0.1
+    path.write_text(json.dumps({**data, "overhead_ms": 0.25}))
+    first, *rest = ms.segments
+    assert load_table(path, key) == {first: 0.0, **{s: 0.75 for s in rest}}
+    path.write_text(json.dumps(data))
+    assert load_table(path, key) == {first: 0.1, **{s: 1.0 for s in rest}}
+
+
 def test_table_from_another_setting_is_refused(resnet, tmp_path):
     m, ms = resnet
     key = table_key(ms, HW, 2)
@@ -90,12 +105,16 @@ def test_table_is_measured_once_and_cached(resnet, tmp_path, runtime):
     m, ms = resnet
     key = table_key(ms, HW, 2, runtime=runtime)
     cache = tmp_path / "latency_table.json"
-    table = latency_table(m, ms, key, cache, rounds=1, warmup=1, repeats=2)
-    assert set(table) == set(ms.segments) and all(v > 0 for v in table.values())
+    table, overhead = latency_table(m, ms, key, cache, rounds=1, warmup=1, repeats=2)
     data = json.loads(cache.read_text())
     assert data["key"] == key.as_dict() and data["rounds"] == 1
     assert data["key"]["runtime"] == runtime
-    assert latency_table(m, ms, key, cache) == table   # read back, not measured again
+    # each entry as measured, less the runtime's per-call overhead timed beside them
+    assert overhead == data["overhead_ms"] > 0
+    assert set(table) == set(ms.segments)
+    assert table == {s: max(data["ms"][f"{s[0]},{s[1]}"] - overhead, 0.0) for s in table}
+    assert any(v > 0 for v in table.values())
+    assert latency_table(m, ms, key, cache) == (table, overhead)  # read back, not measured
 
 
 def test_an_option_is_timed_as_the_layer_merge_makes_with_its_drops(resnet):

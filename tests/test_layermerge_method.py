@@ -36,15 +36,16 @@ def _cfg(tmp_path, *overrides):
 
 
 def _table(tmp_path) -> Path:
-    """A latency table for the tiny model: merging k convs costs 1 + 0.25 k ms, so a merged
-    segment is faster than its convs one by one (1.25 ms each). Timing itself is tested in
-    test_layermerge_latency.py."""
+    """A latency table for the tiny model: merging k convs costs 1 + 0.25 k ms once the
+    call overhead (0.25 ms) is taken off, so a merged segment is faster than its convs one
+    by one (1.25 ms each). Timing itself is tested in test_layermerge_latency.py."""
     cfg = _cfg(tmp_path)
     ms = build_space(build_model(cfg, 10, HW))
     path = tmp_path / "table.json"
     path.write_text(json.dumps({
         "schema": TABLE_SCHEMA, "key": table_key(ms, HW, 1).as_dict(),
-        "ms": {f"{i},{j}": 1.0 + 0.25 * (j - i) for i, j in ms.segments}}))
+        "ms": {f"{i},{j}": 1.25 + 0.25 * (j - i) for i, j in ms.segments},
+        "overhead_ms": 0.25}))
     return path
 
 
@@ -63,7 +64,9 @@ def test_search_finetune_and_exact_merge(searched):
     s = res["search"]
     plan = Plan.from_json((run_dir / PLAN_FILE).read_text())
     assert plan.extra["model"] == "resnet18_cifar" and plan.extra["input_size"] == list(HW)
-    # the budget: the unmerged 16 x 1.25 ms over target_speedup 1.3, and the plan fits it
+    # the budget: the unmerged 16 x 1.25 ms (call overhead off) over target_speedup 1.3,
+    # and the plan fits it
+    assert s["call_overhead_ms"] == 0.25
     assert s["unmerged_ms"] == pytest.approx(16 * 1.25)
     assert s["budget_ms"] == pytest.approx(20 / 1.3) and s["planned_ms"] <= s["budget_ms"]
     # the objective is the entropy of the sites left nonlinear
@@ -79,7 +82,8 @@ def test_search_finetune_and_exact_merge(searched):
     main = {c for seg in s["segments"] for c in seg["convs"]}
     got = {frozenset(main & set(f["replaces"])) for f in res["merge"]["fused"]} - {frozenset()}
     assert got == want
-    assert "## Plan" in (run_dir / "report.md").read_text()
+    text = (run_dir / "report.md").read_text()
+    assert "## Plan" in text and "per-call overhead, 250.0 us" in text
 
 
 @pytest.mark.slow

@@ -19,14 +19,19 @@ def _conv(k: int) -> Workload:
 
 
 def test_orders_two_plainly_different_workloads_and_times_torch_without_jax():
-    """A 7x7 conv at 128 channels (49x the MACs) is slower than a 1x1; the torch process
-    never imported JAX, the JAX processes never imported torch."""
+    """A 7x7 conv at 128 channels (49x the MACs) is slower than a 1x1, and a call of an
+    exported identity program (torch's per-call overhead) is faster than a ResNet's; the
+    torch processes never imported JAX, the JAX processes never imported torch."""
     torch_side = Workload("resnet torch", "torch", "jaxprune.measure.workloads:torch_original",
                           {"arch": "resnet18_cifar", "options": {"width": 4}, "num_classes": 10,
                            "batch": 1, "input_size": [16, 16]})
-    t = measure.measure([_conv(1), _conv(7), torch_side], rounds=2, warmup=1, repeats=3)
+    overhead = measure.call_overhead("torch", 1, [16, 16])
+    t = measure.measure([_conv(1), _conv(7), torch_side, overhead], rounds=2, warmup=1,
+                        repeats=3)
     assert t.ratio("conv7x7", "conv1x1") > 3
-    assert t["resnet torch"].imported == {"jax": False, "torch": True}
+    assert 0 < t["call overhead torch"].median_ms < t["resnet torch"].median_ms
+    assert t["resnet torch"].imported == t["call overhead torch"].imported == {
+        "jax": False, "torch": True}
     assert t["conv1x1"].imported == {"jax": True, "torch": False}
     for timing in t.timings.values():
         assert len(timing.round_medians_ms) == 2 and timing.repeats == 3

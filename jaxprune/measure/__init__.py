@@ -24,7 +24,10 @@ The rules (each one closes a way an earlier figure went wrong):
   runtime share one process per round and alternate call by call inside it (for the many
   small candidates of a cost model, where a process each would cost minutes).
 * A figure is the median over rounds of each round's median; `spread_ms` is the (min, max)
-  of the round medians. `Timings.command` reruns the same measurement
+  of the round medians.
+* A piece of a model timed on its own (a merge candidate, a latency table's segment) pays
+  its runtime's per-call overhead on every call, where the whole model pays it once: its
+  `call_overhead` workload, timed in the same processes, is taken off (`in_model_ms`). `Timings.command` reruns the same measurement
   (`python -m jaxprune.measure SPEC.json`) when the spec was saved.
 
 A workload is data: a factory `module:function` that the worker imports and calls with
@@ -175,6 +178,26 @@ def measure(workloads: list[Workload], *, rounds: int = 3, warmup: int = 3, repe
                                     "threads": threads, "separate": separate}, indent=1))
         command = f"python -m jaxprune.measure {save}"
     return Timings(timings, rounds, separate, command)
+
+
+def call_overhead(runtime: str, batch: int, input_size, in_channels: int = 3) -> Workload:
+    """The workload that times `runtime`'s cost of one call that computes nothing: an
+    identity program on a batch of `input_size` (torch: exported and loaded as a
+    `model.pt2`, about 60 us a call on a 2-core CPU; JAX: jitted), named
+    `call overhead <runtime>`. Timed alongside the pieces of a model (`separate=False`), it
+    is what `in_model_ms` takes off each of them."""
+    return Workload(f"call overhead {runtime}", runtime,
+                    f"jaxprune.measure.workloads:{runtime}_call_overhead",
+                    {"batch": int(batch), "input_size": [int(s) for s in input_size],
+                     "in_channels": int(in_channels)})
+
+
+def in_model_ms(alone_ms: float, overhead_ms: float) -> float:
+    """The time a piece of a model adds to the whole model, from its time called on its
+    own (`alone_ms`) and its runtime's `call_overhead` (`overhead_ms`), both in ms per
+    call: the whole model makes one call, so each piece's own call overhead is not paid
+    there. Never below 0."""
+    return max(alone_ms - overhead_ms, 0.0)
 
 
 def load_spec(path: str | Path) -> tuple[list[Workload], dict]:

@@ -4,9 +4,11 @@ shapes are NHWC for JAX and NCHW for torch.
 
 JAX:   `jax_model` (a jaxprune model: an export folder, or `arch.json` contents with random
        weights), `jax_layers` (one layer kind from its config, e.g. a merge candidate),
-       `jax_train_step` (EASIER's data-parallel train step with its entropy statistics).
+       `jax_train_step` (EASIER's data-parallel train step with its entropy statistics),
+       `jax_call_overhead` (a jitted identity).
 torch: `torch_program` (an exported `model.pt2`, what `converters.export` gives users),
-       `torch_original` (torchvision's or timm's own model: the baseline users run).
+       `torch_original` (torchvision's or timm's own model: the baseline users run),
+       `torch_call_overhead` (an exported identity program).
 """
 from __future__ import annotations
 
@@ -49,6 +51,17 @@ def jax_layers(batch: int, kind: str, config: dict, input_shapes: list):
     xs = [jax.numpy.asarray(rng.normal(size=(batch, *s)).astype(np.float32))
           for s in input_shapes]
     return lambda: fwd(state, *xs).block_until_ready()
+
+
+def jax_call_overhead(batch: int, input_size, in_channels: int = 3):
+    """One call of a jitted identity on a batch of `input_size` images: what every jitted
+    call costs besides its computation (dispatch, argument handling, the wait for the
+    result). See `jaxprune.measure.call_overhead`."""
+    import jax
+    import numpy as np
+    x = jax.numpy.asarray(np.zeros((batch, *input_size, in_channels), np.float32))
+    identity = jax.jit(lambda v: v)
+    return lambda: identity(x).block_until_ready()
 
 
 def jax_train_step(arch: str, options: dict, num_classes: int, batch: int, input_size,
@@ -97,6 +110,25 @@ def torch_program(folder: str, batch: int, input_size, in_channels: int = 3):
     import torch
     module = torch.export.load(f"{folder}/model.pt2").module()
     return _torch_forward(module, batch, input_size, in_channels)
+
+
+def torch_call_overhead(batch: int, input_size, in_channels: int = 3):
+    """One eager call of an exported identity program, saved and loaded as a `model.pt2`
+    is: what every call of an exported program costs besides its computation (the input
+    guards, flattening the arguments; about 60 us on a 2-core CPU). See
+    `jaxprune.measure.call_overhead`."""
+    import io
+
+    import torch
+
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return x
+    x = torch.zeros(batch, in_channels, *input_size)
+    buffer = io.BytesIO()
+    torch.export.save(torch.export.export(Identity(), (x,)), buffer)
+    buffer.seek(0)
+    return _torch_forward(torch.export.load(buffer).module(), batch, input_size, in_channels)
 
 
 def torch_original(arch: str, batch: int, input_size, options: dict | None = None,

@@ -10,7 +10,8 @@ The pass, on a `Net` whose linearized sites have mask 0:
    piece becomes one layer, or an atom stays as its own layers with its
    BatchNorms folded. The cost model decides: `"macs"` (default: arithmetic,
    elementwise work included, then fewer layers), `"latency"` (each candidate
-   timed with JAX on this machine) or `"none"` (as few layers as possible:
+   timed with JAX on this machine, less the per-call overhead it would not pay
+   inside the model) or `"none"` (as few layers as possible:
    fuse everything fusable);
 3. compose each piece exactly (`affine.py`): the composed kernel and bias, and
    border terms (kernels and biases per border class, counted from each edge)
@@ -297,23 +298,27 @@ class _Planner:
 
     def timed(self) -> dict:
         """Every requested layer timed at `batch` in one JAX process of its own, the
-        layers alternating call by call (`jaxprune.measure`, workload `jax_layers`).
+        layers alternating call by call (`jaxprune.measure`, workload `jax_layers`), each
+        less JAX's per-call overhead (`measure.in_model_ms`), which a run of layers fused
+        into one would otherwise be credited with once per layer it replaces.
         Layers alike (kind, config, input shapes) are timed once and get the same time,
         so equal choices are decided alike (and each compiles once). In a multi-process
         run process 0 times them and every process gets its times
         (`distributed.broadcast_json`), so all of them fuse the same model."""
         from jaxprune import distributed
-        from jaxprune.measure import Workload, measure
+        from jaxprune.measure import Workload, call_overhead, in_model_ms, measure
         args = {key: {"batch": self.batch, "kind": type(layer).__name__, "config": layer.config(),
                       "input_shapes": [list(s[1:]) for s in ins]}
                 for key, (layer, ins) in self.requests.items()}
         alike = {json.dumps(a, sort_keys=True): a for a in args.values()}
         ms = None
         if distributed.is_main():
+            overhead = call_overhead("jax", self.batch, self.hw, self.m.spec.in_channels)
             ws = [Workload(str(k), "jax", "jaxprune.measure.workloads:jax_layers", a)
                   for k, a in enumerate(alike.values())]
-            t = measure(ws, rounds=1, warmup=2, repeats=5, separate=False)
-            ms = [t[str(k)].median_ms for k in range(len(alike))]
+            t = measure([overhead, *ws], rounds=1, warmup=2, repeats=5, separate=False)
+            ms = [in_model_ms(t[str(k)].median_ms, t[overhead.name].median_ms)
+                  for k in range(len(alike))]
         ms = dict(zip(alike, distributed.broadcast_json(ms)))
         return {key: ms[json.dumps(a, sort_keys=True)] for key, a in args.items()}
 

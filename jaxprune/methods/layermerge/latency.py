@@ -15,7 +15,13 @@ Timing (`jaxprune.measure`): in the runtime the key names, `jax` (each segment's
 jitted) or `torch` (each segment's layer exported by `converters.export` and its
 `model.pt2` called eagerly, in processes that never import JAX), every segment in one fresh
 process per round, the layers alternating call by call (`separate=False`), the median of
-the rounds' medians, ms per call of `batch` images.
+the rounds' medians, ms per call of `batch` images. A segment called on its own pays the
+runtime's per-call overhead (about 60 us for an exported torch program), which the whole
+model pays once: an identity program is timed with the segments (`measure.call_overhead`)
+and T is each time less it (`measure.in_model_ms`). Without that, every extra segment of a
+plan costs one more call overhead in the table but not in the model, and the table credits
+merging with more than it gains. The file keeps the times as measured and the overhead
+(`overhead_ms`; none in tables written before it was recorded).
 
 With layer dropping (LayerMerge) every option of a segment is timed, as the layer merge
 makes of the segment with that option's convs dropped: T(i, j, option), named "i,j,option"
@@ -115,13 +121,15 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
                   repeats: int = 20, threads: int | None = None) -> dict:
     """T(i, j) in ms for every segment of `ms` (every option of it, with layer dropping;
     see the module doc), as the table's JSON data: {"schema", "key", "ms": {"i,j": ms},
-    "spread_ms": {"i,j": [min, max]}} ("i,j,option" with layer dropping).
+    "spread_ms": {"i,j": [min, max]}, "overhead_ms", "overhead_spread_ms"} ("i,j,option"
+    with layer dropping; "ms" as measured, the call overhead not yet taken off).
     `threads`: `jaxprune.measure`'s (default: one per core)."""
     import tempfile
 
-    from jaxprune.measure import measure
+    from jaxprune.measure import call_overhead, measure
     from jaxprune.measure.models import workloads
-    ws, entry = [], {}
+    overhead = call_overhead(key.runtime, key.batch, key.input_size)
+    ws, entry = [overhead], {}
     with tempfile.TemporaryDirectory(prefix="jaxprune-table-") as scratch:  # torch's exports
         for i, j, o in ms.entries():
             sub = segment_net(m, ms, i, j, key.input_size, o)
@@ -132,17 +140,23 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
             entry[w.name] = name
         t = measure(ws, rounds=rounds, warmup=warmup, repeats=repeats, threads=threads,
                     separate=False)
+    segments = ws[1:]
     return {"schema": TABLE_SCHEMA, "key": key.as_dict(),
-            "ms": {entry[w.name]: t[w.name].median_ms for w in ws},
-            "spread_ms": {entry[w.name]: list(t[w.name].spread_ms) for w in ws},
-            "rounds": rounds, "repeats": repeats, "threads": t[ws[0].name].threads}
+            "ms": {entry[w.name]: t[w.name].median_ms for w in segments},
+            "spread_ms": {entry[w.name]: list(t[w.name].spread_ms) for w in segments},
+            "overhead_ms": t[overhead.name].median_ms,
+            "overhead_spread_ms": list(t[overhead.name].spread_ms),
+            "rounds": rounds, "repeats": repeats, "threads": t[overhead.name].threads}
 
 
 def table_ms(data: dict, key: TableKey, source: str) -> dict[tuple, float]:
-    """{(i, j): ms} of a table's JSON data ({(i, j, option): ms} with layer dropping),
-    checked against `key`. Raises `UserError` for another schema or a key that differs
-    (naming each field, both values); an entry missing from a hand-edited table is refused
-    by `dp.t_opt` or `dp.solve`, which read every one."""
+    """{(i, j): ms} of a table's JSON data ({(i, j, option): ms} with layer dropping): each
+    entry as measured less the table's call overhead (`measure.in_model_ms`; a table
+    written before the overhead was recorded has none), checked against `key`. Raises
+    `UserError` for another schema or a key that differs (naming each field, both
+    values); an entry missing from a hand-edited table is refused by `dp.t_opt` or
+    `dp.solve`, which read every one."""
+    from jaxprune.measure import in_model_ms
     if not isinstance(data, dict) or data.get("schema") != TABLE_SCHEMA:
         raise UserError(f"{source} is not a layermerge latency table (schema "
                         f"{TABLE_SCHEMA!r}): give a latency_table.json a layermerge run wrote")
@@ -151,20 +165,30 @@ def table_ms(data: dict, key: TableKey, source: str) -> dict[tuple, float]:
     if differ:
         raise UserError(f"{source} was measured for another setting ({'; '.join(differ)}): "
                         "drop method.latency_table to measure a table here")
-    table = {}
+    table, overhead = {}, call_overhead_ms(data)
     for name, ms in data.get("ms", {}).items():
         i, j, *option = name.split(",")
-        table[(int(i), int(j), *option)] = float(ms)
+        table[(int(i), int(j), *option)] = in_model_ms(float(ms), overhead)
     return table
+
+
+def call_overhead_ms(data: dict) -> float:
+    """The per-call overhead a table's entries are taken off by (`table_ms`): 0 for a table
+    written before it was recorded."""
+    return float(data.get("overhead_ms", 0.0))
 
 
 def load_table(path: str | Path, key: TableKey) -> dict[tuple, float]:
     """`table_ms` of the table file at `path`."""
+    return table_ms(_read_given(path), key, str(path))
+
+
+def _read_given(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"method.latency_table: {path} not found; give the latency_table.json "
                         "of an earlier layermerge run, or drop the key to measure one")
-    return table_ms(_read(path), key, str(path))
+    return _read(path)
 
 
 def _read(path: Path) -> dict:
@@ -176,21 +200,24 @@ def _read(path: Path) -> dict:
 
 
 def latency_table(m: Net, ms: ModelSpace, key: TableKey, cache: Path,
-                  given: str | Path | None = None, **timing) -> dict[tuple, float]:
-    """`table_ms` for `ms`: from `given` (a table file, checked against `key`), else from
-    `cache` when an earlier run measured it there (checked likewise), else measured
-    (`measure_table`, `timing` its settings) and written to `cache`. In a multi-process
-    run, process 0 reads or measures the cached table and every process gets it from
-    there (`distributed.broadcast_json`), so all of them solve the same search."""
+                  given: str | Path | None = None, **timing) -> tuple[dict[tuple, float], float]:
+    """`table_ms` for `ms` and the call overhead taken off its entries (`call_overhead_ms`):
+    from `given` (a table file, checked against `key`), else from `cache` when an earlier
+    run measured it there (checked likewise), else measured (`measure_table`, `timing` its
+    settings) and written to `cache`. In a multi-process run, process 0 reads or measures
+    the cached table and every process gets it from there (`distributed.broadcast_json`),
+    so all of them solve the same search."""
     from jaxprune import distributed
     from jaxprune.files import write_json_atomic
     if given is not None:
-        return load_table(given, key)
-    cache, data = Path(cache), None
-    if distributed.is_main():
-        if cache.is_file():
-            data = _read(cache)
-        else:
-            data = measure_table(m, ms, key, **timing)
-            write_json_atomic(cache, data)
-    return table_ms(distributed.broadcast_json(data), key, str(cache))
+        data, source = _read_given(given), str(given)
+    else:
+        cache, data, source = Path(cache), None, str(cache)
+        if distributed.is_main():
+            if cache.is_file():
+                data = _read(cache)
+            else:
+                data = measure_table(m, ms, key, **timing)
+                write_json_atomic(cache, data)
+        data = distributed.broadcast_json(data)
+    return table_ms(data, key, source), call_overhead_ms(data)

@@ -153,7 +153,7 @@ def run(ctx: RunContext) -> MethodResult:
     if opts.latency_table is None and not (ctx.run_dir / TABLE_FILE).is_file():
         ctx.log(f"layermerge: timing {len(ms.entries())} segment options in {opts.runtime} "
                 f"(jaxprune.measure) ...")
-    T = latency_table(original, ms, key, ctx.run_dir / TABLE_FILE, given=opts.latency_table,
+    T, overhead_ms = latency_table(original, ms, key, ctx.run_dir / TABLE_FILE, given=opts.latency_table,
                       rounds=opts.latency_rounds, repeats=opts.latency_repeats)
     topt, breaks, unmerged = stage_one(ms, T)
 
@@ -191,7 +191,7 @@ def run(ctx: RunContext) -> MethodResult:
         "unmerged_ms": unmerged, "planned_ms": plan.time_ms,
         "predicted_speedup": unmerged / plan.time_ms if plan.time_ms else None,
         "objective": plan.objective, "latency_batch": opts.latency_batch,
-        "latency_runtime": key.runtime,
+        "latency_runtime": key.runtime, "call_overhead_ms": overhead_ms,
         "segments": [{**dataclasses.asdict(s), "convs": list(ms.convs(s.start, s.end)),
                       "dropped": [c for c in ms.convs(s.start, s.end) if c in edits.drop],
                       "pieces": list(pieces.get((s.start, s.end), (s.start, s.end)))}

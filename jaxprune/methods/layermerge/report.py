@@ -54,7 +54,7 @@ def report(results: dict) -> Report:
         f"{fmt(search['predicted_speedup'])}x ({runtime}, batch {search['latency_batch']}, the "
         f"table's device; each segment timed alone as its fused layer, BatchNorm folded; the "
         f"stem, the head, the adds kept explicit and the activations are not in the table). "
-        f"DP grid: {search['bins']} bins."]
+        f"{_overhead(search.get('call_overhead_ms'))} DP grid: {search['bins']} bins."]
     # measured in the runtime the table was timed in (tables of older runs: JAX)
     row = ((results.get("latency") or {}).get("runtimes") or {}).get(
         search.get("latency_runtime", "jax"))
@@ -102,3 +102,10 @@ def report(results: dict) -> Report:
             Table([key, "Δ val acc (points)", "importance"], rows)]))
     sections += merge_sections(results, before="dense")
     return Report(f"layermerge: {results['model']} on {results['dataset']}", sections)
+
+
+def _overhead(ms: float | None) -> str:
+    if not ms:  # a table written before the overhead was recorded
+        return "The table records no call overhead: its times are as measured."
+    return (f"Every T is its time less the runtime's per-call overhead, {ms * 1000:.1f} us "
+            "(an identity program timed with the segments), which a whole model pays once.")
