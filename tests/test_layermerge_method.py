@@ -258,25 +258,37 @@ def test_a_run_searches_on_the_finetune_table(tmp_path):
 
 @pytest.mark.slow
 def test_a_layermerge_run_searches_on_its_finetune_table(tmp_path, monkeypatch):
-    """`importance: finetune` with layer dropping: 30 finetunes, one per option, one
-    compiled train step per set of dropped convs (8 here); LayerMerge's normalisation
-    exp(Δ / 100); the plan scores each segment by its option's entry, and the report
-    shows the table. About 100 s on 2 cores."""
+    """`importance: finetune` with layer dropping: 30 finetunes, one per option, each on a
+    subset of the training set as LayerMerge's (`importance_images` 100: two batches of
+    64), one compiled train step per set of dropped convs (8 here); LayerMerge's
+    normalisation exp(Δ / 100); the plan scores each segment by its option's entry, and
+    the report shows the table. About 60 s on 2 cores."""
     from jaxprune.methods.layermerge import finetune_importance as fi
-    built, real = [], fi.Trainer
-    monkeypatch.setattr(fi, "Trainer", lambda net, *a, **k: built.append(net) or real(net, *a, **k))
+    built, steps = [], []
+
+    class Counting(fi.Trainer):
+        def train_step(self, batch):
+            steps.append(batch["image"].shape[0])
+            return super().train_step(batch)
+    monkeypatch.setattr(fi, "Trainer", lambda net, *a, **k: built.append(net) or
+                        Counting(net, *a, **k))
     table = _drop_table(tmp_path)
     run_dir, res = runner.run(_cfg(tmp_path, "method.drop_layers=true",
                                    f"method.latency_table={table}", "method.importance=finetune",
+                                   "method.importance_images=100", "method.importance_lr=0.01",
                                    "method.target_speedup=1.3", "method.finetune_epochs=0",
                                    "name=ft-drop"))
     ft = res["search"]["finetune_table"]
     assert ft["entries"] == 30 and ft["normalisation"] == "exp" and len(built) == 8
+    assert (ft["steps_per_epoch"], ft["images_per_epoch"], ft["lr"]) == (2, 128, 0.01)
+    assert steps == [64] * 2 * 30
     assert ft["importance"] == pytest.approx({k: np.exp(v / 100) for k, v in ft["delta"].items()})
     plan = Plan.from_json((run_dir / PLAN_FILE).read_text())
     assert res["search"]["planned_ms"] <= res["search"]["budget_ms"]
     assert res["search"]["edits"]["drop"]
     for s in plan.segments:
         assert s.importance == pytest.approx(ft["importance"][f"{s.start},{s.end},{s.option},1,1"])
-    assert "| (i, j, option, a_i, a_j) | Δ val acc (points) | importance |" in \
-        (run_dir / "report.md").read_text()
+    text = (run_dir / "report.md").read_text()
+    assert "| (i, j, option, a_i, a_j) | Δ val acc (points) | importance |" in text
+    assert ("finetuned 1 epoch(s) of 2 steps (128 images) at learning rate 0.01 from the "
+            "original") in text

@@ -3,6 +3,7 @@ metrics log (`<run>/metrics.jsonl`, one JSON object per line) and a checkpoint o
 training state after every epoch, from which a rerun of the same command continues."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Callable
@@ -123,10 +124,13 @@ class Data:
                 for b in self._loader(split, epoch=0, train=False))
 
 
-def train_epoch(trainer: Trainer, data: Data, epoch: int, desc: str) -> dict:
+def train_epoch(trainer: Trainer, data: Data, epoch: int, desc: str,
+                steps: int | None = None) -> dict:
+    """One epoch of training; `steps`: only the first `steps` batches of its shuffled order."""
     loader, batches = data.train_batches(epoch)
+    steps = len(loader) if steps is None else min(steps, len(loader))
     # `with`: an error closes the bar before it is reported, not after
-    with tqdm(batches, total=len(loader), desc=desc, leave=False,
+    with tqdm(itertools.islice(batches, steps), total=steps, desc=desc, leave=False,
               disable=not is_main()) as bar:
         for batch in bar:
             trainer.train_step(batch)
@@ -134,12 +138,14 @@ def train_epoch(trainer: Trainer, data: Data, epoch: int, desc: str) -> dict:
 
 
 def fit(trainer: Trainer, data: Data, epochs: int, *, journal: Journal | None = None,
-        tag: dict | None = None, epoch_offset: int = 0,
+        tag: dict | None = None, epoch_offset: int = 0, steps: int | None = None,
         on_epoch: Callable[[int, dict, list[dict]], bool | None] | None = None) -> list[dict]:
     """Train `epochs` epochs from the trainer's current state (call `start_round` first),
     validating after each; returns every epoch's record. `tag` (e.g. the round) names this
     training in the log and its checkpoints; `epoch_offset` varies the shuffling between
-    calls. `on_epoch(epoch, record, earlier_records)` runs after each epoch, before the
+    calls; `steps`: each epoch trains only the first `steps` batches of its shuffled order
+    (a subset of the training set; build the trainer with `steps_per_epoch=steps` so that
+    its schedule spans them). `on_epoch(epoch, record, earlier_records)` runs after each epoch, before the
     record is logged: it may add entries to the record, change the trainer's aux values for
     the next epoch, and return True to stop early.
 
@@ -148,7 +154,7 @@ def fit(trainer: Trainer, data: Data, epochs: int, *, journal: Journal | None = 
     order, so the same result as without the interruption. A NaN or infinite loss raises
     `Diverged` before that epoch is checkpointed."""
     tag = dict(tag or {})
-    steps = data.steps_per_epoch()
+    steps = data.steps_per_epoch() if steps is None else min(steps, data.steps_per_epoch())
     records, stopped = (journal.resume(trainer, tag, epochs, epoch_offset) if journal is not None
                         else ([], False))
     with tqdm(total=epochs, initial=len(records), disable=not is_main(),
@@ -165,7 +171,8 @@ def _epoch(trainer, data, epoch, epochs, steps, records, bar, *, journal, tag, e
            on_epoch) -> bool:
     """Train, validate, log and checkpoint epoch `epoch` of `fit`; True to stop early."""
     lr = float(trainer.schedule(epoch * steps))
-    train = train_epoch(trainer, data, epoch_offset + epoch, desc=f"epoch {epoch + 1}/{epochs}")
+    train = train_epoch(trainer, data, epoch_offset + epoch, desc=f"epoch {epoch + 1}/{epochs}",
+                        steps=steps)
     if train["nonfinite_batch"]:
         raise Diverged({"tag": tag, "epoch": epoch + 1, "epochs": epochs,
                         "step": train["nonfinite_batch"], "steps": steps, "loss": train["loss"]},

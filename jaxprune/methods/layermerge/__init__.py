@@ -12,8 +12,9 @@ per kernel it may merge into, and there is no T_opt stage):
 
 1. the original network (`pretrain_epochs` of dense training when it has no weights);
 2. its search space (`space.py`) and the latency table T(i, j) of every segment, timed
-   here in JAX or, with `runtime: torch`, as its torch export run eagerly (`latency.py`;
-   cached in the run folder, or reused: `latency_table`), and ECDC's stage 1, T_opt;
+   here in JAX or, with `runtime: torch`, as its torch export run eagerly, less the
+   runtime's per-call overhead (`latency.py`; cached in the run folder, or reused:
+   `latency_table`), and ECDC's stage 1, T_opt;
 3. the importance of each segment: the papers' `finetune` (`finetune_importance.py`: per
    segment, or per option with layer dropping, the validation accuracy after a short
    finetune with that segment merged, normalised as ECDC or LayerMerge), or a cheap
@@ -33,6 +34,8 @@ per kernel it may merge into, and there is no T_opt stage):
       target_speedup: 1.5      # or latency_ms
       importance: entropy      # entropy | bn_entropy | finetune
       importance_epochs: 1     # finetune: epochs per table entry
+      importance_images: null  # finetune: images per epoch (null: the training set)
+      importance_lr: null      # finetune: its learning rate (null: train.lr)
       importance_alpha: 1.6    # finetune, ECDC's space: the per-segment bonus
       finetune_epochs: null    # null: train.epochs
 
@@ -72,6 +75,11 @@ class LayerMergeConfig(MethodConfig):
     # segment, in units of the mean one-conv Δacc: 1.6 for MobileNetV2-1.0, 1.2 for 1.4;
     # LayerMerge's space normalises with exp(Δacc / 100) instead)
     importance_epochs: int = option(1, ge=1)
+    # ... and the images each of its epochs trains on: the first this many of the epoch's
+    # shuffled order (LayerMerge: a 50k subset of ImageNet-train); null: every image
+    importance_images: int | None = option(None, ge=1)
+    # ... and its learning rate (null: train.lr; LayerMerge: 0.1 at batch 256)
+    importance_lr: float | None = option(None, gt=0)
     importance_alpha: float = option(1.6, ge=0)
     latency_table: str | None = None   # a latency_table.json of an earlier run, reused
     plan: str | None = None            # a plan.json of an earlier run, replayed (no search)
@@ -97,6 +105,10 @@ class LayerMergeConfig(MethodConfig):
         if self.plan is not None and (self.target_speedup, self.latency_ms) != (None, None):
             raise UserError("method.plan replays a plan with its own budget: drop "
                             "method.target_speedup and method.latency_ms")
+        if self.importance_lr is not None and self.importance_lr < cfg.train.min_lr:
+            raise UserError(f"method.importance_lr {self.importance_lr:g} is below "
+                            f"train.min_lr {cfg.train.min_lr:g}, where the schedule ends: "
+                            "raise it or lower train.min_lr")
 
     def inputs(self) -> dict[str, str]:
         return {f"method.{k}": v for k, v in (("latency_table", self.latency_table),

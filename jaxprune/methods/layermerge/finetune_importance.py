@@ -14,8 +14,12 @@ of a plan:
   "unchanged" entries measure what losing the layer costs (the reference does the same).
 
 The changed network is finetuned from the original weights for `epochs` epochs (the run's
-`train` optimizer and schedule), and the entry is its validation accuracy minus the
-original's, in points (Δacc; the validation split is held out of the training data).
+`train` optimizer and schedule, at learning rate `lr` when given), each epoch on the whole
+training set or, with `images`, on the first `images` of its shuffled order (rounded up to
+whole batches; the same images for every entry: LayerMerge finetunes on a fixed 50k subset
+of ImageNet-train, ECDC on the whole of it), and the entry is its validation accuracy
+minus the original's, in points (Δacc; the validation split is held out of the training
+data).
 The keys are the references':
 
 * ECDC (`exclude_zeros`), (i, j, a_i, a_j): (1, 1) for every segment; for a segment not
@@ -163,33 +167,39 @@ def _load(path: Path, header: dict) -> dict[str, float]:
 
 
 def finetune_importance(ctx: RunContext, original: Net, ms: ModelSpace, base_val_acc: float,
-                        *, epochs: int, alpha: float) -> tuple[dict[tuple, float], dict]:
+                        *, epochs: int, images: int | None = None, lr: float | None = None,
+                        alpha: float) -> tuple[dict[tuple, float], dict]:
     """The importance table of `ms` (see the module doc) and a summary for results.json
-    (the raw Δacc and the importance per key, the baseline, the normalisation).
-    ECDC's space: {(i, j, a_i, a_j): I} for `dp.extend_importance`, normalised with `alpha`;
-    LayerMerge's: {(i, j, option, a_i, a_j): I} for `dp.solve` (`alpha` unused).
-    `base_val_acc`: the original's validation accuracy (%)."""
+    (the raw Δacc and the importance per key, the baseline, the normalisation, the steps
+    and images of each epoch). ECDC's space: {(i, j, a_i, a_j): I} for
+    `dp.extend_importance`, normalised with `alpha`; LayerMerge's: {(i, j, option, a_i,
+    a_j): I} for `dp.solve` (`alpha` unused). `base_val_acc`: the original's validation
+    accuracy (%); `images`: per epoch of each entry (None: the whole training set); `lr`:
+    the finetunes' learning rate (None: the run's `train.lr`)."""
+    train = dataclasses.replace(ctx.cfg.train, epochs=epochs, lr=lr or ctx.cfg.train.lr)
     path = ctx.run_dir / FILE
+    steps = ctx.data.steps_per_epoch()
+    if images is not None:
+        steps = min(steps, -(-images // ctx.data.batch_size))
     header = json.loads(json.dumps(  # as the file holds it (tuples as lists)
-        {"schema": SCHEMA, "space_hash": ms.hash, "epochs": epochs,
-         "train": dataclasses.asdict(ctx.cfg.train), "base_val_acc": base_val_acc}))
+        {"schema": SCHEMA, "space_hash": ms.hash, "epochs": epochs, "steps_per_epoch": steps,
+         "train": {k: v for k, v in dataclasses.asdict(train).items() if k != "epochs"},
+         "base_val_acc": base_val_acc}))
     done = _load(path, header)
     todo = keys(ms)
     probe = _Probe(original, ms, ctx.cfg.seed)
-    train = dataclasses.replace(ctx.cfg.train, epochs=epochs)
     # set by set of dropped convs, each set one compiled step (stable: (i, j) order within)
     left = sorted((k for k in todo if _key_text(k) not in done), key=probe.dropped)
     if left:
         ctx.log(f"layermerge: finetuning {len(left)} of {len(todo)} importance entries "
-                f"({epochs} epoch(s) each) ...")
+                f"({epochs} epoch(s) of {steps} steps each) ...")
     trainer = None
     for n, k in enumerate(left):
         if probe.set(k):
-            trainer = Trainer(probe.m, train, steps_per_epoch=ctx.data.steps_per_epoch(),
-                              mesh=ctx.mesh)
+            trainer = Trainer(probe.m, train, steps_per_epoch=steps, mesh=ctx.mesh)
         trainer.start_round()
         fit(trainer, ctx.data, epochs, tag={"importance": f"{n + 1}/{len(left)}"},
-            epoch_offset=ctx.cfg.method.pretrain_epochs)
+            epoch_offset=ctx.cfg.method.pretrain_epochs, steps=steps)
         acc = trainer.evaluate(ctx.data.eval_batches("val"))["acc"]
         done[_key_text(k)] = float(acc - base_val_acc)
         if distributed.is_main():
@@ -200,7 +210,9 @@ def finetune_importance(ctx: RunContext, original: Net, ms: ModelSpace, base_val
     else:
         importance = normalize(delta, alpha)
         norm = {"normalisation": "single", "alpha": alpha, "single_mean": single_mean(delta)}
-    return importance, {"entries": len(todo), "epochs": epochs, **norm,
+    return importance, {"entries": len(todo), "epochs": epochs, "lr": train.lr,
+                        "steps_per_epoch": steps,
+                        "images_per_epoch": steps * ctx.data.batch_size, **norm,
                         "base_val_acc": base_val_acc,
                         "delta": {_key_text(k): v for k, v in delta.items()},
                         "importance": {_key_text(k): v for k, v in importance.items()},

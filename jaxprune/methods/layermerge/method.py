@@ -153,8 +153,9 @@ def run(ctx: RunContext) -> MethodResult:
     if opts.latency_table is None and not (ctx.run_dir / TABLE_FILE).is_file():
         ctx.log(f"layermerge: timing {len(ms.entries())} segment options in {opts.runtime} "
                 f"(jaxprune.measure) ...")
-    T, overhead_ms = latency_table(original, ms, key, ctx.run_dir / TABLE_FILE, given=opts.latency_table,
-                      rounds=opts.latency_rounds, repeats=opts.latency_repeats)
+    T, overhead_ms = latency_table(original, ms, key, ctx.run_dir / TABLE_FILE,
+                                   given=opts.latency_table, rounds=opts.latency_rounds,
+                                   repeats=opts.latency_repeats)
     topt, breaks, unmerged = stage_one(ms, T)
 
     scores = source = table = None
@@ -163,6 +164,7 @@ def run(ctx: RunContext) -> MethodResult:
         if opts.importance == "finetune":
             importance, table = finetune_importance(
                 ctx, original, ms, results["dense"]["val_acc"], epochs=opts.importance_epochs,
+                images=opts.importance_images, lr=opts.importance_lr,
                 alpha=opts.importance_alpha)
         else:
             scores, source = site_scores(

@@ -96,7 +96,9 @@ def report(results: dict) -> Report:
         sections.append(Section("Importance", [
             f"Each entry: the network with that segment merged (activations inside removed, "
             f"the convs its option drops removed; a one-conv segment re-initialised), "
-            f"finetuned {table['epochs']} epoch(s) from the original, Δ = its validation "
+            f"finetuned {table['epochs']} epoch(s) of {table['steps_per_epoch']} steps "
+            f"({table['images_per_epoch']} images) at learning rate {table['lr']:g} from the "
+            f"original, Δ = its validation "
             f"accuracy − the original's ({fmt(table['base_val_acc'])} %). {how} "
             f"Entries: `{table['file']}`.",
             Table([key, "Δ val acc (points)", "importance"], rows)]))
