@@ -25,8 +25,9 @@ fused one.
 
 "predicted" is the table's speed-up of the searched convolutions (unmerged sum of T over
 the plan's sum of T_opt, each T its time less the runtime's per-call overhead, which the
-table times with the segments and the bench prints); the stem, the head, the adds kept explicit and the activations
-are not in the table, so the whole model's measured speed-up is expected to be smaller.
+table times with the segments and the bench prints); the stem, the head, the adds kept
+explicit and the activations are not in the table, so the whole model's measured
+speed-up differs.
 The last lines are one JSON object per (case, runtime).
 """
 from __future__ import annotations
@@ -80,7 +81,8 @@ def plan_case(case: str, runtime: str, batch: int, rounds: int, repeats: int,
     space = "lm" if drop_layers else "ecdc"
     cache = table_dir / f"{case}-{space}-{runtime}-b{batch}-t{threads or 'cores'}.json"
     t0 = time.perf_counter()
-    T, overhead = latency_table(dense, ms, key, cache, rounds=rounds, repeats=repeats, threads=threads)
+    T, overhead = latency_table(dense, ms, key, cache, rounds=rounds, repeats=repeats,
+                                threads=threads)
     table_s = time.perf_counter() - t0
     topt, breaks, unmerged = stage_one(ms, T)
     L = ms.space.positions
@@ -143,8 +145,8 @@ def main(argv=None) -> int:
               f"({args.runtime}, batch {args.batch}) {c['table_s']:.0f} s, {c['table']}")
         print(f"  per-call overhead {c['overhead_ms'] * 1000:.1f} us, taken off every entry")
         print(f"  unmerged {c['unmerged_ms']:.3f} ms, budget {c['budget_ms']:.3f} ms "
-              f"(target {c['target']}x{'' if c['reached'] else ', out of reach'}), planned {c['planned_ms']:.3f} ms: predicted "
-              f"{predicted:.2f}x of the searched convs")
+              f"(target {c['target']}x{'' if c['reached'] else ', out of reach'}), planned "
+              f"{c['planned_ms']:.3f} ms: predicted {predicted:.2f}x of the searched convs")
         print(f"  linearized {c['linearized']}; inserted {c['inserted']}; dropped "
               f"{c['dropped']}")
         print(f"  pieces {c['pieces']}")
@@ -163,6 +165,9 @@ def main(argv=None) -> int:
                    "runtime": rt, "batch": args.batch,
                    "table_runtime": args.runtime, "target_speedup": c["target"],
                    "target_in_reach": c["reached"],
+                   "issue_target": CASES[case][3] if rt == "torch" else None,
+                   "overhead_ms": round(c["overhead_ms"], 4), "dropped": len(c["dropped"]),
+                   "linearized": len(c["linearized"]),
                    "predicted_speedup": round(predicted, 3),
                    "dense_ms": round(d.median_ms, 2), "fused_ms": round(f.median_ms, 2),
                    "dense_spread_ms": [round(v, 2) for v in d.spread_ms],
@@ -182,7 +187,7 @@ def main(argv=None) -> int:
                   f"[{min(row['round_speedups'])}, {max(row['round_speedups'])}]", flush=True)
     rows = [[r["case"], r["runtime"], r["batch"], f"{r['target_speedup']}x",
              f"{r['predicted_speedup']}x", r["dense_ms"], r["fused_ms"],
-             f"{r['measured_speedup']}x", CASES[r["case"]][3] if r["runtime"] == "torch" else ""]
+             f"{r['measured_speedup']}x", r["issue_target"] or ""]
             for r in results]
     print("\n" + "\n".join(table(["case", "runtime", "batch", "budget", "predicted",
                                   "dense ms", "fused ms", "measured", "issue target"],

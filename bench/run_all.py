@@ -15,6 +15,10 @@ sides alternating round by round, the median of the round medians with their spr
 * fused vs dense latency: `bench/merge_speed.py` (MobileNetV2-1.4 with DepthShrinker's
   patterns, Swin-T without MLP GELUs, EASIER's ResNet-18 without mid-block ReLUs), JAX and
   torch; the torch baseline is torchvision's or timm's own model.
+* layermerge, planned against measured: `bench/layermerge_speed.py` (torchvision's
+  ResNet-18 at budget 1.5x, and without --quick MobileNetV2-1.0 at 1.6x, in LayerMerge's
+  space, the latency table timed in torch at one thread; tables are kept in
+  runs/bench/layermerge_tables and reused), with the issue's targets in torch.
 * data pipeline: images/s of each input pipeline against the train step it feeds
   (`bench/data_pipeline.py`); above 1 the pipeline is not the bottleneck.
 * compile time: the first call of the jitted train step per model (resnet18_cifar,
@@ -159,6 +163,20 @@ def _section(title: str, intro: str, header: list[str], rows: list[list]) -> lis
     return [f"## {title}", "", intro, ""] + (table(header, rows) if rows else []) + [""]
 
 
+def _round_by_round(ratios: list[float]) -> str:
+    import statistics
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} – {max(ratios):.2f})"
+
+
+def _lm_target(row: dict) -> str:
+    """The issue's target of a layermerge_speed row (torch rows only), and whether its
+    median meets it."""
+    if not row["issue_target"]:
+        return ""
+    met = row["measured_speedup"] >= row["issue_target"]
+    return f">= {row['issue_target']}x: {'met' if met else 'missed'}"
+
+
 def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
     gpu = mach["platform"] == "gpu"
     lines = ["# Benchmarks", "",
@@ -224,6 +242,27 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
           f"{r['fused_ms']:.2f} ({r['fused_spread_ms'][0]:.2f} – {r['fused_spread_ms'][1]:.2f})",
           f"**{r['speedup']:.2f}x**"] for r in results.get("merge_speed") or []])
     lines += _section(
+        "LayerMerge: planned against measured",
+        "torchvision's model at 224 px, random weights and BatchNorm statistics, searched in "
+        "LayerMerge's space (`bn_entropy` importance) under `target_speedup` over the "
+        "unmerged sum of a latency table timed in torch (each segment option's merged layer "
+        "exported, its `model.pt2` called eagerly, one thread, batch 1, less the per-call "
+        "overhead), merged and exported. \"predicted\": the table's speed-up of the searched "
+        "convolutions; measured: whole models, torch = torchvision's own dense module "
+        "against the fused `model.pt2`, JAX = both jitted, each in a fresh process, 3 "
+        "alternating rounds of 20 calls; \"round by round\": the median and min – max of "
+        "dense over fused within each round. `bench/layermerge_speed.py` (its docstring "
+        "describes the steps).",
+        ["case", "runtime", "budget", "convs dropped", "ReLUs linearized", "predicted",
+         "dense ms (spread)", "fused ms (spread)", "measured", "round by round", "target"],
+        [[r["case"], r["runtime"], f"{r['target_speedup']}x"
+          + ("" if r["target_in_reach"] else " (out of reach: fastest plan)"),
+          r["dropped"], r["linearized"], f"{r['predicted_speedup']:.2f}x",
+          f"{r['dense_ms']:.2f} ({r['dense_spread_ms'][0]:.2f} – {r['dense_spread_ms'][1]:.2f})",
+          f"{r['fused_ms']:.2f} ({r['fused_spread_ms'][0]:.2f} – {r['fused_spread_ms'][1]:.2f})",
+          f"**{r['measured_speedup']:.2f}x**", _round_by_round(r["round_speedups"]),
+          _lm_target(r)] for r in results.get("layermerge") or []])
+    lines += _section(
         "Data pipeline vs the train step",
         "Images/s of each input pipeline alone (one epoch, default workers) against the "
         "ResNet-18 train step at the same size; ratio > 1: the pipeline keeps up. "
@@ -280,6 +319,9 @@ def main(argv=None) -> int:
             timeout=7200) if "speedup" in r]
     else:
         results["merge_speed"] = [r for r in _run(ms, timeout=7200) if "speedup" in r]
+    lm = ["bench/layermerge_speed.py", "--cases", "resnet18" if q else "resnet18,mbv2_100",
+          "--runtime", "torch", "--threads", "1", "--drop-layers"]
+    results["layermerge"] = [r for r in _run(lm, timeout=7200) if "measured_speedup" in r]
     results["data_pipeline"] = [r for r in _run(
         ["bench/data_pipeline.py", "--rounds", "1" if q else "3"], timeout=3600) if "case" in r]
     results["compile"] = [worker("compile", name=name, batch=8 if q else 32)

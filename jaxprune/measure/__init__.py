@@ -24,11 +24,11 @@ The rules (each one closes a way an earlier figure went wrong):
   runtime share one process per round and alternate call by call inside it (for the many
   small candidates of a cost model, where a process each would cost minutes).
 * A figure is the median over rounds of each round's median; `spread_ms` is the (min, max)
-  of the round medians.
+  of the round medians. `Timings.command` reruns the same measurement
+  (`python -m jaxprune.measure SPEC.json`) when the spec was saved.
 * A piece of a model timed on its own (a merge candidate, a latency table's segment) pays
   its runtime's per-call overhead on every call, where the whole model pays it once: its
-  `call_overhead` workload, timed in the same processes, is taken off (`in_model_ms`). `Timings.command` reruns the same measurement
-  (`python -m jaxprune.measure SPEC.json`) when the spec was saved.
+  `call_overhead` workload, timed in the same processes, is taken off (`in_model_ms`).
 
 A workload is data: a factory `module:function` that the worker imports and calls with
 `args` to get a zero-argument step, which runs one call to completion (JAX results are

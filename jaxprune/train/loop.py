@@ -145,8 +145,8 @@ def fit(trainer: Trainer, data: Data, epochs: int, *, journal: Journal | None = 
     training in the log and its checkpoints; `epoch_offset` varies the shuffling between
     calls; `steps`: each epoch trains only the first `steps` batches of its shuffled order
     (a subset of the training set; build the trainer with `steps_per_epoch=steps` so that
-    its schedule spans them). `on_epoch(epoch, record, earlier_records)` runs after each epoch, before the
-    record is logged: it may add entries to the record, change the trainer's aux values for
+    its schedule spans them). `on_epoch(epoch, record, earlier_records)` runs after each
+    epoch, before the record is logged: it may add entries to the record, change the trainer's aux values for
     the next epoch, and return True to stop early.
 
     With a `journal`, each epoch is logged and checkpointed, and a training with the tag of
