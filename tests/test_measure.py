@@ -25,7 +25,7 @@ def test_orders_two_plainly_different_workloads_and_times_torch_without_jax():
     torch_side = Workload("resnet torch", "torch", "jaxprune.measure.workloads:torch_original",
                           {"arch": "resnet18_cifar", "options": {"width": 4}, "num_classes": 10,
                            "batch": 1, "input_size": [16, 16]})
-    overhead = measure.call_overhead("torch", 1, [16, 16])
+    overhead = measure.call_overhead("torch")
     t = measure.measure([_conv(1), _conv(7), torch_side, overhead], rounds=2, warmup=1,
                         repeats=3)
     assert t.ratio("conv7x7", "conv1x1") > 3

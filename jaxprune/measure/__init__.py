@@ -180,16 +180,14 @@ def measure(workloads: list[Workload], *, rounds: int = 3, warmup: int = 3, repe
     return Timings(timings, rounds, separate, command)
 
 
-def call_overhead(runtime: str, batch: int, input_size, in_channels: int = 3) -> Workload:
+def call_overhead(runtime: str) -> Workload:
     """The workload that times `runtime`'s cost of one call that computes nothing: an
-    identity program on a batch of `input_size` (torch: exported and loaded as a
-    `model.pt2`, about 60 us a call on a 2-core CPU; JAX: jitted), named
+    identity program on a one-element input (torch: exported and loaded as a `model.pt2`,
+    about 60 us a call on a 2-core CPU; JAX: jitted, a few us), named
     `call overhead <runtime>`. Timed alongside the pieces of a model (`separate=False`), it
     is what `in_model_ms` takes off each of them."""
     return Workload(f"call overhead {runtime}", runtime,
-                    f"jaxprune.measure.workloads:{runtime}_call_overhead",
-                    {"batch": int(batch), "input_size": [int(s) for s in input_size],
-                     "in_channels": int(in_channels)})
+                    f"jaxprune.measure.workloads:{runtime}_call_overhead", {})
 
 
 def in_model_ms(alone_ms: float, overhead_ms: float) -> float:

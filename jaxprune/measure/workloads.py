@@ -53,13 +53,12 @@ def jax_layers(batch: int, kind: str, config: dict, input_shapes: list):
     return lambda: fwd(state, *xs).block_until_ready()
 
 
-def jax_call_overhead(batch: int, input_size, in_channels: int = 3):
-    """One call of a jitted identity on a batch of `input_size` images: what every jitted
-    call costs besides its computation (dispatch, argument handling, the wait for the
-    result). See `jaxprune.measure.call_overhead`."""
+def jax_call_overhead():
+    """One call of a jitted identity on a one-element input: what every jitted call costs
+    besides its computation (dispatch, argument handling, the wait for the result). See
+    `jaxprune.measure.call_overhead`."""
     import jax
-    import numpy as np
-    x = jax.numpy.asarray(np.zeros((batch, *input_size, in_channels), np.float32))
+    x = jax.numpy.zeros((1, 1, 1, 1), jax.numpy.float32)
     identity = jax.jit(lambda v: v)
     return lambda: identity(x).block_until_ready()
 
@@ -112,11 +111,11 @@ def torch_program(folder: str, batch: int, input_size, in_channels: int = 3):
     return _torch_forward(module, batch, input_size, in_channels)
 
 
-def torch_call_overhead(batch: int, input_size, in_channels: int = 3):
-    """One eager call of an exported identity program, saved and loaded as a `model.pt2`
-    is: what every call of an exported program costs besides its computation (the input
-    guards, flattening the arguments; about 60 us on a 2-core CPU). See
-    `jaxprune.measure.call_overhead`."""
+def torch_call_overhead():
+    """One eager call of an exported identity program on a one-element input, saved and
+    loaded as a `model.pt2` is: what every call of an exported program costs besides its
+    computation (the input guards, flattening the arguments; about 60 us on a 2-core CPU,
+    whatever the input's size). See `jaxprune.measure.call_overhead`."""
     import io
 
     import torch
@@ -124,11 +123,11 @@ def torch_call_overhead(batch: int, input_size, in_channels: int = 3):
     class Identity(torch.nn.Module):
         def forward(self, x):
             return x
-    x = torch.zeros(batch, in_channels, *input_size)
+    x = torch.zeros(1, 1, 1, 1)
     buffer = io.BytesIO()
     torch.export.save(torch.export.export(Identity(), (x,)), buffer)
     buffer.seek(0)
-    return _torch_forward(torch.export.load(buffer).module(), batch, input_size, in_channels)
+    return _torch_forward(torch.export.load(buffer).module(), 1, (1, 1), 1)
 
 
 def torch_original(arch: str, batch: int, input_size, options: dict | None = None,

@@ -313,7 +313,7 @@ class _Planner:
         alike = {json.dumps(a, sort_keys=True): a for a in args.values()}
         ms = None
         if distributed.is_main():
-            overhead = call_overhead("jax", self.batch, self.hw, self.m.spec.in_channels)
+            overhead = call_overhead("jax")
             ws = [Workload(str(k), "jax", "jaxprune.measure.workloads:jax_layers", a)
                   for k, a in enumerate(alike.values())]
             t = measure([overhead, *ws], rounds=1, warmup=2, repeats=5, separate=False)

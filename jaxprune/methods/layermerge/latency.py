@@ -128,7 +128,7 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
 
     from jaxprune.measure import call_overhead, measure
     from jaxprune.measure.models import workloads
-    overhead = call_overhead(key.runtime, key.batch, key.input_size)
+    overhead = call_overhead(key.runtime)
     ws, entry = [overhead], {}
     with tempfile.TemporaryDirectory(prefix="jaxprune-table-") as scratch:  # torch's exports
         for i, j, o in ms.entries():
