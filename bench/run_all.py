@@ -18,7 +18,7 @@ sides alternating round by round, the median of the round medians with their spr
 * layermerge, planned against measured: `bench/layermerge_speed.py` (torchvision's
   ResNet-18 at budget 1.5x, and without --quick MobileNetV2-1.0 at 1.6x, in LayerMerge's
   space, the latency table timed in torch at one thread; tables are kept in
-  runs/bench/layermerge_tables and reused), with the issue's targets in torch.
+  runs/bench/layermerge_tables and reused), with their speed targets in torch.
 * data pipeline: images/s of each input pipeline against the train step it feeds
   (`bench/data_pipeline.py`); above 1 the pipeline is not the bottleneck.
 * compile time: the first call of the jitted train step per model (resnet18_cifar,
@@ -169,12 +169,12 @@ def _round_by_round(ratios: list[float]) -> str:
 
 
 def _lm_target(row: dict) -> str:
-    """The issue's target of a layermerge_speed row (torch rows only), and whether its
+    """The speed target of a layermerge_speed row (torch rows only), and whether its
     median meets it."""
-    if not row["issue_target"]:
+    if not row["speed_target"]:
         return ""
-    met = row["measured_speedup"] >= row["issue_target"]
-    return f">= {row['issue_target']}x: {'met' if met else 'missed'}"
+    met = row["measured_speedup"] >= row["speed_target"]
+    return f">= {row['speed_target']}x: {'met' if met else 'missed'}"
 
 
 def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
@@ -241,18 +241,20 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
           f"{r['dense_ms']:.2f} ({r['dense_spread_ms'][0]:.2f} – {r['dense_spread_ms'][1]:.2f})",
           f"{r['fused_ms']:.2f} ({r['fused_spread_ms'][0]:.2f} – {r['fused_spread_ms'][1]:.2f})",
           f"**{r['speedup']:.2f}x**"] for r in results.get("merge_speed") or []])
+    lm = results.get("layermerge") or []
+    how = (f"{lm[0]['threads']} thread(s), batch {lm[0]['batch']}, {lm[0]['rounds']} "
+           f"alternating rounds of {lm[0]['repeats']} calls" if lm else "")
     lines += _section(
         "LayerMerge: planned against measured",
         "torchvision's model at 224 px, random weights and BatchNorm statistics, searched in "
         "LayerMerge's space (`bn_entropy` importance) under `target_speedup` over the "
         "unmerged sum of a latency table timed in torch (each segment option's merged layer "
-        "exported, its `model.pt2` called eagerly, one thread, batch 1, less the per-call "
-        "overhead), merged and exported. \"predicted\": the table's speed-up of the searched "
-        "convolutions; measured: whole models, torch = torchvision's own dense module "
-        "against the fused `model.pt2`, JAX = both jitted, each in a fresh process, 3 "
-        "alternating rounds of 20 calls; \"round by round\": the median and min – max of "
-        "dense over fused within each round. `bench/layermerge_speed.py` (its docstring "
-        "describes the steps).",
+        "exported, its `model.pt2` called eagerly, less the per-call overhead), merged and "
+        "exported. \"predicted\": the table's speed-up of the searched convolutions; "
+        "measured: whole models, torch = torchvision's own dense module against the fused "
+        "`model.pt2`, JAX = both jitted, each in a fresh process "
+        f"({how}); \"round by round\": the median and min – max of dense over fused within "
+        "each round. `bench/layermerge_speed.py` (its docstring describes the steps).",
         ["case", "runtime", "budget", "convs dropped", "ReLUs linearized", "predicted",
          "dense ms (spread)", "fused ms (spread)", "measured", "round by round", "target"],
         [[r["case"], r["runtime"], f"{r['target_speedup']}x"
@@ -261,7 +263,7 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
           f"{r['dense_ms']:.2f} ({r['dense_spread_ms'][0]:.2f} – {r['dense_spread_ms'][1]:.2f})",
           f"{r['fused_ms']:.2f} ({r['fused_spread_ms'][0]:.2f} – {r['fused_spread_ms'][1]:.2f})",
           f"**{r['measured_speedup']:.2f}x**", _round_by_round(r["round_speedups"]),
-          _lm_target(r)] for r in results.get("layermerge") or []])
+          _lm_target(r)] for r in lm])
     lines += _section(
         "Data pipeline vs the train step",
         "Images/s of each input pipeline alone (one epoch, default workers) against the "
@@ -301,7 +303,7 @@ def main(argv=None) -> int:
 
     q = args.quick
     results: dict = {}
-    # --quick keeps the issue's setting (width 64, batch 128) with fewer steps per round
+    # --quick keeps the benchmark's setting (width 64, batch 128) with fewer steps per round
     ts = ["bench/train_step.py"] + (["--steps", "3"] if q else [])
     results["train_step"] = _run(ts, timeout=3600)[-1]
     if machine()["platform"] == "gpu":

@@ -67,6 +67,10 @@ def test_a_table_is_read_less_its_call_overhead(resnet, tmp_path):
     assert load_table(path, key) == {first: 0.0, **{s: 0.75 for s in rest}}
     path.write_text(json.dumps(data))
     assert load_table(path, key) == {first: 0.1, **{s: 1.0 for s in rest}}
+    for bad in (None, "0.2", -0.1):   # a hand-edited file: one line naming the field
+        path.write_text(json.dumps({**data, "overhead_ms": bad}))
+        with pytest.raises(UserError, match=rf"t.json: overhead_ms is {bad!r}, not a time"):
+            load_table(path, key)
 
 
 def test_table_from_another_setting_is_refused(resnet, tmp_path):

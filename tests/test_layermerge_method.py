@@ -135,6 +135,17 @@ def test_bad_plans_and_options_are_refused(searched):
         _cfg(tmp, "method.latency_ms=3")
 
 
+def test_finetune_options_are_refused_where_they_would_do_nothing(tmp_path):
+    with pytest.raises(jaxprune.UserError, match=r"method.importance_images sets the "
+                       r"finetunes of importance: finetune, and this run's importance is "
+                       r"entropy: drop method.importance_images or set"):
+        _cfg(tmp_path, "method.importance_images=100")
+    with pytest.raises(jaxprune.UserError, match=r"method.importance_lr \(0.001\) must be at "
+                       r"least train.min_lr \(0.01\)"):
+        _cfg(tmp_path, "method.importance=finetune", "method.importance_lr=0.001",
+             "train.min_lr=0.01")
+
+
 def test_bn_entropy_is_data_free_where_a_batchnorm_feeds_the_site():
     """TLC's Φ(β/|γ|) ON probability per channel, by hand; ResNet's relu2 (after the add)
     has no BatchNorm right before it and is measured on data instead."""

@@ -114,8 +114,8 @@ def torch_program(folder: str, batch: int, input_size, in_channels: int = 3):
 def torch_call_overhead():
     """One eager call of an exported identity program on a one-element input, saved and
     loaded as a `model.pt2` is: what every call of an exported program costs besides its
-    computation (the input guards, flattening the arguments; about 60 us on a 2-core CPU,
-    whatever the input's size). See `jaxprune.measure.call_overhead`."""
+    computation (the input guards, flattening the arguments, whatever the input's size).
+    See `jaxprune.measure.call_overhead`."""
     import io
 
     import torch

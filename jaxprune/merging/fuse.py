@@ -602,7 +602,8 @@ def merge(m: Net, *, input_size=None, cost: str = "macs", batch: int = 1, verify
     fused layer's smallest input is larger than `input_size` gives it (a kernel as
     wide as the map), or with `fixed_size=True` (fewer border parameters: one input
     size's), the fused layers are made for `input_size` only and refuse other sizes.
-    `cost`: "macs", "latency" (timed at `batch`) or "none" (fuse every fusable run).
+    `cost`: "macs", "latency" (timed at `batch`, each layer less JAX's per-call
+    overhead) or "none" (fuse every fusable run).
     `verify` compares both models on random inputs at `input_size`. With
     `return_report=True` returns `(model, MergeReport)`.
     `cuts`: layer names whose outputs stay materialized, so no fused layer spans them

@@ -138,15 +138,16 @@ def train_epoch(trainer: Trainer, data: Data, epoch: int, desc: str,
 
 
 def fit(trainer: Trainer, data: Data, epochs: int, *, journal: Journal | None = None,
-        tag: dict | None = None, epoch_offset: int = 0, steps: int | None = None,
+        tag: dict | None = None, epoch_offset: int = 0,
         on_epoch: Callable[[int, dict, list[dict]], bool | None] | None = None) -> list[dict]:
     """Train `epochs` epochs from the trainer's current state (call `start_round` first),
-    validating after each; returns every epoch's record. `tag` (e.g. the round) names this
-    training in the log and its checkpoints; `epoch_offset` varies the shuffling between
-    calls; `steps`: each epoch trains only the first `steps` batches of its shuffled order
-    (a subset of the training set; build the trainer with `steps_per_epoch=steps` so that
-    its schedule spans them). `on_epoch(epoch, record, earlier_records)` runs after each
-    epoch, before the record is logged: it may add entries to the record, change the trainer's aux values for
+    validating after each; returns every epoch's record. Each epoch trains the first
+    `trainer.steps_per_epoch` batches of its shuffled order (all of them when the trainer
+    was built with `data.steps_per_epoch()`; fewer: a subset of the training set, its
+    schedule spanning them). `tag` (e.g. the round) names this training in the log and its
+    checkpoints; `epoch_offset` varies the shuffling between calls.
+    `on_epoch(epoch, record, earlier_records)` runs after each epoch, before the record is
+    logged: it may add entries to the record, change the trainer's aux values for
     the next epoch, and return True to stop early.
 
     With a `journal`, each epoch is logged and checkpointed, and a training with the tag of
@@ -154,7 +155,7 @@ def fit(trainer: Trainer, data: Data, epochs: int, *, journal: Journal | None = 
     order, so the same result as without the interruption. A NaN or infinite loss raises
     `Diverged` before that epoch is checkpointed."""
     tag = dict(tag or {})
-    steps = data.steps_per_epoch() if steps is None else min(steps, data.steps_per_epoch())
+    steps = min(trainer.steps_per_epoch, data.steps_per_epoch())
     records, stopped = (journal.resume(trainer, tag, epochs, epoch_offset) if journal is not None
                         else ([], False))
     with tqdm(total=epochs, initial=len(records), disable=not is_main(),

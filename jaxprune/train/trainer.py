@@ -109,6 +109,7 @@ class Trainer:
             params, extra = tree
             return (jax.tree.map(lambda p: decay_1d or p.ndim >= 2, params),
                     self.hooks.extra_decay(extra))
+        self.steps_per_epoch = steps_per_epoch  # `fit` trains this many batches an epoch
         self.tx, self.schedule = make_optimizer(cfg, steps_per_epoch, decay_mask)
         self.traces = {"train": 0, "eval": 0}
         self._smoothing = cfg.label_smoothing

@@ -105,10 +105,16 @@ class LayerMergeConfig(MethodConfig):
         if self.plan is not None and (self.target_speedup, self.latency_ms) != (None, None):
             raise UserError("method.plan replays a plan with its own budget: drop "
                             "method.target_speedup and method.latency_ms")
-        if self.importance_lr is not None and self.importance_lr < cfg.train.min_lr:
-            raise UserError(f"method.importance_lr {self.importance_lr:g} is below "
-                            f"train.min_lr {cfg.train.min_lr:g}, where the schedule ends: "
-                            "raise it or lower train.min_lr")
+        for key in ("importance_images", "importance_lr"):
+            if getattr(self, key) is not None and self.importance != "finetune":
+                raise UserError(f"method.{key} sets the finetunes of importance: finetune, "
+                                f"and this run's importance is {self.importance}: drop "
+                                f"method.{key} or set method.importance: finetune")
+        if (self.importance_lr is not None and cfg.train.schedule == "cosine"
+                and self.importance_lr < cfg.train.min_lr):
+            raise UserError(f"method.importance_lr ({self.importance_lr:g}) must be at least "
+                            f"train.min_lr ({cfg.train.min_lr:g}): each finetune's cosine "
+                            "schedule decays from it to min_lr")
 
     def inputs(self) -> dict[str, str]:
         return {f"method.{k}": v for k, v in (("latency_table", self.latency_table),

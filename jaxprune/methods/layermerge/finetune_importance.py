@@ -157,8 +157,9 @@ def _load(path: Path, header: dict) -> dict[str, float]:
     if not path.is_file():
         return {}
     data = json.loads(path.read_text())
-    differ = [f"{k} {data.get(k)!r} (here {v!r})" for k, v in header.items()
-              if data.get(k) != v]
+    fields = [*header, *(k for k in data if k not in header and k != "delta")]
+    differ = [f"{k} {data.get(k)!r} (here {header.get(k)!r})" for k in fields
+              if data.get(k) != header.get(k)]
     if differ:
         raise UserError(f"{path} holds importance entries made with other settings "
                         f"({'; '.join(differ)}): use a new run name, or delete the file to "
@@ -176,15 +177,18 @@ def finetune_importance(ctx: RunContext, original: Net, ms: ModelSpace, base_val
     a_j): I} for `dp.solve` (`alpha` unused). `base_val_acc`: the original's validation
     accuracy (%); `images`: per epoch of each entry (None: the whole training set); `lr`:
     the finetunes' learning rate (None: the run's `train.lr`)."""
-    train = dataclasses.replace(ctx.cfg.train, epochs=epochs, lr=lr or ctx.cfg.train.lr)
     path = ctx.run_dir / FILE
     steps = ctx.data.steps_per_epoch()
     if images is not None:
         steps = min(steps, -(-images // ctx.data.batch_size))
-    header = json.loads(json.dumps(  # as the file holds it (tuples as lists)
-        {"schema": SCHEMA, "space_hash": ms.hash, "epochs": epochs, "steps_per_epoch": steps,
-         "train": {k: v for k, v in dataclasses.asdict(train).items() if k != "epochs"},
-         "base_val_acc": base_val_acc}))
+    run_train = dataclasses.replace(ctx.cfg.train, lr=lr or ctx.cfg.train.lr)
+    # as the file holds it (tuples as lists); a subset is recorded only when there is one,
+    # so files of whole-epoch entries read the same as before the option existed
+    header = json.loads(json.dumps(
+        {"schema": SCHEMA, "space_hash": ms.hash, "epochs": epochs,
+         **({"steps_per_epoch": steps} if steps < ctx.data.steps_per_epoch() else {}),
+         "train": dataclasses.asdict(run_train), "base_val_acc": base_val_acc}))
+    train = dataclasses.replace(run_train, epochs=epochs)
     done = _load(path, header)
     todo = keys(ms)
     probe = _Probe(original, ms, ctx.cfg.seed)
@@ -199,7 +203,7 @@ def finetune_importance(ctx: RunContext, original: Net, ms: ModelSpace, base_val
             trainer = Trainer(probe.m, train, steps_per_epoch=steps, mesh=ctx.mesh)
         trainer.start_round()
         fit(trainer, ctx.data, epochs, tag={"importance": f"{n + 1}/{len(left)}"},
-            epoch_offset=ctx.cfg.method.pretrain_epochs, steps=steps)
+            epoch_offset=ctx.cfg.method.pretrain_epochs)
         acc = trainer.evaluate(ctx.data.eval_batches("val"))["acc"]
         done[_key_text(k)] = float(acc - base_val_acc)
         if distributed.is_main():

@@ -16,12 +16,13 @@ jitted) or `torch` (each segment's layer exported by `converters.export` and its
 `model.pt2` called eagerly, in processes that never import JAX), every segment in one fresh
 process per round, the layers alternating call by call (`separate=False`), the median of
 the rounds' medians, ms per call of `batch` images. A segment called on its own pays the
-runtime's per-call overhead (about 60 us for an exported torch program), which the whole
-model pays once: an identity program is timed with the segments (`measure.call_overhead`)
-and T is each time less it (`measure.in_model_ms`). Without that, every extra segment of a
-plan costs one more call overhead in the table but not in the model, and the table credits
-merging with more than it gains. The file keeps the times as measured and the overhead
-(`overhead_ms`; none in tables written before it was recorded).
+runtime's per-call overhead (an exported torch program's input guards, JAX's dispatch),
+which the whole model pays once: an identity program is timed with the segments
+(`measure.call_overhead`) and T is each time less it (`measure.in_model_ms`). Without
+that, every extra segment of a plan costs one more call overhead in the table but not in
+the model, and the table credits merging with more than it gains. The file keeps the
+times as measured and the overhead (`overhead_ms`; none in tables written before it was
+recorded).
 
 With layer dropping (LayerMerge) every option of a segment is timed, as the layer merge
 makes of the segment with that option's convs dropped: T(i, j, option), named "i,j,option"
@@ -165,17 +166,27 @@ def table_ms(data: dict, key: TableKey, source: str) -> dict[tuple, float]:
     if differ:
         raise UserError(f"{source} was measured for another setting ({'; '.join(differ)}): "
                         "drop method.latency_table to measure a table here")
-    table, overhead = {}, call_overhead_ms(data)
+    table, overhead = {}, call_overhead_ms(data, source)
     for name, ms in data.get("ms", {}).items():
         i, j, *option = name.split(",")
-        table[(int(i), int(j), *option)] = in_model_ms(float(ms), overhead)
+        table[(int(i), int(j), *option)] = in_model_ms(_time(ms, name, source), overhead)
     return table
 
 
-def call_overhead_ms(data: dict) -> float:
+def call_overhead_ms(data: dict, source: str) -> float:
     """The per-call overhead a table's entries are taken off by (`table_ms`): 0 for a table
     written before it was recorded."""
-    return float(data.get("overhead_ms", 0.0))
+    return _time(data.get("overhead_ms", 0.0), "overhead_ms", source)
+
+
+def _time(value, name: str, source: str) -> float:
+    """A time of the table file `source` (ms), refused unless a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 <= value < float("inf")):
+        raise UserError(f"{source}: {name} is {value!r}, not a time in ms (a number >= 0): "
+                        "give a latency_table.json a layermerge run wrote, or drop "
+                        "method.latency_table to measure one")
+    return float(value)
 
 
 def load_table(path: str | Path, key: TableKey) -> dict[tuple, float]:
@@ -220,4 +231,4 @@ def latency_table(m: Net, ms: ModelSpace, key: TableKey, cache: Path,
                 data = measure_table(m, ms, key, **timing)
                 write_json_atomic(cache, data)
         data = distributed.broadcast_json(data)
-    return table_ms(data, key, source), call_overhead_ms(data)
+    return table_ms(data, key, source), call_overhead_ms(data, source)
