@@ -247,10 +247,11 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
     lines += _section(
         "LayerMerge: planned against measured",
         "torchvision's model at 224 px, random weights and BatchNorm statistics, searched in "
-        "LayerMerge's space (`bn_entropy` importance) under `target_speedup` over the "
-        "unmerged sum of a latency table timed in torch (each segment option's merged layer "
-        "exported, its `model.pt2` called eagerly, less the per-call overhead), merged and "
-        "exported. \"predicted\": the table's speed-up of the searched convolutions; "
+        "LayerMerge's space (`bn_entropy` importance) under `target_speedup` of the whole "
+        "model as a latency table timed in torch predicts it (each segment option's merged "
+        "layer exported, its `model.pt2` called eagerly, less the per-call overhead, and the "
+        "whole model, BatchNorms folded, timed with them), merged and exported. "
+        "\"predicted\": that prediction; "
         "measured: whole models, torch = torchvision's own dense module against the fused "
         "`model.pt2`, JAX = both jitted, each in a fresh process "
         f"({how}); \"round by round\": the median and min – max of dense over fused within "

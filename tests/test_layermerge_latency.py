@@ -105,20 +105,27 @@ def test_table_from_another_setting_is_refused(resnet, tmp_path):
 @pytest.mark.parametrize("runtime", ["jax", "torch"])
 def test_table_is_measured_once_and_cached(resnet, tmp_path, runtime):
     """In JAX each segment's layer is jitted; in torch it is exported and its model.pt2 run
-    eagerly (a piece of the network: `width` input channels, not 3)."""
+    eagerly (a piece of the network: `width` input channels, not 3). The whole model is
+    timed with them."""
     m, ms = resnet
     key = table_key(ms, HW, 2, runtime=runtime)
     cache = tmp_path / "latency_table.json"
-    table, overhead = latency_table(m, ms, key, cache, rounds=1, warmup=1, repeats=2)
+    table = latency_table(m, ms, key, cache, rounds=1, warmup=1, repeats=2)
     data = json.loads(cache.read_text())
     assert data["key"] == key.as_dict() and data["rounds"] == 1
     assert data["key"]["runtime"] == runtime
     # each entry as measured, less the runtime's per-call overhead timed beside them
-    assert overhead == data["overhead_ms"] > 0
-    assert set(table) == set(ms.segments)
-    assert table == {s: max(data["ms"][f"{s[0]},{s[1]}"] - overhead, 0.0) for s in table}
-    assert any(v > 0 for v in table.values())
-    assert latency_table(m, ms, key, cache) == (table, overhead)  # read back, not measured
+    assert table.overhead_ms == data["overhead_ms"] > 0
+    assert set(table.T) == set(ms.segments)
+    assert table.T == {s: max(data["ms"][f"{s[0]},{s[1]}"] - table.overhead_ms, 0.0)
+                       for s in table.T}
+    assert any(v > 0 for v in table.T.values())
+    assert table.model_ms == data["model_ms"] > 0
+    assert latency_table(m, ms, key, cache) == table   # read back, not measured again
+    del data["model_ms"]    # a table of an older version: measured again, or refused
+    cache.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="was measured before the whole model was timed"):
+        latency_table(m, ms, key, cache)
 
 
 def test_an_option_is_timed_as_the_layer_merge_makes_with_its_drops(resnet):

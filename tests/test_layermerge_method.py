@@ -38,14 +38,15 @@ def _cfg(tmp_path, *overrides):
 def _table(tmp_path) -> Path:
     """A latency table for the tiny model: merging k convs costs 1 + 0.25 k ms once the
     call overhead (0.25 ms) is taken off, so a merged segment is faster than its convs one
-    by one (1.25 ms each). Timing itself is tested in test_layermerge_latency.py."""
+    by one (1.25 ms each: 20 ms unmerged), and the whole model takes 24 ms (4 ms outside
+    the searched convs). Timing itself is tested in test_layermerge_latency.py."""
     cfg = _cfg(tmp_path)
     ms = build_space(build_model(cfg, 10, HW))
     path = tmp_path / "table.json"
     path.write_text(json.dumps({
         "schema": TABLE_SCHEMA, "key": table_key(ms, HW, 1).as_dict(),
         "ms": {f"{i},{j}": 1.25 + 0.25 * (j - i) for i, j in ms.segments},
-        "overhead_ms": 0.25}))
+        "overhead_ms": 0.25, "model_ms": 24.0}))
     return path
 
 
@@ -64,11 +65,15 @@ def test_search_finetune_and_exact_merge(searched):
     s = res["search"]
     plan = Plan.from_json((run_dir / PLAN_FILE).read_text())
     assert plan.extra["model"] == "resnet18_cifar" and plan.extra["input_size"] == list(HW)
-    # the budget: the unmerged 16 x 1.25 ms (call overhead off) over target_speedup 1.3,
-    # and the plan fits it
-    assert s["call_overhead_ms"] == 0.25
+    # the budget: the searched convs' share of the whole model (24 ms) over target_speedup
+    # 1.3, the 4 ms outside them (24 less the unmerged 16 x 1.25 ms, call overhead off)
+    # unchanged; the plan fits it, and its whole model is predicted from the same algebra
+    assert s["call_overhead_ms"] == 0.25 and s["model_ms"] == 24.0
     assert s["unmerged_ms"] == pytest.approx(16 * 1.25)
-    assert s["budget_ms"] == pytest.approx(20 / 1.3) and s["planned_ms"] <= s["budget_ms"]
+    assert s["budget_ms"] == pytest.approx(24 / 1.3 - 4) and s["planned_ms"] <= s["budget_ms"]
+    assert s["predicted_model_ms"] == pytest.approx(4 + s["planned_ms"])
+    assert s["predicted_speedup"] == pytest.approx(24 / s["predicted_model_ms"])
+    assert s["predicted_speedup"] >= 1.3
     # the objective is the entropy of the sites left nonlinear
     assert plan.objective == pytest.approx(s["entropy_kept"])
     assert 0 < s["entropy_kept"] < s["entropy_total"] and s["edits"]["linearize"]
@@ -103,9 +108,13 @@ def test_plan_replays_to_the_same_edits(searched):
 def test_out_of_reach_budget_is_one_line(tmp_path):
     table = _table(tmp_path)
     cfg = _cfg(tmp_path, f"method.latency_table={table}", "method.target_speedup=50")
+    # the fastest plan: 10 segments of the 16 convs, 10 x 1 + 16 x 0.25 = 14 ms, and 4 ms
+    # outside them: 18 of the model's 24 ms
     with pytest.raises(jaxprune.UserError, match=r"^method.target_speedup 50 is out of reach: the "
-                                                 r"fastest plan takes .* a speed-up of [0-9.]+x "
-                                                 r"at most; ask for at most that$"):
+                                                 r"fastest plan takes 18 ms of the whole model's "
+                                                 r"24 ms \(predicted from the latency table\), "
+                                                 r"a speed-up of 1.33x at most; ask for at most "
+                                                 r"that$"):
         runner.run(cfg)
 
 
@@ -173,14 +182,14 @@ def test_bn_entropy_is_data_free_where_a_batchnorm_feeds_the_site():
 
 def _drop_table(tmp_path) -> Path:
     """A latency table of the LM space: an option costs 1 + 0.25 ms per conv it keeps, so
-    dropping convs is what makes a plan fast."""
+    dropping convs is what makes a plan fast; the whole model is its 16 convs (20 ms)."""
     cfg = _cfg(tmp_path, "method.drop_layers=true")
     ms = build_space(build_model(cfg, 10, HW), drop_layers=True)
     path = tmp_path / "drop_table.json"
     path.write_text(json.dumps({
         "schema": TABLE_SCHEMA, "key": table_key(ms, HW, 1).as_dict(),
         "ms": {f"{i},{j},{o}": 1.0 + 0.25 * len(ms.keep[(i, j, o)])
-               for i, j, o in ms.entries()}}))
+               for i, j, o in ms.entries()}, "model_ms": 20.0}))
     return path
 
 

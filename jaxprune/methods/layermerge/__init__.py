@@ -23,8 +23,9 @@ per kernel it may merge into, and there is no T_opt stage):
    the entropy of the activation it keeps at its end, so the search keeps the
    high-entropy activations the budget allows; with layer dropping, minus `drop_penalty`
    times the dropped convs' worth on the same scale);
-4. the exact dynamic program (`dp.py`) under the budget (`target_speedup` over the
-   unmerged sum of T, or `latency_ms`), written to `plan.json` (`plan: PATH` replays one);
+4. the exact dynamic program (`dp.py`) under the budget (`target_speedup` or `latency_ms`
+   of the whole model as the table predicts it: `latency.LatencyTable`), written to
+   `plan.json` (`plan: PATH` replays one);
 5. the plan applied (sites inside segments linearized, dropped convs removed), finetuned
    for `finetune_epochs` (optionally distilled from the original), then merged exactly as planned
    (`jaxprune.merge(cost="none", cuts=...)`), exported and timed.
@@ -65,10 +66,11 @@ class LayerMergeConfig(MethodConfig):
     drop_layers: bool = False
     # λ: what dropping a conv of average L1 norm costs, in units of the mean site entropy
     drop_penalty: float = option(1.0, ge=0)
-    # latency budget = the unmerged sum of T / target_speedup, or ...
+    # the whole model's latency budget = its time / target_speedup, or ...
     target_speedup: float | None = option(None, gt=1, why="the planned model's speed-up "
-                                          "over the unmerged one, in the latency table")
-    # ... the budget itself, ms per batch of latency_batch (exactly one of the two)
+                                          "over the dense one, as the latency table "
+                                          "predicts the whole model")
+    # ... the budget itself, the whole model's ms per batch of latency_batch (one of two)
     latency_ms: float | None = option(None, gt=0)
     importance: str = option("entropy", choices=IMPORTANCES)
     # importance: finetune — epochs of each entry's finetune, and ECDC's α (the bonus per

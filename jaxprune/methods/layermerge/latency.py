@@ -7,7 +7,7 @@ block's add, a segment spanning whole blocks takes their adds in) cut out as a m
 own and fused by `jaxprune.merge` (`cost="none"`), so the layer timed is the layer the
 merged model will run, border data included, at its real input shape (every pooling and
 stride before it traced) and the table's batch. The stem, the head, the adds kept explicit
-and the activations are not in T: a budget T0 covers the searched convolutions alone.
+and the activations are not in T (the whole model's time below has them).
 (The reference times each merged conv followed by a ReLU; the ReLU is left out here, since
 whether a boundary keeps its activation is the plan's choice.)
 
@@ -23,6 +23,11 @@ that, every extra segment of a plan costs one more call overhead in the table bu
 the model, and the table credits merging with more than it gains. The file keeps the
 times as measured and the overhead (`overhead_ms`; none in tables written before it was
 recorded).
+
+The whole model (its BatchNorms folded, no run fused: what the unmerged plan runs, stem,
+head, adds and activations included) is timed with the segments too (`model_ms`), so a
+plan's whole-model latency is predicted as model_ms − Σ T(unmerged) + Σ T(plan): the time
+the plan saves, taken off the model as measured. The budget is on that prediction.
 
 With layer dropping (LayerMerge) every option of a segment is timed, as the layer merge
 makes of the segment with that option's convs dropped: T(i, j, option), named "i,j,option"
@@ -66,6 +71,23 @@ class TableKey:
         d = dataclasses.asdict(self)
         d["input_size"] = list(self.input_size)
         return d
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyTable:
+    """A latency table as the search reads it: `T` in ms per call of the table's batch,
+    each entry less the call overhead, keyed (i, j), or (i, j, option) with layer dropping;
+    `overhead_ms`, the per-call overhead taken off each entry; `model_ms`, the whole model
+    (BatchNorms folded, no run fused) timed with them."""
+    T: dict[tuple, float]
+    overhead_ms: float
+    model_ms: float
+
+    def model_after(self, unmerged_ms: float, planned_ms: float) -> float:
+        """The predicted whole-model latency (ms) of a plan whose segments sum to
+        `planned_ms` where every conv alone sums to `unmerged_ms`: the model as measured,
+        less what the plan saves on the searched convs."""
+        return self.model_ms - unmerged_ms + planned_ms
 
 
 def table_key(ms: ModelSpace, input_size, batch: int, runtime: str = "jax") -> TableKey:
@@ -122,16 +144,22 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
                   repeats: int = 20, threads: int | None = None) -> dict:
     """T(i, j) in ms for every segment of `ms` (every option of it, with layer dropping;
     see the module doc), as the table's JSON data: {"schema", "key", "ms": {"i,j": ms},
-    "spread_ms": {"i,j": [min, max]}, "overhead_ms", "overhead_spread_ms"} ("i,j,option"
-    with layer dropping; "ms" as measured, the call overhead not yet taken off).
-    `threads`: `jaxprune.measure`'s (default: one per core)."""
+    "spread_ms": {"i,j": [min, max]}, "overhead_ms", "overhead_spread_ms", "model_ms",
+    "model_spread_ms"} ("i,j,option" with layer dropping; "ms" as measured, the call
+    overhead not yet taken off). `threads`: `jaxprune.measure`'s (default: one per core)."""
     import tempfile
 
+    from jaxprune import merge
     from jaxprune.measure import call_overhead, measure
     from jaxprune.measure.models import workloads
+    from jaxprune.merging.fuse import fold_only_cuts
     overhead = call_overhead(key.runtime)
-    ws, entry = [overhead], {}
+    folded = merge(m, input_size=key.input_size, cost="none", cuts=fold_only_cuts(m),
+                   verify=False)
     with tempfile.TemporaryDirectory(prefix="jaxprune-table-") as scratch:  # torch's exports
+        model, = workloads("model", folded, key.input_size, batch=key.batch,
+                           runtimes=(key.runtime,), scratch=Path(scratch))
+        ws, entry = [overhead, model], {}
         for i, j, o in ms.entries():
             sub = segment_net(m, ms, i, j, key.input_size, o)
             name = _entry_name(i, j, o, ms)
@@ -141,12 +169,13 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
             entry[w.name] = name
         t = measure(ws, rounds=rounds, warmup=warmup, repeats=repeats, threads=threads,
                     separate=False)
-    segments = ws[1:]
+    segments = ws[2:]
     return {"schema": TABLE_SCHEMA, "key": key.as_dict(),
             "ms": {entry[w.name]: t[w.name].median_ms for w in segments},
             "spread_ms": {entry[w.name]: list(t[w.name].spread_ms) for w in segments},
             "overhead_ms": t[overhead.name].median_ms,
             "overhead_spread_ms": list(t[overhead.name].spread_ms),
+            "model_ms": t[model.name].median_ms, "model_spread_ms": list(t[model.name].spread_ms),
             "rounds": rounds, "repeats": repeats, "threads": t[overhead.name].threads}
 
 
@@ -211,13 +240,14 @@ def _read(path: Path) -> dict:
 
 
 def latency_table(m: Net, ms: ModelSpace, key: TableKey, cache: Path,
-                  given: str | Path | None = None, **timing) -> tuple[dict[tuple, float], float]:
-    """`table_ms` for `ms` and the call overhead taken off its entries (`call_overhead_ms`):
-    from `given` (a table file, checked against `key`), else from `cache` when an earlier
-    run measured it there (checked likewise), else measured (`measure_table`, `timing` its
-    settings) and written to `cache`. In a multi-process run, process 0 reads or measures
-    the cached table and every process gets it from there (`distributed.broadcast_json`),
-    so all of them solve the same search."""
+                  given: str | Path | None = None, **timing) -> LatencyTable:
+    """`ms`'s `LatencyTable`: from `given` (a table file, checked against `key`), else from
+    `cache` when an earlier run measured it there (checked likewise), else measured
+    (`measure_table`, `timing` its settings) and written to `cache`. A table written before
+    the whole model was timed with its entries is refused (the budget is on the whole
+    model). In a multi-process run, process 0 reads or measures the cached table and every
+    process gets it from there (`distributed.broadcast_json`), so all of them solve the
+    same search."""
     from jaxprune import distributed
     from jaxprune.files import write_json_atomic
     if given is not None:
@@ -231,4 +261,10 @@ def latency_table(m: Net, ms: ModelSpace, key: TableKey, cache: Path,
                 data = measure_table(m, ms, key, **timing)
                 write_json_atomic(cache, data)
         data = distributed.broadcast_json(data)
-    return table_ms(data, key, source), call_overhead_ms(data, source)
+    T = table_ms(data, key, source)
+    if "model_ms" not in data:
+        raise UserError(f"{source} was measured before the whole model was timed with the "
+                        "segments, which the budget needs: drop method.latency_table (or "
+                        "delete the file) to measure the table again")
+    return LatencyTable(T, call_overhead_ms(data, source),
+                        _time(data["model_ms"], "model_ms", source))

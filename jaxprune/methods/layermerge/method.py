@@ -17,7 +17,7 @@ from jaxprune.methods.layermerge.dp import Plan, extend_importance, solve, t_opt
 from jaxprune.methods.layermerge.finetune_importance import finetune_importance
 from jaxprune.methods.layermerge.importance import (drop_costs, kept_entropy,
                                                     segment_importance, site_scores)
-from jaxprune.methods.layermerge.latency import latency_table, table_key
+from jaxprune.methods.layermerge.latency import LatencyTable, latency_table, table_key
 from jaxprune.methods.layermerge.space import Edits, ModelSpace, apply_edits, build_space
 from jaxprune.methods.pretrain import original_model, train_stage
 from jaxprune.train import evaluate_model
@@ -59,20 +59,23 @@ def search(ms: ModelSpace, topt: dict, breaks: dict, importance: dict, budget: f
                   if (s.start, s.end) in breaks}
 
 
-def budget_ms(opts, ms: ModelSpace, topt: dict, unmerged: float) -> float:
-    """The DP's budget: `latency_ms`, or the unmerged sum over `target_speedup`. Raises the
-    one-line `UserError` naming the best reachable speed-up when no plan is that fast."""
-    fastest = fastest_ms(ms, topt)
+def budget_ms(opts, ms: ModelSpace, topt: dict, unmerged: float, table: LatencyTable) -> float:
+    """The DP's budget on the searched convs (ms): what lets the plan's predicted whole
+    model (`LatencyTable.model_after`) take `latency_ms`, or the measured model's time over
+    `target_speedup`. Raises the one-line `UserError` naming the best reachable speed-up
+    when no plan is that fast."""
+    fastest = table.model_after(unmerged, fastest_ms(ms, topt))
     if opts.latency_ms is not None:
-        budget, asked = opts.latency_ms, f"method.latency_ms {opts.latency_ms:g}"
+        model, asked = opts.latency_ms, f"method.latency_ms {opts.latency_ms:g}"
     else:
-        budget, asked = unmerged / opts.target_speedup, \
+        model, asked = table.model_ms / opts.target_speedup, \
             f"method.target_speedup {opts.target_speedup:g}"
-    if budget < fastest:
+    if model < fastest:
         raise UserError(f"{asked} is out of reach: the fastest plan takes {fastest:.4g} ms of "
-                        f"the unmerged {unmerged:.4g} ms in the latency table, a speed-up of "
-                        f"{unmerged / fastest:.3g}x at most; ask for at most that")
-    return budget
+                        f"the whole model's {table.model_ms:.4g} ms (predicted from the "
+                        f"latency table), a speed-up of {table.model_ms / fastest:.3g}x at "
+                        "most; ask for at most that")
+    return model - table.model_ms + unmerged
 
 
 def read_plan(path: str, ms: ModelSpace, cfg, image_size, m: Net) -> tuple[Plan, dict, Edits]:
@@ -153,16 +156,16 @@ def run(ctx: RunContext) -> MethodResult:
     if opts.latency_table is None and not (ctx.run_dir / TABLE_FILE).is_file():
         ctx.log(f"layermerge: timing {len(ms.entries())} segment options in {opts.runtime} "
                 f"(jaxprune.measure) ...")
-    T, overhead_ms = latency_table(original, ms, key, ctx.run_dir / TABLE_FILE,
-                                   given=opts.latency_table, rounds=opts.latency_rounds,
-                                   repeats=opts.latency_repeats)
-    topt, breaks, unmerged = stage_one(ms, T)
+    table = latency_table(original, ms, key, ctx.run_dir / TABLE_FILE,
+                          given=opts.latency_table, rounds=opts.latency_rounds,
+                          repeats=opts.latency_repeats)
+    topt, breaks, unmerged = stage_one(ms, table.T)
 
-    scores = source = table = None
+    scores = source = ft_table = None
     if opts.plan is None:
-        budget = budget_ms(opts, ms, topt, unmerged)
+        budget = budget_ms(opts, ms, topt, unmerged, table)
         if opts.importance == "finetune":
-            importance, table = finetune_importance(
+            importance, ft_table = finetune_importance(
                 ctx, original, ms, results["dense"]["val_acc"], epochs=opts.importance_epochs,
                 images=opts.importance_images, lr=opts.importance_lr,
                 alpha=opts.importance_alpha)
@@ -184,16 +187,17 @@ def run(ctx: RunContext) -> MethodResult:
         (ctx.run_dir / PLAN_FILE).write_text(plan.to_json() + "\n")
     results["search"] = {
         "importance": opts.importance if opts.plan is None else "from the plan",
-        "site_entropy": scores, "site_source": source, "finetune_table": table,
+        "site_entropy": scores, "site_source": source, "finetune_table": ft_table,
         "entropy_kept": kept_entropy(ms, scores, edits.linearize) if scores else None,
         "entropy_total": kept_entropy(ms, scores, ()) if scores else None,
         "drop_cost": (sum(drop_costs(ms, scores, opts.drop_penalty)[c] for c in edits.drop)
                       if scores and ms.drop_layers else None),
         "budget_ms": plan.budget_ms, "bins": plan.budget_bins,
-        "unmerged_ms": unmerged, "planned_ms": plan.time_ms,
-        "predicted_speedup": unmerged / plan.time_ms if plan.time_ms else None,
+        "unmerged_ms": unmerged, "planned_ms": plan.time_ms, "model_ms": table.model_ms,
+        "predicted_model_ms": table.model_after(unmerged, plan.time_ms),
+        "predicted_speedup": table.model_ms / table.model_after(unmerged, plan.time_ms),
         "objective": plan.objective, "latency_batch": opts.latency_batch,
-        "latency_runtime": key.runtime, "call_overhead_ms": overhead_ms,
+        "latency_runtime": key.runtime, "call_overhead_ms": table.overhead_ms,
         "segments": [{**dataclasses.asdict(s), "convs": list(ms.convs(s.start, s.end)),
                       "dropped": [c for c in ms.convs(s.start, s.end) if c in edits.drop],
                       "pieces": list(pieces.get((s.start, s.end), (s.start, s.end)))}
