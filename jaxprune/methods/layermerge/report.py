@@ -56,7 +56,8 @@ def report(results: dict) -> Report:
         f"({runtime}, batch {search['latency_batch']}, the table's device; each segment timed "
         f"alone as its fused layer, BatchNorm folded, and the whole model with them: the "
         f"stem, the head, the adds kept explicit and the activations are in the model's time "
-        f"and not in any segment's, so the plan changes none of them). "
+        f"and in no segment's, and the prediction keeps them as they are, so the activations "
+        f"a plan removes are a gain it does not count). "
         f"{_overhead(search['call_overhead_ms'])} DP grid: {search['bins']} bins."]
     # measured in the runtime the table was timed in (tables of older runs: JAX)
     row = ((results.get("latency") or {}).get("runtimes") or {}).get(
