@@ -124,11 +124,11 @@ class Data:
                 for b in self._loader(split, epoch=0, train=False))
 
 
-def train_epoch(trainer: Trainer, data: Data, epoch: int, desc: str,
-                steps: int | None = None) -> dict:
-    """One epoch of training; `steps`: only the first `steps` batches of its shuffled order."""
+def train_epoch(trainer: Trainer, data: Data, epoch: int, desc: str) -> dict:
+    """One epoch of training: the first `trainer.steps_per_epoch` batches of its shuffled
+    order (all of them, for a trainer built with the data's steps)."""
     loader, batches = data.train_batches(epoch)
-    steps = len(loader) if steps is None else min(steps, len(loader))
+    steps = min(trainer.steps_per_epoch, len(loader))
     # `with`: an error closes the bar before it is reported, not after
     with tqdm(itertools.islice(batches, steps), total=steps, desc=desc, leave=False,
               disable=not is_main()) as bar:
@@ -172,8 +172,7 @@ def _epoch(trainer, data, epoch, epochs, steps, records, bar, *, journal, tag, e
            on_epoch) -> bool:
     """Train, validate, log and checkpoint epoch `epoch` of `fit`; True to stop early."""
     lr = float(trainer.schedule(epoch * steps))
-    train = train_epoch(trainer, data, epoch_offset + epoch, desc=f"epoch {epoch + 1}/{epochs}",
-                        steps=steps)
+    train = train_epoch(trainer, data, epoch_offset + epoch, desc=f"epoch {epoch + 1}/{epochs}")
     if train["nonfinite_batch"]:
         raise Diverged({"tag": tag, "epoch": epoch + 1, "epochs": epochs,
                         "step": train["nonfinite_batch"], "steps": steps, "loss": train["loss"]},
