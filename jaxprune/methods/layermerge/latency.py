@@ -244,8 +244,8 @@ def latency_table(m: Net, ms: ModelSpace, key: TableKey, cache: Path,
     """`ms`'s `LatencyTable`: from `given` (a table file, checked against `key`), else from
     `cache` when an earlier run measured it there (checked likewise), else measured
     (`measure_table`, `timing` its settings) and written to `cache`. A table written before
-    the whole model was timed with its entries is refused (the budget is on the whole
-    model). In a multi-process run, process 0 reads or measures the cached table and every
+    the whole model was timed with its entries (the budget is on the whole model) is
+    measured again in `cache`, and refused as `given`. In a multi-process run, process 0 reads or measures the cached table and every
     process gets it from there (`distributed.broadcast_json`), so all of them solve the
     same search."""
     from jaxprune import distributed
@@ -255,16 +255,15 @@ def latency_table(m: Net, ms: ModelSpace, key: TableKey, cache: Path,
     else:
         cache, data, source = Path(cache), None, str(cache)
         if distributed.is_main():
-            if cache.is_file():
-                data = _read(cache)
-            else:
+            data = _read(cache) if cache.is_file() else None
+            if data is None or "model_ms" not in data:
                 data = measure_table(m, ms, key, **timing)
                 write_json_atomic(cache, data)
         data = distributed.broadcast_json(data)
     T = table_ms(data, key, source)
     if "model_ms" not in data:
         raise UserError(f"{source} was measured before the whole model was timed with the "
-                        "segments, which the budget needs: drop method.latency_table (or "
-                        "delete the file) to measure the table again")
+                        "segments, which the budget needs: drop method.latency_table to "
+                        "measure the table again")
     return LatencyTable(T, call_overhead_ms(data, source),
                         _time(data["model_ms"], "model_ms", source))
