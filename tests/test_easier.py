@@ -210,13 +210,18 @@ def _fake_model_latency(calls: list):
 
 
 def _fake_layer_measure(workloads, **kw):
-    """`jaxprune.measure.measure` for merge's candidates: 1 ms per layer, 100 ms for a
-    kernel wider than 3 (a composed 3x3 pair), so no such layer is ever fused."""
+    """`jaxprune.measure.measure` for merge's candidates: 1.5 ms per layer and 100.5 ms
+    for a kernel wider than 3 (a composed 3x3 pair), the per-call overhead 0.5 ms, so no
+    such layer is ever fused."""
     from jaxprune.measure import Timing, Timings
     out = {}
     for w in workloads:
-        kernel = w.args["config"].get("kernel") or w.args["config"].get("kernel_size") or [1]
-        ms = 100.0 if max(kernel) > 3 else 1.0
+        if w.factory.endswith("_call_overhead"):
+            ms = 0.5
+        else:
+            config = w.args["config"]
+            kernel = config.get("kernel") or config.get("kernel_size") or [1]
+            ms = 100.5 if max(kernel) > 3 else 1.5
         out[w.name] = Timing(w.name, w.runtime, ms, (ms, ms), [ms], 5, 2, "cpu", {})
     return Timings(out, 1, False, None)
 
