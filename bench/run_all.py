@@ -163,6 +163,12 @@ def _section(title: str, intro: str, header: list[str], rows: list[list]) -> lis
     return [f"## {title}", "", intro, ""] + (table(header, rows) if rows else []) + [""]
 
 
+def _with_spread(row: dict, side: str) -> str:
+    """`side`'s median ms of a bench row and its spread (min – max of the round medians)."""
+    low, high = row[f"{side}_spread_ms"]
+    return f"{row[f'{side}_ms']:.2f} ({low:.2f} – {high:.2f})"
+
+
 def _round_by_round(ratios: list[float]) -> str:
     import statistics
     return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} – {max(ratios):.2f})"
@@ -238,8 +244,8 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
         "cases).",
         ["case", "batch", "runtime", "dense ms (spread)", "fused ms (spread)", "speed-up"],
         [[r["case"], r["batch"], r["runtime"],
-          f"{r['dense_ms']:.2f} ({r['dense_spread_ms'][0]:.2f} – {r['dense_spread_ms'][1]:.2f})",
-          f"{r['fused_ms']:.2f} ({r['fused_spread_ms'][0]:.2f} – {r['fused_spread_ms'][1]:.2f})",
+          _with_spread(r, "dense"),
+          _with_spread(r, "fused"),
           f"**{r['speedup']:.2f}x**"] for r in results.get("merge_speed") or []])
     lm = results.get("layermerge") or []
     how = (f"{lm[0]['threads']} thread(s), batch {lm[0]['batch']}, {lm[0]['rounds']} "
@@ -261,8 +267,8 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
         [[r["case"], r["runtime"], f"{r['target_speedup']}x"
           + ("" if r["target_in_reach"] else " (out of reach: fastest plan)"),
           r["dropped"], r["linearized"], f"{r['predicted_speedup']:.2f}x",
-          f"{r['dense_ms']:.2f} ({r['dense_spread_ms'][0]:.2f} – {r['dense_spread_ms'][1]:.2f})",
-          f"{r['fused_ms']:.2f} ({r['fused_spread_ms'][0]:.2f} – {r['fused_spread_ms'][1]:.2f})",
+          _with_spread(r, "dense"),
+          _with_spread(r, "fused"),
           f"**{r['measured_speedup']:.2f}x**", _round_by_round(r["round_speedups"]),
           _lm_target(r)] for r in lm])
     lines += _section(

@@ -245,9 +245,9 @@ def latency_table(m: Net, ms: ModelSpace, key: TableKey, cache: Path,
     `cache` when an earlier run measured it there (checked likewise), else measured
     (`measure_table`, `timing` its settings) and written to `cache`. A table written before
     the whole model was timed with its entries (the budget is on the whole model) is
-    measured again in `cache`, and refused as `given`. In a multi-process run, process 0 reads or measures the cached table and every
-    process gets it from there (`distributed.broadcast_json`), so all of them solve the
-    same search."""
+    measured again in `cache`, and refused as `given`. In a multi-process run, process 0
+    reads or measures the cached table and every process gets it from there
+    (`distributed.broadcast_json`), so all of them solve the same search."""
     from jaxprune import distributed
     from jaxprune.files import write_json_atomic
     if given is not None:

@@ -185,6 +185,7 @@ def run(ctx: RunContext) -> MethodResult:
             "edits": edits.as_dict()})
     if distributed.is_main():
         (ctx.run_dir / PLAN_FILE).write_text(plan.to_json() + "\n")
+    predicted = table.model_after(unmerged, plan.time_ms)
     results["search"] = {
         "importance": opts.importance if opts.plan is None else "from the plan",
         "site_entropy": scores, "site_source": source, "finetune_table": ft_table,
@@ -194,8 +195,7 @@ def run(ctx: RunContext) -> MethodResult:
                       if scores and ms.drop_layers else None),
         "budget_ms": plan.budget_ms, "bins": plan.budget_bins,
         "unmerged_ms": unmerged, "planned_ms": plan.time_ms, "model_ms": table.model_ms,
-        "predicted_model_ms": table.model_after(unmerged, plan.time_ms),
-        "predicted_speedup": table.model_ms / table.model_after(unmerged, plan.time_ms),
+        "predicted_model_ms": predicted, "predicted_speedup": table.model_ms / predicted,
         "objective": plan.objective, "latency_batch": opts.latency_batch,
         "latency_runtime": key.runtime, "call_overhead_ms": table.overhead_ms,
         "segments": [{**dataclasses.asdict(s), "convs": list(ms.convs(s.start, s.end)),
