@@ -54,6 +54,24 @@ def _table(key, ms):
             "ms": {f"{i},{j}": 1.0 for i, j in ms.segments}}
 
 
+def test_a_cached_table_without_the_model_time_is_measured_again(resnet, tmp_path,
+                                                                  monkeypatch):
+    """The run's own cached table from before the whole model was timed is replaced by a
+    new measurement (the budget needs `model_ms`); one with it is read as it is."""
+    from jaxprune.methods.layermerge import latency
+    m, ms = resnet
+    key, cache = table_key(ms, HW, 2), tmp_path / "latency_table.json"
+    cache.write_text(json.dumps(_table(key, ms)))
+    measured = []
+    monkeypatch.setattr(latency, "measure_table", lambda *a, **k: measured.append(1) or
+                        {**_table(key, ms), "overhead_ms": 0.25, "model_ms": 30.0})
+    table = latency_table(m, ms, key, cache)
+    assert measured == [1] and json.loads(cache.read_text())["model_ms"] == 30.0
+    assert (table.model_ms, table.overhead_ms) == (30.0, 0.25)
+    assert table.T == {s: 0.75 for s in ms.segments}
+    assert latency_table(m, ms, key, cache) == table and measured == [1]
+
+
 def test_a_table_is_read_less_its_call_overhead(resnet, tmp_path):
     """Each entry is taken off the per-call overhead timed with it (a whole model pays it
     once, not once per segment), never below 0; a table written before the overhead was
