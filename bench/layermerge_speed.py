@@ -1,7 +1,8 @@
 """layermerge's speed targets, re-runnable: predicted against measured speed-up of a plan.
 
     python bench/layermerge_speed.py [--cases resnet18,mbv2_100] [--runtime torch] [--drop-layers]
-                                     [--batch 1] [--rounds 3] [--threads N] [--table-dir DIR]
+                                     [--batch 1] [--rounds 3] [--bursts 5] [--threads N]
+                                     [--table-dir DIR]
 
 Cases (224 px, random weights, BatchNorm statistics randomized):
 * resnet18: torchvision's ResNet-18, target_speedup 1.5 (target: >= 1.4x in torch);
@@ -17,9 +18,10 @@ random too), the exact DP under the budget (when the table's fastest plan is slo
 the target, the bench says so and plans the fastest), the plan applied, `jaxprune.merge` with the
 plan's cuts (`cost="none"`), and the export. Then it times the whole models
 (`jaxprune.measure.models.model_latency`: every model and runtime in a fresh process of
-its own, dense and fused alternating round by round, median of the round medians, spread
-= min-max of the round medians; "round by round": the median and min-max of dense over
-fused within each round, the two timed one after the other): in torch torchvision's own
+its own for each of `--rounds` rounds, dense and fused taking turns `--bursts` times a
+round, `--repeats` calls a burst; median of the burst medians, spread = their min-max;
+"burst by burst": the median and min-max of dense over fused burst by burst, the two
+timed one after the other, which cancels the machine's drift): in torch torchvision's own
 dense model against the fused `model.pt2`, in JAX the dense jaxprune model against the
 fused one.
 
@@ -119,6 +121,8 @@ def main(argv=None) -> int:
                    help="the latency table's runtime")
     p.add_argument("--batch", type=int, default=1, help="batch of the table and the timing")
     p.add_argument("--rounds", type=int, default=3, help="rounds, each a fresh process")
+    p.add_argument("--bursts", type=int, default=5,
+                   help="turns of each model a round (the sides alternate burst by burst)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per round")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads and JAX host devices (default: one per core)")
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
             program = converters.export(c["fused"], Path(tmp) / "fused")
             t = model_latency({"dense": c["dense"], "fused": c["fused"]}, HW, batch=args.batch,
                               programs={"fused": program}, rounds=args.rounds,
-                              repeats=args.repeats, threads=args.threads)
+                              bursts=args.bursts, repeats=args.repeats, threads=args.threads)
         for rt in ("torch", "jax"):
             d, f = t[f"dense {rt}"], t[f"fused {rt}"]
             row = {"case": case, "space": "layermerge" if args.drop_layers else "ecdc",
@@ -176,18 +180,16 @@ def main(argv=None) -> int:
                    "dense_spread_ms": [round(v, 2) for v in d.spread_ms],
                    "fused_spread_ms": [round(v, 2) for v in f.spread_ms],
                    "measured_speedup": round(d.median_ms / f.median_ms, 3),
-                   # round k of each model ran one after the other: their ratio cancels
-                   # the machine's drift between rounds
-                   "round_speedups": [round(a / b, 3) for a, b in
-                                      zip(d.round_medians_ms, f.round_medians_ms)],
+                   "burst_speedups": [round(v, 3) for v in
+                                      t.paired(f"dense {rt}", f"fused {rt}")],
                    "threads": d.threads, "device": d.device, "rounds": args.rounds,
-                   "repeats": args.repeats}
+                   "bursts": args.bursts, "repeats": args.repeats}
             results.append(row)
             print(f"  {rt:<5} dense {d.median_ms:8.2f} ms {row['dense_spread_ms']}  fused "
                   f"{f.median_ms:8.2f} ms {row['fused_spread_ms']}  measured "
-                  f"x{row['measured_speedup']:.2f} (predicted x{predicted:.2f}); round by "
-                  f"round x{np.median(row['round_speedups']):.2f} "
-                  f"[{min(row['round_speedups'])}, {max(row['round_speedups'])}]", flush=True)
+                  f"x{row['measured_speedup']:.2f} (predicted x{predicted:.2f}); burst by "
+                  f"burst x{np.median(row['burst_speedups']):.2f} "
+                  f"[{min(row['burst_speedups'])}, {max(row['burst_speedups'])}]", flush=True)
     rows = [[r["case"], r["runtime"], r["batch"], f"{r['target_speedup']}x",
              f"{r['predicted_speedup']}x", r["dense_ms"], r["fused_ms"],
              f"{r['measured_speedup']}x", r["speed_target"] or ""]

@@ -12,8 +12,8 @@ Cases:
   removed, default cost model; resnet18_cifar_mid_all: the same fused with cost="none".
 
 What is timed (`jaxprune.measure.models.model_latency`: every model and runtime in a
-fresh process of its own, dense and fused alternating, 3 rounds, median of the round
-medians, spread = min-max of the round medians):
+fresh process of its own, dense and fused alternating burst by burst, 3 rounds of 3
+bursts, median of the burst medians, spread = min-max of the burst medians):
 * torch: the dense side is what users run, torchvision's or timm's own module (eager,
   `no_grad`); the fused side is jaxprune's export, `model.pt2` loaded by torch alone;
 * JAX: the jaxprune dense model and the fused model, jitted, eval mode.
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--runtimes", default="jax,torch")
-    p.add_argument("--repeats", type=int, default=10, help="timed calls per round")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per burst")
     p.add_argument("--rounds", type=int, default=3, help="rounds, each side in its own process")
     args = p.parse_args(argv)
     cases = args.cases.split(",")

@@ -6,7 +6,8 @@
 
 Every time in it is measured by `jaxprune.measure`: each side of a comparison alone in a
 fresh process of its own (torch never in a process that imported JAX), warm-up first, the
-sides alternating round by round, the median of the round medians with their spread.
+sides alternating (round by round, or burst by burst within a round), the median of the
+round or burst medians with their spread.
 
 * train step: EASIER's jitted train step (statistics on) against the official EASIER
   PyTorch step (`bench/train_step.py`, `bench/easier_reference.py`); target >= 1.25x on
@@ -164,12 +165,13 @@ def _section(title: str, intro: str, header: list[str], rows: list[list]) -> lis
 
 
 def _with_spread(row: dict, side: str) -> str:
-    """`side`'s median ms of a bench row and its spread (min – max of the round medians)."""
+    """`side`'s median ms of a bench row and its spread (min – max of the round or burst
+    medians)."""
     low, high = row[f"{side}_spread_ms"]
     return f"{row[f'{side}_ms']:.2f} ({low:.2f} – {high:.2f})"
 
 
-def _round_by_round(ratios: list[float]) -> str:
+def _by_burst(ratios: list[float]) -> str:
     import statistics
     return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} – {max(ratios):.2f})"
 
@@ -239,8 +241,9 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
         "Dense network against the same network with sites linearized and fused by "
         "`jaxprune.merge`; random weights. torch: the dense side is torchvision's or timm's "
         "own module, the fused side jaxprune's exported model.pt2; JAX: both jitted. Median "
-        "of 3 alternating rounds (spread: min – max of the round medians), each model and "
-        "runtime in its own process. `bench/merge_speed.py` (its docstring describes the "
+        "of 3 rounds of 3 alternating bursts (spread: min – max of the burst medians), each "
+        "model and runtime in its own process. `bench/merge_speed.py` (its docstring "
+        "describes the "
         "cases).",
         ["case", "batch", "runtime", "dense ms (spread)", "fused ms (spread)", "speed-up"],
         [[r["case"], r["batch"], r["runtime"],
@@ -248,8 +251,8 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
           _with_spread(r, "fused"),
           f"**{r['speedup']:.2f}x**"] for r in results.get("merge_speed") or []])
     lm = results.get("layermerge") or []
-    how = (f"{lm[0]['threads']} thread(s), batch {lm[0]['batch']}, {lm[0]['rounds']} "
-           f"alternating rounds of {lm[0]['repeats']} calls" if lm else "")
+    how = (f"{lm[0]['threads']} thread(s), batch {lm[0]['batch']}, {lm[0]['rounds']} rounds "
+           f"of {lm[0]['bursts']} alternating bursts of {lm[0]['repeats']} calls" if lm else "")
     lines += _section(
         "LayerMerge: planned against measured",
         "torchvision's model at 224 px, random weights and BatchNorm statistics, searched in "
@@ -260,16 +263,17 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
         "\"predicted\": that prediction; "
         "measured: whole models, torch = torchvision's own dense module against the fused "
         "`model.pt2`, JAX = both jitted, each in a fresh process "
-        f"({how}); \"round by round\": the median and min – max of dense over fused within "
-        "each round. `bench/layermerge_speed.py` (its docstring describes the steps).",
+        f"({how}); \"burst by burst\": the median and min – max of dense over fused burst "
+        "by burst, the two timed one after the other. `bench/layermerge_speed.py` (its "
+        "docstring describes the steps).",
         ["case", "runtime", "budget", "convs dropped", "ReLUs linearized", "predicted",
-         "dense ms (spread)", "fused ms (spread)", "measured", "round by round", "target"],
+         "dense ms (spread)", "fused ms (spread)", "measured", "burst by burst", "target"],
         [[r["case"], r["runtime"], f"{r['target_speedup']}x"
           + ("" if r["target_in_reach"] else " (out of reach: fastest plan)"),
           r["dropped"], r["linearized"], f"{r['predicted_speedup']:.2f}x",
           _with_spread(r, "dense"),
           _with_spread(r, "fused"),
-          f"**{r['measured_speedup']:.2f}x**", _round_by_round(r["round_speedups"]),
+          f"**{r['measured_speedup']:.2f}x**", _by_burst(r["burst_speedups"]),
           _lm_target(r)] for r in lm])
     lines += _section(
         "Data pipeline vs the train step",

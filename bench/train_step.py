@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     t = measure(workloads(args.batch, args.width, args.also_devices), rounds=args.rounds, warmup=args.warmup,
                 repeats=args.steps, save=args.save)
     rows = [[name, f"{x.median_ms / 1e3:.3f}",
-             ", ".join(f"{v / 1e3:.3f}" for v in x.round_medians_ms),
+             ", ".join(f"{v / 1e3:.3f}" for v in x.burst_medians_ms),
              f"{args.batch / (x.median_ms / 1e3):.1f}", x.threads, x.device]
             for name, x in t.timings.items()]
     print("\n".join(table(["side", "s/step (median)", "round medians", "img/s",
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
               "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
               "command": " ".join(["python bench/train_step.py", *(argv or sys.argv[1:])]),
               "sides": {name: {"s_per_step": x.median_ms / 1e3,
-                               "round_medians_s": [v / 1e3 for v in x.round_medians_ms],
+                               "round_medians_s": [v / 1e3 for v in x.burst_medians_ms],
                                "threads": x.threads, "device": x.device}
                         for name, x in t.timings.items()},
               "ratio": t.ratio("official", "jaxprune"),

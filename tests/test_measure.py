@@ -21,20 +21,21 @@ def _conv(k: int) -> Workload:
 def test_orders_two_plainly_different_workloads_and_times_torch_without_jax():
     """A 7x7 conv at 128 channels (49x the MACs) is slower than a 1x1, and a call of an
     exported identity program (torch's per-call overhead) is faster than a ResNet's; the
-    torch processes never imported JAX, the JAX processes never imported torch."""
+    torch processes never imported JAX, the JAX processes never imported torch; each
+    workload has a median per burst of each round."""
     torch_side = Workload("resnet torch", "torch", "jaxprune.measure.workloads:torch_original",
                           {"arch": "resnet18_cifar", "options": {"width": 4}, "num_classes": 10,
                            "batch": 1, "input_size": [16, 16]})
     overhead = measure.call_overhead("torch")
-    t = measure.measure([_conv(1), _conv(7), torch_side, overhead], rounds=2, warmup=1,
-                        repeats=3)
+    t = measure.measure([_conv(1), _conv(7), torch_side, overhead], rounds=2, bursts=2,
+                        warmup=1, repeats=3)
     assert t.ratio("conv7x7", "conv1x1") > 3
     assert 0 < t["call overhead torch"].median_ms < t["resnet torch"].median_ms
     assert t["resnet torch"].imported == t["call overhead torch"].imported == {
         "jax": False, "torch": True}
     assert t["conv1x1"].imported == {"jax": True, "torch": False}
     for timing in t.timings.values():
-        assert len(timing.round_medians_ms) == 2 and timing.repeats == 3
+        assert len(timing.burst_medians_ms) == 4 and timing.repeats == 3  # 2 rounds x 2
         assert timing.spread_ms[0] <= timing.median_ms <= timing.spread_ms[1]
         assert timing.threads >= 1
 
@@ -89,8 +90,10 @@ def test_every_latency_figure_comes_from_the_module(monkeypatch, tmp_path):
     assert table["runtimes"]["torch"]["dense_ms"] == 11.0 and table["runtimes"]["torch"]["fused_ms"] == 13.0
     blocks = fuse_export.latency_blocks(table, "dense")
     rows = [r[1:] for r in blocks[0].rows]
-    assert rows == [["10.000", "9.000 – 11.000", "12.000", "11.000 – 13.000", "**0.83x**"],
-                    ["11.000", "10.000 – 12.000", "13.000", "12.000 – 14.000", "**0.85x**"]]
+    assert rows == [["10.000", "9.000 – 11.000", "12.000", "11.000 – 13.000", "**0.83x**",
+                     "0.83x (0.833 – 0.833)"],
+                    ["11.000", "10.000 – 12.000", "13.000", "12.000 – 14.000", "**0.85x**",
+                     "0.85x (0.846 – 0.846)"]]
     assert "python -m jaxprune.measure /x/spec.json" in blocks[1]
 
     p = profile(m, (16, 16), latency=["jax", "torch"], batch=4)

@@ -6,8 +6,8 @@ rerun it and get the same answer.
                              {"arch": "resnet18", "batch": 1, "input_size": [224, 224]})
     fused = measure.Workload("fused", "torch", "jaxprune.measure.workloads:torch_program",
                              {"folder": "runs/x/export", "batch": 1, "input_size": [224, 224]})
-    timings = measure.measure([dense, fused], rounds=3)      # alternating, one process each
-    timings["fused"].median_ms, timings["fused"].spread_ms    # ms per call, (min, max) of rounds
+    timings = measure.measure([dense, fused], rounds=3, bursts=5)  # alternating, a process each
+    timings["fused"].median_ms, timings["fused"].spread_ms    # ms per call, (min, max) of bursts
 
 The rules (each one closes a way an earlier figure went wrong):
 
@@ -18,14 +18,19 @@ The rules (each one closes a way an earlier figure went wrong):
 * Thread counts are fixed and recorded: torch gets `threads` intra-op threads; JAX gets
   `devices` XLA host devices (`--xla_force_host_platform_device_count`, one per core by
   default on CPU, as `run.py` runs). The worker warms up (compile, caches) before it times.
-* `measure` with `separate=True` (the default) runs every workload of every round in its
-  own process and alternates the workloads round by round (A, B, A, B, ...), so a change
-  in machine load hits every side alike. With `separate=False` the workloads of one
-  runtime share one process per round and alternate call by call inside it (for the many
-  small candidates of a cost model, where a process each would cost minutes).
-* A figure is the median over rounds of each round's median; `spread_ms` is the (min, max)
-  of the round medians. `Timings.command` reruns the same measurement
-  (`python -m jaxprune.measure SPEC.json`) when the spec was saved.
+* `measure` with `separate=True` (the default) runs every workload in its own process,
+  fresh for each of `rounds` rounds. Within a round the processes are built and warmed
+  up one after the other, then take turns `bursts` times: one process times `repeats`
+  calls while the others wait idle, then the next (A, B, A, B, ...). A machine whose
+  speed drifts within seconds (a shared virtual machine does) then hits both sides of a
+  ratio alike, and the ratio of burst k of A to burst k of B, timed next to each other,
+  cancels the drift. With `separate=False` the workloads of one runtime share one
+  process per round and alternate call by call inside it (for the many small candidates
+  of a cost model, where a process each would cost minutes).
+* A figure is the median over bursts of each burst's median; `spread_ms` is the (min,
+  max) of the burst medians (with `bursts=1`, one burst per round). `Timings.command`
+  reruns the same measurement (`python -m jaxprune.measure SPEC.json`) when the spec was
+  saved.
 * A piece of a model timed on its own (a merge candidate, a latency table's segment) pays
   its runtime's per-call overhead on every call, where the whole model pays it once: its
   `call_overhead` workload, timed in the same processes, is taken off (`in_model_ms`).
@@ -40,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import select
 import statistics
 import subprocess
 import sys
@@ -84,10 +90,10 @@ class Timing:
     """The measured time per call of one workload (milliseconds)."""
     name: str
     runtime: str
-    median_ms: float                  # median over rounds of each round's median
-    spread_ms: tuple[float, float]    # (min, max) of the round medians
-    round_medians_ms: list[float]
-    repeats: int                      # timed calls per round
+    median_ms: float                  # median over bursts of each burst's median
+    spread_ms: tuple[float, float]    # (min, max) of the burst medians
+    burst_medians_ms: list[float]     # one per burst, in time order (rounds x bursts)
+    repeats: int                      # timed calls per burst
     threads: int                      # torch intra-op threads, or JAX host devices
     device: str
     imported: dict                    # {"jax": bool, "torch": bool}: what its process loaded
@@ -103,6 +109,7 @@ class Timings:
     rounds: int
     separate: bool
     command: str | None
+    bursts: int = 1
 
     def __getitem__(self, name: str) -> Timing:
         return self.timings[name]
@@ -111,60 +118,108 @@ class Timings:
         """`slow`'s median over `fast`'s: the speed-up of `fast`."""
         return self[slow].median_ms / self[fast].median_ms
 
+    def paired(self, slow: str, fast: str) -> list[float]:
+        """`fast`'s speed-up burst by burst: `slow`'s burst k over `fast`'s burst k, the two
+        timed next to each other, so that a drift of the machine between bursts cancels."""
+        return [a / b for a, b in zip(self[slow].burst_medians_ms, self[fast].burst_medians_ms)]
+
     def as_dict(self) -> dict:
-        return {"rounds": self.rounds, "separate": self.separate, "command": self.command,
+        return {"rounds": self.rounds, "bursts": self.bursts, "separate": self.separate,
+                "command": self.command,
                 "timings": {k: t.as_dict() for k, t in self.timings.items()}}
 
 
-def _run_worker(runtime: str, workloads: list[Workload], *, warmup: int, repeats: int,
-                threads: int, timeout: float) -> dict:
-    """One worker process timing `workloads` (all of `runtime`); its JSON result."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    spec = {"runtime": runtime, "workloads": [w.as_dict() for w in workloads],
-            "warmup": warmup, "repeats": repeats, "threads": threads}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
-    try:
-        proc = subprocess.run([sys.executable, "-m", WORKER, f.name], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    finally:
-        os.unlink(f.name)
-    if proc.returncode != 0:
-        tail = " ".join(proc.stderr.strip().splitlines()[-3:])[-600:]
-        raise UserError(f"timing {', '.join(w.name for w in workloads)} ({runtime}) failed: "
-                        f"{tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class _Worker:
+    """One worker process timing `workloads` (all of `runtime`), built and warmed up,
+    waiting for bursts (`jaxprune.measure.worker`). Its stderr goes to a file, so that a
+    chatty runtime cannot fill a pipe and stall it; a crash or a silence longer than
+    `timeout` seconds is a `UserError` with the end of that file."""
+
+    def __init__(self, runtime: str, workloads: list[Workload], *, warmup: int, repeats: int,
+                 threads: int, timeout: float):
+        self.names = ", ".join(w.name for w in workloads)
+        self.runtime, self.timeout = runtime, timeout
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        spec = {"runtime": runtime, "workloads": [w.as_dict() for w in workloads],
+                "warmup": warmup, "repeats": repeats, "threads": threads}
+        self.dir = tempfile.TemporaryDirectory(prefix="jaxprune-measure-")
+        spec_path = Path(self.dir.name) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        self.stderr = open(Path(self.dir.name) / "stderr.txt", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", WORKER, str(spec_path)], cwd=ROOT,
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True)
+        self.info = self._read()   # device, threads, imported: sent once warmed up
+
+    def _read(self) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            if ready:
+                self.proc.wait()
+            self.stderr.seek(0)
+            tail = " ".join(self.stderr.read().strip().splitlines()[-3:])[-600:]
+            why = tail if ready else f"no answer in {self.timeout:.0f} s"
+            self.close()
+            raise UserError(f"timing {self.names} ({self.runtime}) failed: {why}")
+        return json.loads(line)
+
+    def burst(self) -> list[dict]:
+        """Time one burst; `[{"name", "times_ms"}]`, one per workload."""
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        return self._read()["results"]
+
+    def close(self):
+        """End the process (its stdin closed; killed if it hangs on) and its files; twice
+        is harmless."""
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+        self.dir.cleanup()
 
 
-def measure(workloads: list[Workload], *, rounds: int = 3, warmup: int = 3, repeats: int = 10,
-            threads: int | None = None, separate: bool = True, timeout: float = 1800,
-            save: str | Path | None = None) -> Timings:
+def measure(workloads: list[Workload], *, rounds: int = 3, bursts: int = 1, warmup: int = 3,
+            repeats: int = 10, threads: int | None = None, separate: bool = True,
+            timeout: float = 1800, save: str | Path | None = None) -> Timings:
     """Time `workloads` in fresh processes (see the module doc); `save` writes the spec
     there so that `python -m jaxprune.measure SAVE` reruns it."""
-    if rounds < 1 or repeats < 1 or warmup < 0:
-        raise UserError(f"measure: rounds and repeats must be >= 1 and warmup >= 0, got "
-                        f"{rounds}, {repeats}, {warmup}")
+    if rounds < 1 or bursts < 1 or repeats < 1 or warmup < 0:
+        raise UserError(f"measure: rounds, bursts and repeats must be >= 1 and warmup >= 0, "
+                        f"got {rounds}, {bursts}, {repeats}, {warmup}")
     names = [w.name for w in workloads]
     if len(set(names)) != len(names):
         raise UserError(f"measure: workload names must be unique, got {names}")
     threads = threads or default_threads()
-    per_round: dict[str, list[float]] = {n: [] for n in names}
+    if separate:
+        groups = [[w] for w in workloads]
+    else:
+        groups = [g for g in ([w for w in workloads if w.runtime == rt] for rt in RUNTIMES) if g]
+    per_burst: dict[str, list[float]] = {n: [] for n in names}
     info: dict[str, dict] = {}
     for _ in range(rounds):
-        if separate:
-            groups = [[w] for w in workloads]
-        else:
-            groups = [[w for w in workloads if w.runtime == rt] for rt in RUNTIMES]
-        for group in filter(None, groups):
-            out = _run_worker(group[0].runtime, group, warmup=warmup, repeats=repeats,
-                              threads=threads, timeout=timeout)
-            for r in out["results"]:
-                per_round[r["name"]].append(statistics.median(r["times_ms"]))
-                info[r["name"]] = out
+        workers = []
+        try:
+            for group in groups:  # one at a time: no build or warm-up beside another's
+                workers.append(_Worker(group[0].runtime, group, warmup=warmup,
+                                       repeats=repeats, threads=threads, timeout=timeout))
+            for _ in range(bursts):
+                for worker in workers:
+                    for r in worker.burst():
+                        per_burst[r["name"]].append(statistics.median(r["times_ms"]))
+                        info[r["name"]] = worker.info
+        finally:
+            for worker in workers:
+                worker.close()
     timings = {}
     for w in workloads:
-        medians = per_round[w.name]
+        medians = per_burst[w.name]
         out = info[w.name]
         timings[w.name] = Timing(w.name, w.runtime, statistics.median(medians),
                                  (min(medians), max(medians)), medians, repeats,
@@ -174,10 +229,11 @@ def measure(workloads: list[Workload], *, rounds: int = 3, warmup: int = 3, repe
         save = Path(save)
         save.parent.mkdir(parents=True, exist_ok=True)
         save.write_text(json.dumps({"workloads": [w.as_dict() for w in workloads],
-                                    "rounds": rounds, "warmup": warmup, "repeats": repeats,
-                                    "threads": threads, "separate": separate}, indent=1))
+                                    "rounds": rounds, "bursts": bursts, "warmup": warmup,
+                                    "repeats": repeats, "threads": threads,
+                                    "separate": separate}, indent=1))
         command = f"python -m jaxprune.measure {save}"
-    return Timings(timings, rounds, separate, command)
+    return Timings(timings, rounds, separate, command, bursts)
 
 
 def call_overhead(runtime: str) -> Workload:

@@ -62,10 +62,12 @@ def workloads(name: str, m: Net, hw, *, batch: int, runtimes, program: Path | No
 
 
 def model_latency(models_: dict[str, Net], hw, *, batch: int = 1, runtimes=("jax", "torch"),
-                  programs: dict[str, Path] | None = None, rounds: int = 3, repeats: int = 20,
-                  threads: int | None = None, save: Path | None = None) -> Timings:
+                  programs: dict[str, Path] | None = None, rounds: int = 3, bursts: int = 3,
+                  repeats: int = 20, threads: int | None = None,
+                  save: Path | None = None) -> Timings:
     """Time each named model in each runtime, every workload in its own process, the
-    models alternating round by round (`jaxprune.measure.measure`; `threads`: its torch
+    models alternating burst by burst, `bursts` bursts of `repeats` calls in each of
+    `rounds` rounds of fresh processes (`jaxprune.measure.measure`; `threads`: its torch
     threads and JAX host devices, default one per core). Workload names are
     `<model name> <runtime>`."""
     programs = programs or {}
@@ -73,4 +75,5 @@ def model_latency(models_: dict[str, Net], hw, *, batch: int = 1, runtimes=("jax
         ws = [w for name, m in models_.items()
               for w in workloads(name, m, hw, batch=batch, runtimes=runtimes,
                                  program=programs.get(name), scratch=Path(scratch))]
-        return measure(ws, rounds=rounds, repeats=repeats, threads=threads, save=save)
+        return measure(ws, rounds=rounds, bursts=bursts, repeats=repeats, threads=threads,
+                       save=save)

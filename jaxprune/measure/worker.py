@@ -1,10 +1,15 @@
 """The timing process: `python -m jaxprune.measure.worker SPEC.json`.
 
-Builds every workload of the spec (all of one runtime), warms each up, then times them
-call by call in turn (`repeats` rounds of one call each), and prints one JSON line: the
-times per workload, the threads, the device, and which of jax and torch this process
-imported. It imports nothing of the other runtime: for torch, JAX never enters the
-process; for JAX, the XLA flags are set before JAX is imported.
+Builds every workload of the spec (all of one runtime), warms each up, and prints one
+JSON line: the threads, the device, and which of jax and torch this process imported.
+Then, for each line it reads on stdin, it times one burst (`repeats` calls of each
+workload, the workloads taking turns call by call) and prints one JSON line of the times
+per workload; it exits at the end of stdin. The measuring process keeps several workers
+waiting on stdin and lets one burst run at a time, so the workloads alternate burst by
+burst with no other timing running beside them.
+
+It imports nothing of the other runtime: for torch, JAX never enters the process; for
+JAX, the XLA flags are set before JAX is imported.
 """
 from __future__ import annotations
 
@@ -34,6 +39,14 @@ def _factory(path: str):
     return getattr(importlib.import_module(module), name)
 
 
+def _threads(runtime: str) -> int:
+    if runtime == "torch":
+        import torch
+        return torch.get_num_threads()
+    import jax
+    return jax.device_count()
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(open(argv[0]).read())
     runtime, workloads = spec["runtime"], spec["workloads"]
@@ -43,23 +56,19 @@ def main(argv: list[str]) -> int:
     for step in steps:
         for _ in range(spec["warmup"]):
             step()
-    times = [[] for _ in steps]
-    for _ in range(spec["repeats"]):
-        for step, out in zip(steps, times):
-            t0 = time.perf_counter()
-            step()
-            out.append((time.perf_counter() - t0) * 1e3)
-    if runtime == "torch":
-        import torch
-        threads = torch.get_num_threads()
-    else:
-        import jax
-        threads = jax.device_count()
     print(json.dumps({
-        "runtime": runtime, "device": device, "threads": threads,
+        "runtime": runtime, "device": device, "threads": _threads(runtime),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "imported": {m: m in sys.modules for m in ("jax", "torch")},
-        "results": [{"name": w["name"], "times_ms": t} for w, t in zip(workloads, times)]}))
+        "imported": {m: m in sys.modules for m in ("jax", "torch")}}), flush=True)
+    for _ in sys.stdin:  # one line: one burst
+        times = [[] for _ in steps]
+        for _ in range(spec["repeats"]):
+            for step, out in zip(steps, times):
+                t0 = time.perf_counter()
+                step()
+                out.append((time.perf_counter() - t0) * 1e3)
+        print(json.dumps({"results": [{"name": w["name"], "times_ms": t}
+                                      for w, t in zip(workloads, times)]}), flush=True)
     return 0
 
 

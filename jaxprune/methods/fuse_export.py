@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import jax
@@ -16,7 +17,7 @@ from jaxprune.merging.fuse import sizes_text
 from jaxprune.report import Section, Table, fmt
 from models.net import Net
 
-LATENCY_BATCH, LATENCY_ROUNDS, LATENCY_REPEATS = 1, 3, 20
+LATENCY_BATCH, LATENCY_ROUNDS, LATENCY_BURSTS, LATENCY_REPEATS = 1, 3, 3, 20
 LATENCY_DIR = "latency"   # the timing spec and, under the guard, the programs it timed
 LATENCY_SPEC = f"{LATENCY_DIR}/spec.json"
 
@@ -134,7 +135,8 @@ def latency_table(ctx: RunContext, dense: Net, fused: Net, export: Path,
     """ms per batch of `batch` images of the dense and the fused model (and of the
     `unfused` model with its export folder, when given), in JAX (jit) and torch (the dense
     model as torchvision's or timm's own module, the others as their exported `model.pt2`),
-    each in fresh processes, alternating, `rounds` rounds (`jaxprune.measure`); the spec is
+    each in fresh processes, alternating burst by burst, `rounds` rounds of
+    `LATENCY_BURSTS` bursts (`jaxprune.measure`); the spec is
     saved in `<run>/latency` so that `command` reruns it. When the fused layers carry border
     terms, the fused model without them (`without_border_terms`, inexact at the borders;
     exported to `<run>/latency/bare` for the rerun) is timed alongside: `border_ms` is what
@@ -151,14 +153,18 @@ def latency_table(ctx: RunContext, dense: Net, fused: Net, export: Path,
         named["bare"] = without_border_terms(fused)
         programs["bare"] = converters.export(named["bare"], ctx.run_dir / LATENCY_DIR / "bare")
     t = model_latency(named, ctx.image_size, batch=batch, programs=programs,
-                      rounds=rounds, repeats=LATENCY_REPEATS, save=ctx.run_dir / LATENCY_SPEC)
+                      rounds=rounds, bursts=LATENCY_BURSTS, repeats=LATENCY_REPEATS,
+                      save=ctx.run_dir / LATENCY_SPEC)
     rows = {}
     for runtime in ("jax", "torch"):
         d, f = t[f"dense {runtime}"], t[f"fused {runtime}"]
+        paired = t.paired(f"dense {runtime}", f"fused {runtime}")
         rows[runtime] = {"dense_ms": d.median_ms, "dense_spread_ms": list(d.spread_ms),
                          "fused_ms": f.median_ms, "fused_spread_ms": list(f.spread_ms),
-                         "speedup": d.median_ms / f.median_ms, "threads": d.threads,
-                         "device": d.device}
+                         "speedup": d.median_ms / f.median_ms,
+                         "speedup_by_burst": statistics.median(paired),
+                         "speedup_by_burst_spread": [min(paired), max(paired)],
+                         "threads": d.threads, "device": d.device}
         if "unfused" in named:
             u = t[f"unfused {runtime}"]
             rows[runtime].update({"unfused_ms": u.median_ms, "unfused_spread_ms": list(u.spread_ms),
@@ -167,7 +173,8 @@ def latency_table(ctx: RunContext, dense: Net, fused: Net, export: Path,
             bare = t[f"bare {runtime}"]
             rows[runtime].update({"bare_ms": bare.median_ms,
                                   "border_ms": f.median_ms - bare.median_ms})
-    return {"batch": batch, "rounds": rounds, "repeats": LATENCY_REPEATS,
+    return {"batch": batch, "rounds": rounds, "bursts": LATENCY_BURSTS,
+            "repeats": LATENCY_REPEATS,
             "command": t.command, "runtimes": rows}
 
 
@@ -194,7 +201,8 @@ def latency_blocks(latency: dict | None, before: str) -> list:
     unfused = "unfused_ms" in first
     header = ["runtime", f"{before} ms", "spread"]
     header += ["unfused ms", "spread"] if unfused else []
-    header += ["fused ms", "spread", "speed-up" + (f" vs {before}" if unfused else "")]
+    header += ["fused ms", "spread", "speed-up" + (f" vs {before}" if unfused else ""),
+               "burst by burst"]
     header += ["speed-up vs unfused"] if unfused else []
     rows = []
     for runtime, r in latency["runtimes"].items():
@@ -204,15 +212,20 @@ def latency_blocks(latency: dict | None, before: str) -> list:
         row = [f"{runtime} ({side})", f"{r['dense_ms']:.3f}", _spread(r["dense_spread_ms"])]
         if unfused:
             row += [f"{r['unfused_ms']:.3f}", _spread(r["unfused_spread_ms"])]
-        row += [f"{r['fused_ms']:.3f}", _spread(r["fused_spread_ms"]), f"**{r['speedup']:.2f}x**"]
+        row += [f"{r['fused_ms']:.3f}", _spread(r["fused_spread_ms"]), f"**{r['speedup']:.2f}x**",
+                f"{r['speedup_by_burst']:.2f}x ({_spread(r['speedup_by_burst_spread'])})"
+                if "speedup_by_burst" in r else "–"]  # results.json written before bursts
         if unfused:
             row.append(f"**{r['speedup_vs_unfused']:.2f}x**")
         rows.append(row)
     return [Table(header, rows),
-            f"ms per batch of {latency['batch']} on this machine ({first['device']}), median of "
-            f"{latency['rounds']} rounds of {latency['repeats']} calls, each runtime and model "
-            f"in a fresh process of its own, the models alternating; spread = min – max of "
-            f"the round medians. Rerun: `{latency['command']}`."]
+            f"ms per batch of {latency['batch']} on this machine ({first['device']}), each "
+            f"runtime and model in a fresh process of its own, {latency['rounds']} rounds of "
+            f"{latency.get('bursts', 1)} bursts of {latency['repeats']} calls, the models "
+            f"taking turns burst by burst; median of the burst medians, spread = their min – "
+            f"max. Burst by burst: the median (min – max) of {before} over fused, burst k of "
+            f"each timed one after the other, which cancels the machine's drift. Rerun: "
+            f"`{latency['command']}`."]
 
 
 def _spread(pair) -> str:
