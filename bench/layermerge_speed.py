@@ -158,7 +158,7 @@ def main(argv=None) -> int:
               f"{c['dropped']}")
         print(f"  pieces {c['pieces']}")
         print(f"  entropy from random images (no BatchNorm before): {c['data_sites']}")
-        print(f"  dense {rep.before}\n  fused {rep.after}")
+        print(f"  planned {rep.before}\n  fused   {rep.after}")
         print(f"  max |fused - planned logits| {rep.max_abs_diff:.2e}; searched and merged "
               f"in {time.perf_counter() - t0:.0f} s", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
