@@ -6,7 +6,8 @@ Then, for each line it reads on stdin, it times one burst (`repeats` calls of ea
 workload, the workloads taking turns call by call) and prints one JSON line of the times
 per workload; it exits at the end of stdin. The measuring process keeps several workers
 waiting on stdin and lets one burst run at a time, so the workloads alternate burst by
-burst with no other timing running beside them.
+burst with no other timing running beside them. Those answers are the only lines on its
+stdout: whatever else is printed there goes to stderr.
 
 It imports nothing of the other runtime: for torch, JAX never enters the process; for
 JAX, the XLA flags are set before JAX is imported.
@@ -48,6 +49,11 @@ def _threads(runtime: str) -> int:
 
 
 def main(argv: list[str]) -> int:
+    # the answers go to stdout as it was; anything else written there (a library's print,
+    # native code writing to fd 1) goes to stderr, so every stdout line is one answer
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     spec = json.loads(open(argv[0]).read())
     runtime, workloads = spec["runtime"], spec["workloads"]
     devices = {w.get("devices") for w in workloads}
@@ -59,7 +65,7 @@ def main(argv: list[str]) -> int:
     print(json.dumps({
         "runtime": runtime, "device": device, "threads": _threads(runtime),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "imported": {m: m in sys.modules for m in ("jax", "torch")}}), flush=True)
+        "imported": {m: m in sys.modules for m in ("jax", "torch")}}), file=answers, flush=True)
     for _ in sys.stdin:  # one line: one burst
         times = [[] for _ in steps]
         for _ in range(spec["repeats"]):
@@ -68,7 +74,8 @@ def main(argv: list[str]) -> int:
                 step()
                 out.append((time.perf_counter() - t0) * 1e3)
         print(json.dumps({"results": [{"name": w["name"], "times_ms": t}
-                                      for w, t in zip(workloads, times)]}), flush=True)
+                                      for w, t in zip(workloads, times)]}), file=answers,
+              flush=True)
     return 0
 
 
