@@ -21,9 +21,9 @@ plan's cuts (`cost="none"`), and the export. Then it times the whole models
 its own for each of `--rounds` rounds, dense and fused taking turns `--bursts` times a
 round, `--repeats` calls a burst; median of the burst medians, spread = their min-max;
 "burst by burst": the median and min-max of dense over fused burst by burst, the two
-timed one after the other, which cancels the machine's drift): in torch torchvision's own
-dense model against the fused `model.pt2`, in JAX the dense jaxprune model against the
-fused one.
+timed in the same turn, which is less exposed to the machine's drift): in torch
+torchvision's own dense model against the fused `model.pt2`, in JAX the dense jaxprune
+model against the fused one.
 
 "predicted" is the table's speed-up of the whole model: the model (BatchNorms folded)
 timed with the segments, over that time less what the plan saves (unmerged sum of T less
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="rounds, each a fresh process")
     p.add_argument("--bursts", type=int, default=5,
                    help="turns of each model a round (the sides alternate burst by burst)")
-    p.add_argument("--repeats", type=int, default=20, help="timed calls per round")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per burst, and per round of the latency table")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads and JAX host devices (default: one per core)")
     p.add_argument("--drop-layers", action="store_true",

@@ -264,7 +264,7 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
         "measured: whole models, torch = torchvision's own dense module against the fused "
         "`model.pt2`, JAX = both jitted, each in a fresh process "
         f"({how}); \"burst by burst\": the median and min – max of dense over fused burst "
-        "by burst, the two timed one after the other. `bench/layermerge_speed.py` (its "
+        "by burst, the two timed in the same turn. `bench/layermerge_speed.py` (its "
         "docstring describes the steps).",
         ["case", "runtime", "budget", "convs dropped", "ReLUs linearized", "predicted",
          "dense ms (spread)", "fused ms (spread)", "measured", "burst by burst", "target"],

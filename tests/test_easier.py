@@ -352,7 +352,7 @@ def test_guard_exports_the_unfused_model_when_the_fused_one_measures_slower(tmp_
             MEASURED["dense"][k], MEASURED["unfused"][k], MEASURED["fused"][k]]
     text = markdown(Report("t", merge_sections(out, before="dense")))
     assert ("| jax (jit) | 10.000 | 9.000 – 11.000 | 8.000 | 7.000 – 9.000 | 9.000 | "
-            "8.000 – 10.000 | **1.11x** | 1.11x (1.111 – 1.111) | **0.89x** |") in text
+            "8.000 – 10.000 | **1.11x** | 1.11x (1.11x – 1.11x) | **0.89x** |") in text
     assert "| torch (eager: dense = torchvision's/timm's own module, unfused and fused = " \
            "model.pt2) | 11.000 | 10.000 – 12.000 | 9.000 | 8.000 – 10.000 | 12.000 |" in text
     assert f"**Exported: the unfused model**: {out['guard']['why']}." in text

@@ -48,6 +48,21 @@ def test_saved_spec_reruns(tmp_path):
     assert workloads == [_conv(1)] and settings["rounds"] == 1
 
 
+def test_paired_speedups_are_burst_by_burst():
+    """A machine that slows down by half between bursts moves both sides of a ratio: the
+    ratio of medians blurs it, the ratio burst by burst does not."""
+    def timing(name, bursts):
+        return Timing(name, "torch", float(np.median(bursts)), (min(bursts), max(bursts)),
+                      bursts, 20, 1, "cpu", {})
+    t = Timings({"dense": timing("dense", [10.0, 15.0, 10.0, 15.0, 15.0]),
+                 "fused": timing("fused", [5.0, 7.5, 5.0, 7.5, 5.0])}, 1, True, None, 5)
+    assert t.paired("dense", "fused") == [2.0, 2.0, 2.0, 2.0, 3.0]
+    assert t.ratio("dense", "fused") == 15.0 / 5.0
+    short = Timings({"dense": t["dense"], "fused": timing("fused", [5.0])}, 1, True, None, 1)
+    with pytest.raises(ValueError):  # bursts of different measurements are not pairs
+        short.paired("dense", "fused")
+
+
 def test_bad_workloads_are_refused():
     with pytest.raises(UserError, match="runtime must be one of"):
         Workload("x", "tensorflow", LAYERS, {})
@@ -56,7 +71,8 @@ def test_bad_workloads_are_refused():
     broken = Workload("broken", "jax", LAYERS, {"batch": 1, "kind": "NoSuchKind", "config": {},
                                                 "input_shapes": [[4, 4, 3]]})
     with pytest.raises(UserError, match=r"timing broken \(jax\) failed: .*NoSuchKind"):
-        measure.measure([broken], rounds=1, warmup=0, repeats=1)
+        # the conv's worker is built and waiting when the broken one fails: it is ended too
+        measure.measure([_conv(1), broken], rounds=1, warmup=0, repeats=1)
 
 
 def _fake_timings(names, base=10.0):
@@ -91,9 +107,9 @@ def test_every_latency_figure_comes_from_the_module(monkeypatch, tmp_path):
     blocks = fuse_export.latency_blocks(table, "dense")
     rows = [r[1:] for r in blocks[0].rows]
     assert rows == [["10.000", "9.000 – 11.000", "12.000", "11.000 – 13.000", "**0.83x**",
-                     "0.83x (0.833 – 0.833)"],
+                     "0.83x (0.83x – 0.83x)"],
                     ["11.000", "10.000 – 12.000", "13.000", "12.000 – 14.000", "**0.85x**",
-                     "0.85x (0.846 – 0.846)"]]
+                     "0.85x (0.85x – 0.85x)"]]
     assert "python -m jaxprune.measure /x/spec.json" in blocks[1]
 
     p = profile(m, (16, 16), latency=["jax", "torch"], batch=4)

@@ -20,13 +20,16 @@ The rules (each one closes a way an earlier figure went wrong):
   default on CPU, as `run.py` runs). The worker warms up (compile, caches) before it times.
 * `measure` with `separate=True` (the default) runs every workload in its own process,
   fresh for each of `rounds` rounds. Within a round the processes are built and warmed
-  up one after the other, then take turns `bursts` times: one process times `repeats`
-  calls while the others wait idle, then the next (A, B, A, B, ...). A machine whose
-  speed drifts within seconds (a shared virtual machine does) then hits both sides of a
-  ratio alike, and the ratio of burst k of A to burst k of B, timed next to each other,
-  cancels the drift. With `separate=False` the workloads of one runtime share one
-  process per round and alternate call by call inside it (for the many small candidates
-  of a cost model, where a process each would cost minutes).
+  up one after the other and stay alive together (memory: one process per workload),
+  then take turns `bursts` times: one process times `repeats` calls while the others
+  wait idle. The turns go runtime by runtime, so that the workloads a ratio compares
+  follow each other, and the order reverses every other burst (A B, B A, ...), so that a
+  steady drift favours neither side. A machine whose speed drifts within seconds (a
+  shared virtual machine does) then hits both sides of a ratio more alike, and
+  `Timings.paired`, the ratio burst by burst, is less exposed to it than a ratio of
+  medians. With `separate=False` the workloads of one runtime share one process per
+  round and alternate call by call inside it (for the many small candidates of a cost
+  model, where a process each would cost minutes).
 * A figure is the median over bursts of each burst's median; `spread_ms` is the (min,
   max) of the burst medians (with `bursts=1`, one burst per round). `Timings.command`
   reruns the same measurement (`python -m jaxprune.measure SPEC.json`) when the spec was
@@ -119,9 +122,11 @@ class Timings:
         return self[slow].median_ms / self[fast].median_ms
 
     def paired(self, slow: str, fast: str) -> list[float]:
-        """`fast`'s speed-up burst by burst: `slow`'s burst k over `fast`'s burst k, the two
-        timed next to each other, so that a drift of the machine between bursts cancels."""
-        return [a / b for a, b in zip(self[slow].burst_medians_ms, self[fast].burst_medians_ms)]
+        """`fast`'s speed-up burst by burst: `slow`'s burst k over `fast`'s burst k, timed in
+        the same turn of the same round, so that a drift of the machine between turns
+        does not enter the ratio."""
+        return [a / b for a, b in zip(self[slow].burst_medians_ms, self[fast].burst_medians_ms,
+                                      strict=True)]
 
     def as_dict(self) -> dict:
         return {"rounds": self.rounds, "bursts": self.bursts, "separate": self.separate,
@@ -132,8 +137,9 @@ class Timings:
 class _Worker:
     """One worker process timing `workloads` (all of `runtime`), built and warmed up,
     waiting for bursts (`jaxprune.measure.worker`). Its stderr goes to a file, so that a
-    chatty runtime cannot fill a pipe and stall it; a crash or a silence longer than
-    `timeout` seconds is a `UserError` with the end of that file."""
+    chatty runtime cannot fill a pipe and stall it. A crash, a garbled answer, or no answer
+    within `timeout` seconds (for the build and warm-up, then for each burst) is a
+    `UserError` with the end of that file; the process is ended first."""
 
     def __init__(self, runtime: str, workloads: list[Workload], *, warmup: int, repeats: int,
                  threads: int, timeout: float):
@@ -146,41 +152,56 @@ class _Worker:
         self.dir = tempfile.TemporaryDirectory(prefix="jaxprune-measure-")
         spec_path = Path(self.dir.name) / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        self.stderr = open(Path(self.dir.name) / "stderr.txt", "w+")
+        self.stderr = open(Path(self.dir.name) / "stderr.txt", "w+", errors="replace")
         self.proc = subprocess.Popen([sys.executable, "-m", WORKER, str(spec_path)], cwd=ROOT,
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True)
         self.info = self._read()   # device, threads, imported: sent once warmed up
 
+    def _fail(self, why: str):
+        """End the process and raise the `UserError`: `why`, then the end of its stderr."""
+        self.close()
+        tail = " ".join(self._stderr.strip().splitlines()[-3:])[-600:]
+        raise UserError(f"timing {self.names} ({self.runtime}) failed: "
+                        f"{'; '.join(filter(None, [why, tail]))}")
+
     def _read(self) -> dict:
         ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            if ready:
-                self.proc.wait()
-            self.stderr.seek(0)
-            tail = " ".join(self.stderr.read().strip().splitlines()[-3:])[-600:]
-            why = tail if ready else f"no answer in {self.timeout:.0f} s"
-            self.close()
-            raise UserError(f"timing {self.names} ({self.runtime}) failed: {why}")
-        return json.loads(line)
+        if not ready:
+            self.proc.kill()  # stuck: no point waiting for it to end on its own
+            self._fail(f"no answer in {self.timeout:.0f} s")
+        line = self.proc.stdout.readline()
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            self._fail("" if not line else f"garbled answer {line[:80]!r}")
 
     def burst(self) -> list[dict]:
         """Time one burst; `[{"name", "times_ms"}]`, one per workload."""
-        self.proc.stdin.write("\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+        except OSError:  # it died while waiting (BrokenPipeError)
+            self._fail("")
         return self._read()["results"]
 
     def close(self):
-        """End the process (its stdin closed; killed if it hangs on) and its files; twice
-        is harmless."""
-        if self.proc.poll() is None:
+        """End the process (its stdin closed; killed if it hangs on), keep the end of its
+        stderr, remove its files; twice is harmless."""
+        if self.stderr.closed:
+            return
+        try:
             self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        self.stderr.seek(0)
+        self._stderr = self.stderr.read()
         self.stderr.close()
         self.dir.cleanup()
 
@@ -189,7 +210,8 @@ def measure(workloads: list[Workload], *, rounds: int = 3, bursts: int = 1, warm
             repeats: int = 10, threads: int | None = None, separate: bool = True,
             timeout: float = 1800, save: str | Path | None = None) -> Timings:
     """Time `workloads` in fresh processes (see the module doc); `save` writes the spec
-    there so that `python -m jaxprune.measure SAVE` reruns it."""
+    there so that `python -m jaxprune.measure SAVE` reruns it. `timeout`: seconds a worker
+    may take to build and warm up, and then each burst."""
     if rounds < 1 or bursts < 1 or repeats < 1 or warmup < 0:
         raise UserError(f"measure: rounds, bursts and repeats must be >= 1 and warmup >= 0, "
                         f"got {rounds}, {bursts}, {repeats}, {warmup}")
@@ -197,8 +219,8 @@ def measure(workloads: list[Workload], *, rounds: int = 3, bursts: int = 1, warm
     if len(set(names)) != len(names):
         raise UserError(f"measure: workload names must be unique, got {names}")
     threads = threads or default_threads()
-    if separate:
-        groups = [[w] for w in workloads]
+    if separate:  # a runtime's workloads next to each other: what is compared takes turns
+        groups = [[w] for rt in RUNTIMES for w in workloads if w.runtime == rt]
     else:
         groups = [g for g in ([w for w in workloads if w.runtime == rt] for rt in RUNTIMES) if g]
     per_burst: dict[str, list[float]] = {n: [] for n in names}
@@ -209,11 +231,12 @@ def measure(workloads: list[Workload], *, rounds: int = 3, bursts: int = 1, warm
             for group in groups:  # one at a time: no build or warm-up beside another's
                 workers.append(_Worker(group[0].runtime, group, warmup=warmup,
                                        repeats=repeats, threads=threads, timeout=timeout))
-            for _ in range(bursts):
-                for worker in workers:
+                info.update((w.name, workers[-1].info) for w in group)
+            for b in range(bursts):
+                # A B, then B A: a steady drift favours neither side of a ratio
+                for worker in workers if b % 2 == 0 else workers[::-1]:
                     for r in worker.burst():
                         per_burst[r["name"]].append(statistics.median(r["times_ms"]))
-                        info[r["name"]] = worker.info
         finally:
             for worker in workers:
                 worker.close()

@@ -16,15 +16,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxprune.measure", description=__doc__)
     p.add_argument("spec", help="a spec.json written by jaxprune.measure.measure(save=...)")
     p.add_argument("--rounds", type=int, help="override the saved number of rounds")
+    p.add_argument("--bursts", type=int, help="override the saved number of bursts a round")
     args = p.parse_args(argv)
     workloads, settings = load_spec(args.spec)
-    if args.rounds:
-        settings["rounds"] = args.rounds
+    for key in ("rounds", "bursts"):
+        if getattr(args, key):
+            settings[key] = getattr(args, key)
     t = measure(workloads, **settings)
     rows = [[w.name, w.runtime, f"{t[w.name].median_ms:.3f}",
              f"{t[w.name].spread_ms[0]:.3f} – {t[w.name].spread_ms[1]:.3f}", t[w.name].threads,
              t[w.name].device] for w in workloads]
-    print("\n".join(table(["workload", "runtime", "median ms", "spread (min – max of rounds)",
+    print("\n".join(table(["workload", "runtime", "median ms", "spread (min – max of bursts)",
                            "threads / devices", "device"], rows)))
     print(json.dumps(t.as_dict()))
     return 0

@@ -151,8 +151,9 @@ def profile(m: Net, input_shape=None, *, latency: bool | str | Sequence[str] = F
     """Depth, parameters and MACs of `m`; latency in the runtimes asked for.
 
     `latency`: False, True (= "jax"), "jax", "torch" or a list of them; measured by
-    `jaxprune.measure` (each runtime in fresh processes of its own, `rounds` rounds of 3
-    bursts of `repeats` timed calls, median of the burst medians and their spread) at `batch`
+    `jaxprune.measure.models.model_latency` (each runtime in fresh processes of its own,
+    `rounds` rounds of its default bursts of `repeats` timed calls, median of the burst
+    medians and their spread) at `batch`
     images of `input_shape` (default: the native size). In torch, `m` runs as its torch
     original when it is an unmodified architecture, else as its exported `model.pt2`.
     """

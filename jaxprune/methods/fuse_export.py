@@ -202,7 +202,7 @@ def latency_blocks(latency: dict | None, before: str) -> list:
     header = ["runtime", f"{before} ms", "spread"]
     header += ["unfused ms", "spread"] if unfused else []
     header += ["fused ms", "spread", "speed-up" + (f" vs {before}" if unfused else ""),
-               "burst by burst"]
+               "burst by burst" + (f" vs {before}" if unfused else "")]
     header += ["speed-up vs unfused"] if unfused else []
     rows = []
     for runtime, r in latency["runtimes"].items():
@@ -213,23 +213,27 @@ def latency_blocks(latency: dict | None, before: str) -> list:
         if unfused:
             row += [f"{r['unfused_ms']:.3f}", _spread(r["unfused_spread_ms"])]
         row += [f"{r['fused_ms']:.3f}", _spread(r["fused_spread_ms"]), f"**{r['speedup']:.2f}x**",
-                f"{r['speedup_by_burst']:.2f}x ({_spread(r['speedup_by_burst_spread'])})"
-                if "speedup_by_burst" in r else "–"]  # results.json written before bursts
+                _ratio(r["speedup_by_burst"], r["speedup_by_burst_spread"])]
         if unfused:
             row.append(f"**{r['speedup_vs_unfused']:.2f}x**")
         rows.append(row)
     return [Table(header, rows),
             f"ms per batch of {latency['batch']} on this machine ({first['device']}), each "
             f"runtime and model in a fresh process of its own, {latency['rounds']} rounds of "
-            f"{latency.get('bursts', 1)} bursts of {latency['repeats']} calls, the models "
+            f"{latency['bursts']} bursts of {latency['repeats']} calls, the models "
             f"taking turns burst by burst; median of the burst medians, spread = their min – "
             f"max. Burst by burst: the median (min – max) of {before} over fused, burst k of "
-            f"each timed one after the other, which cancels the machine's drift. Rerun: "
-            f"`{latency['command']}`."]
+            f"each timed in the same turn, which is less exposed to the machine's drift than "
+            f"the ratio of medians. Rerun: `{latency['command']}`."]
 
 
 def _spread(pair) -> str:
     return f"{pair[0]:.3f} – {pair[1]:.3f}"
+
+
+def _ratio(median: float, spread) -> str:
+    """A speed-up and its spread: "1.35x (1.20x – 1.50x)"."""
+    return f"{median:.2f}x ({spread[0]:.2f}x – {spread[1]:.2f}x)"
 
 
 def merge_sections(results: dict, before: str) -> list[Section]:

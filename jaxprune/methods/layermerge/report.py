@@ -65,10 +65,8 @@ def report(results: dict) -> Report:
     if row:
         blocks.append(f"Measured, whole model ({runtime}, batch {results['latency']['batch']}): "
                       f"{row['dense_ms']:.3f} ms dense → {row['fused_ms']:.3f} ms "
-                      f"fused, **{row['speedup']:.2f}x**"
-                      + (f" ({row['speedup_by_burst']:.2f}x burst by burst)"
-                         if "speedup_by_burst" in row else "")
-                      + "; against the dense model as "
+                      f"fused, **{row['speedup']:.2f}x** ({row['speedup_by_burst']:.2f}x "
+                      "burst by burst); against the dense model as "
                       "built, so this also counts every BatchNorm folded into its conv, "
                       "which the table's times have on both sides.")
     sections.append(Section("Latency", blocks))
