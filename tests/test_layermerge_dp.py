@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from jaxprune.errors import UserError
+from jaxprune.methods.layermerge import dp
 from jaxprune.methods.layermerge.dp import (
     MERGED, PLAN_SCHEMA, Plan, SearchError, Space, brute_force,
-    extend_importance, solve, t_opt)
+    _rounded, extend_importance, solve, t_opt)
 
 ALL_L3 = [(0, 1), (1, 2), (2, 3), (0, 2), (1, 3), (0, 3)]
 
@@ -232,6 +233,67 @@ def test_solve_equals_brute_force_on_random_tables(seed, ties):
     assert solved >= 8      # most budgets are feasible: the comparison is not vacuous
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_two_tables_solve_equals_brute_force(seed):
+    """With two latency tables (a runtime each) and a budget each, the DP returns the plan
+    enumeration finds, and that plan fits both budgets in ms; a pair of budgets each of
+    which some plan meets but no plan meets both is refused by both, in the same words."""
+    rng = np.random.default_rng(seed)
+    solved = joint = 0
+    for L in range(3, 8):
+        space, first, importance = _random_problem(rng, L, ties=False)
+        # the second runtime disagrees: what is fast in one may be slow in the other
+        second = {k: float(rng.uniform(0.05, 3.0)) for k in first}
+        for bins in (None, 30):
+            budgets = [float(rng.uniform(0.5, 1.0) * sum(t.values()) / len(space.options)
+                             * L / 2) + 0.05 for t in (first, second)]
+            plan = _outcome(solve, space, [first, second], importance, budgets, bins=bins)
+            assert plan == _outcome(brute_force, space, [first, second], importance, budgets,
+                                    bins=bins)
+            if isinstance(plan, str):
+                joint += plan.startswith("no plan fits the budgets of all 2 latency tables")
+                continue
+            solved += 1
+            keys = [(s.start, s.end, s.option) for s in plan.segments]
+            assert plan.time_ms == math.fsum(first[k] for k in keys) <= budgets[0]
+            more, = plan.more_budgets
+            assert more.segment_ms == tuple(second[k] for k in keys)
+            assert more.time_ms == math.fsum(more.segment_ms) <= budgets[1]
+            assert more.budget_bins == plan.budget_bins == (bins or dp.DEFAULT_BINS_SEVERAL)
+            # the first table's best plan alone bounds the joint one, and is it when it
+            # also fits the second budget with room for rounding up its entries
+            alone = solve(space, first, importance, budgets[0], bins=more.budget_bins)
+            assert _rounded(plan.objective) <= _rounded(alone.objective)
+            room = len(alone.segments) * budgets[1] / more.budget_bins
+            if math.fsum(second[(s.start, s.end, s.option)] for s in alone.segments) \
+                    <= budgets[1] - room:
+                assert _rounded(plan.objective) == _rounded(alone.objective)
+    assert solved >= 6 and joint + solved >= 8
+
+
+def test_two_tables_that_no_one_plan_fits():
+    """Plan (0, 3) is fast only in table 1 and (0, 1)(1, 2)(2, 3) only in table 2: each
+    budget alone holds a plan, both together none. A budget no plan meets in one table
+    names that table."""
+    space = Space.merged(3, [(0, 1), (1, 2), (2, 3), (0, 3)])
+    one = {(0, 1): 2, (1, 2): 2, (2, 3): 2, (0, 3): 1}
+    two = {(0, 1): 0.5, (1, 2): 0.5, (2, 3): 0.5, (0, 3): 4}
+    importance = {seg: 1.0 for seg in space.segments}
+    for fn in (solve, brute_force):
+        with pytest.raises(SearchError, match=r"^no plan fits the budgets of all 2 latency "
+                           r"tables at once \(2 ms, 2 ms\), though each alone holds a plan: "
+                           r"raise a budget$"):
+            fn(space, [one, two], importance, [2, 2])
+        with pytest.raises(SearchError, match=r"^latency table 2: budget 1 ms is below the "
+                           r"fastest plan \(1.5 ms, 1.00x faster than the unmerged 1.5 ms\)"):
+            fn(space, [one, two], importance, [5, 1])
+    plan = solve(space, [one, two], importance, [2, 5])
+    assert plan.boundaries == (0, 3) and plan.more_budgets[0].time_ms == 4
+    with pytest.raises(SearchError, match="2 latency tables and 1 budgets: give one budget "
+                       "per table"):
+        solve(space, [one, two], importance, [2])
+
+
 # ---------------------------------------------------------------- ECDC stage 1 and Alg. 3
 
 
@@ -287,6 +349,10 @@ def test_plan_json_round_trip():
     assert data["segments"][0] == {"start": 0, "end": 2, "option": "k5s1d", "act_end": True,
                                    "time_ms": 3.0, "time_bins": 30, "importance": 1.6}
     assert Plan.from_json(text) == plan
+    assert "more_budgets" not in data       # one table: the file as before
+    two = solve(LM_SPACE, [LM_T, {k: 2 * t for k, t in LM_T.items()}], LM_I, [5.9, 11.8],
+                prec=10)
+    assert Plan.from_json(two.to_json()) == two and two.more_budgets[0].time_ms == 2 * two.time_ms
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -38,7 +38,7 @@ def ilp_optimum(space: dp.Space, latency: dict, importance: dict, budget_ms: flo
                 bins: int) -> float:
     """The largest summed importance of a plan within the budget, by HiGHS, on the
     transitions and bins the DP itself reads (`dp._prepare`)."""
-    grid, steps = dp._prepare(space, latency, importance, budget_ms, bins, None, "ceil")
+    (grid,), steps = dp._prepare(space, latency, importance, budget_ms, bins, None, "ceil")
     arcs = [s for into in steps.values() for s in into]
     states = sorted({(s.start, s.act_start) for s in arcs} | {(s.end, s.act_end) for s in arcs})
     row = {st: k for k, st in enumerate(states)}
@@ -52,7 +52,7 @@ def ilp_optimum(space: dp.Space, latency: dict, importance: dict, budget_ms: flo
     cons = [LinearConstraint(flow[inner], 0, 0),                    # in = out inside
             LinearConstraint(-flow[row[(0, 1)]][None], 1, 1),         # one path leaves 0
             LinearConstraint(flow[sink].sum(0)[None], 1, 1),          # and reaches L
-            LinearConstraint(np.array([[s.bins for s in arcs]]), 0, grid.size)]
+            LinearConstraint(np.array([[s.bins[0] for s in arcs]]), 0, grid.size)]
     res = milp(-np.array([s.importance for s in arcs]), integrality=np.ones(len(arcs)),
                bounds=Bounds(0, 1), constraints=cons, options={"mip_rel_gap": 0})
     assert res.success, res.message

@@ -15,7 +15,7 @@ import jaxprune
 from jaxprune import config, runner
 from jaxprune.context import build_model
 from jaxprune.methods.layermerge import PLAN_FILE
-from jaxprune.methods.layermerge.dp import MERGED, Plan
+from jaxprune.methods.layermerge.dp import MERGED, Plan, solve
 from jaxprune.methods.layermerge.latency import TABLE_SCHEMA, table_key
 from jaxprune.methods.easier.entropy import site_entropy
 from jaxprune.methods.layermerge.importance import (bn_site_entropy, segment_importance,
@@ -68,12 +68,13 @@ def test_search_finetune_and_exact_merge(searched):
     # the budget: the searched convs' share of the whole model (24 ms) over target_speedup
     # 1.3, the 4 ms outside them (24 less the unmerged 16 x 1.25 ms, call overhead off)
     # unchanged; the plan fits it, and its whole model is predicted from the same algebra
-    assert s["call_overhead_ms"] == 0.25 and s["model_ms"] == 24.0
-    assert s["unmerged_ms"] == pytest.approx(16 * 1.25)
-    assert s["budget_ms"] == pytest.approx(24 / 1.3 - 4) and s["planned_ms"] <= s["budget_ms"]
-    assert s["predicted_model_ms"] == pytest.approx(4 + s["planned_ms"])
-    assert s["predicted_speedup"] == pytest.approx(24 / s["predicted_model_ms"])
-    assert s["predicted_speedup"] >= 1.3
+    t, = s["latency"]
+    assert t["runtime"] == "jax" and t["call_overhead_ms"] == 0.25 and t["model_ms"] == 24.0
+    assert t["unmerged_ms"] == pytest.approx(16 * 1.25) and t["planned_ms"] == plan.time_ms
+    assert t["budget_ms"] == pytest.approx(24 / 1.3 - 4) and t["planned_ms"] <= t["budget_ms"]
+    assert t["predicted_model_ms"] == pytest.approx(4 + t["planned_ms"])
+    assert t["predicted_speedup"] == pytest.approx(24 / t["predicted_model_ms"])
+    assert t["predicted_speedup"] >= 1.3 and not plan.more_budgets
     # the objective is the entropy of the sites left nonlinear
     assert plan.objective == pytest.approx(s["entropy_kept"])
     assert 0 < s["entropy_kept"] < s["entropy_total"] and s["edits"]["linearize"]
@@ -180,25 +181,30 @@ def test_bn_entropy_is_data_free_where_a_batchnorm_feeds_the_site():
 
 # -- layer dropping (drop_layers: true) -----------------------------------------------------
 
-def _drop_table(tmp_path) -> Path:
-    """A latency table of the LM space: an option costs 1 + 0.25 ms per conv it keeps, so
-    dropping convs is what makes a plan fast; the whole model is its 16 convs (20 ms)."""
+def _drop_table(tmp_path, runtime: str = "jax") -> Path:
+    """A latency table of the LM space. In JAX an option costs 1 + 0.25 ms per conv it
+    keeps, so dropping convs is what makes a plan fast; the whole model is its 16 convs
+    (20 ms). In torch an option costs 0.2 + 0.75 ms per conv it keeps, and the model is
+    4 ms more than its 16 convs (19.2 ms): merging gains less there, dropping more."""
     cfg = _cfg(tmp_path, "method.drop_layers=true")
     ms = build_space(build_model(cfg, 10, HW), drop_layers=True)
-    path = tmp_path / "drop_table.json"
+    fixed, per_conv, model = (1.0, 0.25, 20.0) if runtime == "jax" else (0.2, 0.75, 19.2)
+    path = tmp_path / f"drop_table.{runtime}.json"
     path.write_text(json.dumps({
-        "schema": TABLE_SCHEMA, "key": table_key(ms, HW, 1).as_dict(),
-        "ms": {f"{i},{j},{o}": 1.0 + 0.25 * len(ms.keep[(i, j, o)])
-               for i, j, o in ms.entries()}, "model_ms": 20.0}))
+        "schema": TABLE_SCHEMA, "key": table_key(ms, HW, 1, runtime).as_dict(),
+        "ms": {f"{i},{j},{o}": fixed + per_conv * len(ms.keep[(i, j, o)])
+               for i, j, o in ms.entries()}, "model_ms": model}))
     return path
 
 
 @pytest.fixture(scope="module")
 def dropped(tmp_path_factory):
-    """One digits run with layer dropping (about 60 s on 2 cores)."""
+    """One digits run with layer dropping, planned for JAX and torch at once (about 60 s
+    on 2 cores)."""
     tmp = tmp_path_factory.mktemp("lm-drop")
-    table = _drop_table(tmp)
-    run_dir, res = runner.run(_cfg(tmp, "method.drop_layers=true", f"method.latency_table={table}",
+    table, torch_table = _drop_table(tmp), _drop_table(tmp, "torch")
+    run_dir, res = runner.run(_cfg(tmp, "method.drop_layers=true", "method.runtime=[jax, torch]",
+                                   f"method.latency_table=[{table}, {torch_table}]",
                                    "method.target_speedup=1.3", "name=drop"))
     return tmp, table, run_dir, res
 
@@ -208,7 +214,7 @@ def test_search_with_drops_finetune_and_exact_merge(dropped):
     tmp, _, run_dir, res = dropped
     s = res["search"]
     drop = s["edits"]["drop"]
-    assert drop and s["planned_ms"] <= s["budget_ms"] == pytest.approx(20 / 1.3)
+    assert drop
     plan = json.loads((run_dir / PLAN_FILE).read_text())
     assert plan["schema"] == "jaxprune.layermerge.plan/2" and plan["drop_layers"] is True
     assert plan["edits"]["drop"] == drop
@@ -226,6 +232,59 @@ def test_search_with_drops_finetune_and_exact_merge(dropped):
     report = (run_dir / "report.md").read_text()
     assert "LayerMerge space (layer dropping)" in report
     assert f"Dropped (identity, residual add kept): {', '.join(drop)}." in report
+
+
+@pytest.mark.slow
+def test_a_plan_for_two_runtimes_meets_the_budget_in_each(dropped):
+    """With `runtime: [jax, torch]` the DP plans on both tables at once: the predicted
+    whole model is 1.3x faster in each. The best plan for the JAX table alone would miss
+    the torch budget, so the second table changed the plan."""
+    tmp, _, run_dir, res = dropped
+    s = res["search"]
+    jax_t, torch_t = s["latency"]
+    assert (jax_t["runtime"], torch_t["runtime"]) == ("jax", "torch")
+    # JAX: the whole model is its 16 convs at 1.25 ms; torch: 16 convs at 0.95 ms + 4 ms
+    assert jax_t["budget_ms"] == pytest.approx(20 / 1.3)
+    assert torch_t["budget_ms"] == pytest.approx(19.2 / 1.3 - 4)
+    plan = Plan.from_json((run_dir / PLAN_FILE).read_text())
+    more, = plan.more_budgets
+    assert (plan.time_ms, more.time_ms) == (jax_t["planned_ms"], torch_t["planned_ms"])
+    for t in (jax_t, torch_t):
+        assert t["planned_ms"] <= t["budget_ms"] and t["predicted_speedup"] >= 1.3
+        assert t["planned_ms"] == pytest.approx(sum(g["T_ms"][t["runtime"]]
+                                                    for g in s["segments"]))
+    assert [k["runtime"] for k in plan.extra["latency_tables"]] == ["jax", "torch"]
+    ms = build_space(build_model(_cfg(tmp, "method.drop_layers=true"), 10, HW),
+                     drop_layers=True)
+    importance = segment_importance(ms, s["site_entropy"], 1.0)
+    T = {rt: {(i, j, o): (1.0 + 0.25 * len(ms.keep[(i, j, o)]) if rt == "jax" else
+                          0.2 + 0.75 * len(ms.keep[(i, j, o)])) for i, j, o in ms.entries()}
+         for rt in ("jax", "torch")}
+    alone = solve(ms.space, T["jax"], importance, jax_t["budget_ms"])
+    assert sum(T["torch"][(g.start, g.end, g.option)] for g in alone.segments) > \
+        torch_t["budget_ms"]
+    assert solve(ms.space, [T["jax"], T["torch"]], importance,
+                 [jax_t["budget_ms"], torch_t["budget_ms"]]).segments == plan.segments
+    report = (run_dir / "report.md").read_text()
+    assert "| T ms (JAX) | T ms (torch) |" in report
+    assert "The plan meets the budget in each of the 2 runtimes at once" in report
+
+
+def test_several_runtimes_are_refused_where_they_cannot_apply(tmp_path):
+    with pytest.raises(jaxprune.UserError, match=r"method.latency_ms is one runtime's time, "
+                       r"and method.runtime names 2: set method.target_speedup instead"):
+        _cfg(tmp_path, "method.runtime=[jax, torch]", "method.target_speedup=null",
+             "method.latency_ms=3")
+    with pytest.raises(jaxprune.UserError, match=r"method.latency_table gives 1 tables for the "
+                       r"2 runtimes of method.runtime \(jax, torch\): give one table per "
+                       r"runtime, in that order"):
+        _cfg(tmp_path, "method.runtime=[jax, torch]", "method.latency_table=[a.json]")
+    with pytest.raises(jaxprune.UserError, match=r"method.runtime is \['torch', 'torch'\]: "
+                       r"name jax, torch, or both once each"):
+        _cfg(tmp_path, "method.runtime=[torch, torch]")
+    with pytest.raises(jaxprune.UserError, match=r"config key 'method.runtime\[1\]' must be "
+                       r"one of \('jax', 'torch'\), got 'tpu'"):
+        _cfg(tmp_path, "method.runtime=[jax, tpu]")
 
 
 @pytest.mark.slow
@@ -268,7 +327,8 @@ def test_a_run_searches_on_the_finetune_table(tmp_path):
     assert ft["importance"] == pytest.approx(
         {k: v - 1.6 * ft["single_mean"] for k, v in ft["delta"].items()})
     plan = Plan.from_json((run_dir / PLAN_FILE).read_text())
-    assert res["search"]["planned_ms"] <= res["search"]["budget_ms"]
+    t, = res["search"]["latency"]
+    assert t["planned_ms"] <= t["budget_ms"]
     for s in plan.segments:
         assert s.importance == pytest.approx(ft["importance"][f"{s.start},{s.end},1,1"])
     assert plan.objective == pytest.approx(sum(s.importance for s in plan.segments))
@@ -304,7 +364,8 @@ def test_a_layermerge_run_searches_on_its_finetune_table(tmp_path, monkeypatch):
     assert steps == [64] * 2 * 30
     assert ft["importance"] == pytest.approx({k: np.exp(v / 100) for k, v in ft["delta"].items()})
     plan = Plan.from_json((run_dir / PLAN_FILE).read_text())
-    assert res["search"]["planned_ms"] <= res["search"]["budget_ms"]
+    t, = res["search"]["latency"]
+    assert t["planned_ms"] <= t["budget_ms"]
     assert res["search"]["edits"]["drop"]
     for s in plan.segments:
         assert s.importance == pytest.approx(ft["importance"][f"{s.start},{s.end},{s.option},1,1"])

@@ -14,7 +14,8 @@ per kernel it may merge into, and there is no T_opt stage):
 2. its search space (`space.py`) and the latency table T(i, j) of every segment, timed
    here in JAX or, with `runtime: torch`, as its torch export run eagerly, less the
    runtime's per-call overhead (`latency.py`; cached in the run folder, or reused:
-   `latency_table`), and ECDC's stage 1, T_opt;
+   `latency_table`), and ECDC's stage 1, T_opt; `runtime: [torch, jax]` times a table
+   in each;
 3. the importance of each segment: the papers' `finetune` (`finetune_importance.py`: per
    segment, or per option with layer dropping, the validation accuracy after a short
    finetune with that segment merged, normalised as ECDC or LayerMerge), or a cheap
@@ -24,8 +25,9 @@ per kernel it may merge into, and there is no T_opt stage):
    high-entropy activations the budget allows; with layer dropping, minus `drop_penalty`
    times the dropped convs' worth on the same scale);
 4. the exact dynamic program (`dp.py`) under the budget (`target_speedup` or `latency_ms`
-   of the whole model as the table predicts it: `latency.LatencyTable`), written to
-   `plan.json` (`plan: PATH` replays one);
+   of the whole model as the table predicts it: `latency.LatencyTable`; with several
+   runtimes, `target_speedup` in each at once), written to `plan.json` (`plan: PATH`
+   replays one);
 5. the plan applied (sites inside segments linearized, dropped convs removed), finetuned
    for `finetune_epochs` (optionally distilled from the original), then merged exactly as planned
    (`jaxprune.merge(cost="none", cuts=...)`), exported and timed.
@@ -58,6 +60,12 @@ IMPORTANCES = ("entropy", "bn_entropy", "finetune")
 PLAN_FILE, TABLE_FILE = "plan.json", "latency_table.json"  # what a run writes in its folder
 
 
+def table_file(runtime: str, runtimes: tuple[str, ...]) -> str:
+    """The run folder's file of `runtime`'s latency table: `latency_table.json`, or with
+    several runtimes `latency_table.<runtime>.json`."""
+    return TABLE_FILE if len(runtimes) == 1 else f"latency_table.{runtime}.json"
+
+
 @register("layermerge", run="jaxprune.methods.layermerge.method")
 @dataclasses.dataclass(frozen=True)
 class LayerMergeConfig(MethodConfig):
@@ -83,15 +91,18 @@ class LayerMergeConfig(MethodConfig):
     # ... and its learning rate (null: train.lr; LayerMerge: 0.1 at batch 256)
     importance_lr: float | None = option(None, gt=0)
     importance_alpha: float = option(1.6, ge=0)
-    latency_table: str | None = None   # a latency_table.json of an earlier run, reused
+    # a latency table of an earlier run, reused (a list with several runtimes: one each)
+    latency_table: str | list[str] | None = None
     plan: str | None = None            # a plan.json of an earlier run, replayed (no search)
     latency_batch: int = option(1, ge=1)     # batch the table and the final models are timed at
-    # where the table is timed: jax (jit, the run's device) or torch (the export, eager, CPU)
-    runtime: str = option("jax", choices=RUNTIMES, why="the runtime each segment's merged "
-                          "layer is timed in")
+    # where the table is timed: jax (jit, the run's device) or torch (the export, eager,
+    # CPU), or a list of both: a table in each, and the plan meets target_speedup in each
+    runtime: str | list[str] = option("jax", choices=RUNTIMES, why="the runtime each "
+                                      "segment's merged layer is timed in")
     latency_rounds: int = option(3, ge=1)    # rounds, each one fresh process timing every segment
     latency_repeats: int = option(20, ge=1)  # timed calls per round
-    bins: int = option(1000, ge=1)           # time bins over the budget (the DP's grid)
+    # time bins over each runtime's budget (the DP's grid)
+    bins: int | None = option(None, ge=1, why="null: 1000, or 400 each with several runtimes")
     # dense training first (models without pretrained weights)
     pretrain_epochs: int = option(0, ge=0)
     finetune_epochs: int | None = option(None, ge=0, why="null: train.epochs")
@@ -100,7 +111,32 @@ class LayerMergeConfig(MethodConfig):
     distill_temperature: float = option(1.0, gt=0)
     latency: bool = True    # time the dense and the fused model (jaxprune.measure; ~1 min)
 
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """The runtimes the tables are timed in, the first one's table the plan's primary."""
+        return (self.runtime,) if isinstance(self.runtime, str) else tuple(self.runtime)
+
+    @property
+    def latency_tables(self) -> tuple[str | None, ...]:
+        """The given table of each runtime of `runtimes` (None: measure it)."""
+        given = self.latency_table
+        if given is None:
+            return (None,) * len(self.runtimes)
+        return (given,) if isinstance(given, str) else tuple(given)
+
     def check(self, cfg: Config) -> None:
+        rts = self.runtimes
+        if not rts or len(set(rts)) != len(rts):
+            raise UserError(f"method.runtime is {list(rts)}: name jax, torch, or both once "
+                            "each")
+        if len(rts) > 1 and self.latency_ms is not None:
+            raise UserError(f"method.latency_ms is one runtime's time, and method.runtime "
+                            f"names {len(rts)}: set method.target_speedup instead, which "
+                            "holds in each")
+        if len(self.latency_tables) != len(rts):
+            raise UserError(f"method.latency_table gives {len(self.latency_tables)} tables "
+                            f"for the {len(rts)} runtimes of method.runtime ({', '.join(rts)})"
+                            ": give one table per runtime, in that order")
         if self.plan is None and (self.target_speedup is None) == (self.latency_ms is None):
             raise UserError("set exactly one of method.target_speedup and method.latency_ms "
                             "(or method.plan to replay a plan)")
@@ -119,8 +155,10 @@ class LayerMergeConfig(MethodConfig):
                             "schedule decays from it to min_lr")
 
     def inputs(self) -> dict[str, str]:
-        return {f"method.{k}": v for k, v in (("latency_table", self.latency_table),
-                                              ("plan", self.plan)) if v is not None}
+        tables = self.latency_tables
+        named = [(f"latency_table[{k}]" if isinstance(self.latency_table, list)
+                  else "latency_table", path) for k, path in enumerate(tables)]
+        return {f"method.{k}": v for k, v in (*named, ("plan", self.plan)) if v is not None}
 
     def check_model(self, cfg: Config, m) -> None:
         from jaxprune.methods.layermerge.space import build_space

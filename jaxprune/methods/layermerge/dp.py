@@ -13,7 +13,8 @@ positions (ECDC's block ends), where the search picks a in {0, 1}.
 * `solve` — the exact dynamic program of both papers in one: state (t, m, a), maximise the
   summed importance subject to the summed discretised latency <= the budget (ECDC stage 2,
   Algorithm 1, with T = T_opt; LayerMerge, Kim et al., ICML 2024, with the kernel options
-  and the raw T).
+  and the raw T). Given several latency tables (one per runtime), each with its budget,
+  t is a vector of bins, one per table, and the plan fits every budget at once.
 * `brute_force` — every plan enumerated, same objective and tie-break (a check, L <= 10).
 * `Plan` — what the search chose, as JSON (`PLAN_SCHEMA`).
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -40,6 +41,9 @@ READ_SCHEMAS = ("jaxprune.layermerge.plan/1", PLAN_SCHEMA)
 ROUNDINGS = ("ceil", "floor")
 BRUTE_FORCE_MAX_POSITIONS = 10
 DEFAULT_BINS = 1000
+# With several tables the grid is the product of their bins (memory O(L * bins^K)): 400 per
+# table keeps two tables at 160k cells a state, each entry rounded up by < 1/400 of its budget.
+DEFAULT_BINS_SEVERAL = 400
 DECIMALS = 7  # importance sums are compared rounded to this many decimals, as the reference
 
 
@@ -262,10 +266,11 @@ class _Grid:
         return math.ceil(exact) if self.rounding == "ceil" else math.floor(exact)
 
 
-def _grid(budget_ms, bins, prec, rounding) -> _Grid:
-    """`bins` over the budget, or `prec` bins per ms (P = floor(budget * prec)); "ceil"
-    rounds each entry up in exact arithmetic, so a plan that fits in bins fits in ms;
-    "floor" rounds down (with `prec`, as the reference: int(T * prec) in floats)."""
+def _grid(budget_ms, bins, prec, rounding, default_bins=DEFAULT_BINS) -> _Grid:
+    """`bins` over the budget (default `default_bins`), or `prec` bins per ms
+    (P = floor(budget * prec)); "ceil" rounds each entry up in exact arithmetic, so a plan
+    that fits in bins fits in ms; "floor" rounds down (with `prec`, as the reference:
+    int(T * prec) in floats)."""
     try:
         budget = float(budget_ms)
     except (TypeError, ValueError):
@@ -277,7 +282,7 @@ def _grid(budget_ms, bins, prec, rounding) -> _Grid:
     if bins is not None and prec is not None:
         raise SearchError("give bins (over the budget) or prec (bins per ms), not both")
     if prec is None:
-        bins = DEFAULT_BINS if bins is None else bins
+        bins = default_bins if bins is None else bins
         if not _is_int(bins) or bins < 1:
             raise SearchError(f"bins is {bins!r}: give an integer >= 1")
         per_ms = Fraction(int(bins)) / Fraction(budget)
@@ -291,64 +296,87 @@ def _grid(budget_ms, bins, prec, rounding) -> _Grid:
 
 
 class _Step(NamedTuple):
-    """One DP transition: segment (start, end) in `option` from flag act_start to act_end."""
+    """One DP transition: segment (start, end) in `option` from flag act_start to act_end;
+    `bins` and `ms` hold one entry per latency table."""
     start: int
     end: int
     option: str
     act_start: int
     act_end: int
-    bins: int
-    ms: float
+    bins: tuple[int, ...]
+    ms: tuple[float, ...]
     importance: float
 
 
-def _steps(space: Space, lat: dict, imp: dict, grid: _Grid) -> dict[tuple[int, int], list[_Step]]:
+def _steps(space: Space, lats: list[dict], imp: dict, grids: tuple[_Grid, ...]
+           ) -> dict[tuple[int, int], list[_Step]]:
     """{(m, a_m): transitions into that state} in the reference's loop order: start i up,
     then the options in the space's order, then a_i = 0 before 1."""
     out: dict[tuple[int, int], list[_Step]] = {}
     for m in range(1, space.positions + 1):
         for am in space.acts(m):
             out[(m, am)] = [
-                _Step(i, m, o, ai, am, grid.bins(lat[(i, m, o)]), lat[(i, m, o)], imp[key])
+                _Step(i, m, o, ai, am, tuple(g.bins(lat[(i, m, o)]) for g, lat in zip(grids, lats)),
+                      tuple(lat[(i, m, o)] for lat in lats), imp[key])
                 for (i, j), opts in space.options.items() if j == m
                 for o in opts for ai in space.acts(i)
                 if (key := (i, m, o, ai, am)) in imp]
     return out
 
 
-def _check_feasible(space: Space, steps: dict, lat: dict, grid: _Grid) -> None:
-    """Raise the one-line `SearchError` when no plan fits: the importance leaves no chain
-    from 0 to L, or the fastest chain (fewest bins, then fewest ms) exceeds the budget."""
-    L = space.positions
+def _fastest(space: Space, steps: dict, k: int) -> tuple[int, float] | None:
+    """The fastest chain from 0 to L in table `k` (fewest bins, then fewest ms), or None
+    when the importance leaves no chain."""
     fastest: dict[tuple[int, int], tuple[int, float]] = {(0, 1): (0, 0.0)}
     for (m, am), into in steps.items():            # m increasing
-        costs = [(fastest[(s.start, s.act_start)][0] + s.bins,
-                  fastest[(s.start, s.act_start)][1] + s.ms)
+        costs = [(fastest[(s.start, s.act_start)][0] + s.bins[k],
+                  fastest[(s.start, s.act_start)][1] + s.ms[k])
                  for s in into if (s.start, s.act_start) in fastest]
         if costs:
             fastest[(m, am)] = min(costs)
-    ends = [fastest[(L, a)] for a in space.acts(L) if (L, a) in fastest]
+    ends = [fastest[(space.positions, a)] for a in space.acts(space.positions)
+            if (space.positions, a) in fastest]
     if not ends:
         furthest = max(m for m, _ in fastest)
-        raise SearchError(f"importance leaves no chain of segments from 0 to {L} (the "
-                          f"furthest reached is position {furthest}): give importance for the "
-                          "segments, with their activation flags, that continue from there")
-    fast_bins, fast_ms = min(ends)
-    if fast_bins <= grid.size:
-        return
-    singles = [max(lat[(k, k + 1, o)] for o in space.options[(k, k + 1)])
-               for k in range(L) if (k, k + 1) in space.options]
-    unmerged = math.fsum(singles) if len(singles) == L else None
-    speed = (f", {unmerged / fast_ms:.2f}x faster than the unmerged {unmerged:.4g} ms"
-             if unmerged and fast_ms > 0 else "")
-    if fast_ms > grid.budget_ms:
-        raise SearchError(f"budget {grid.budget_ms:g} ms is below the fastest plan "
-                          f"({fast_ms:.4g} ms{speed}): raise the latency budget above "
-                          f"{fast_ms:.4g} ms")
-    raise SearchError(f"budget {grid.budget_ms:g} ms holds the fastest plan ({fast_ms:.4g} "
-                      f"ms{speed}) only before rounding: {grid.rounding} rounding makes it "
-                      f"{fast_bins} bins of {grid.bin_ms:.4g} ms, over the budget's "
-                      f"{grid.size}: raise the budget a little or use finer bins")
+        raise SearchError(f"importance leaves no chain of segments from 0 to "
+                          f"{space.positions} (the furthest reached is position {furthest}): "
+                          "give importance for the segments, with their activation flags, "
+                          "that continue from there")
+    return min(ends)
+
+
+def _check_feasible(space: Space, steps: dict, lats: list[dict],
+                    grids: tuple[_Grid, ...]) -> None:
+    """Raise the one-line `SearchError` when no plan fits: the importance leaves no chain
+    from 0 to L, or in some table the fastest chain (fewest bins, then fewest ms) exceeds
+    that table's budget (the message names the table when there are several)."""
+    L = space.positions
+    for k, (lat, grid) in enumerate(zip(lats, grids)):
+        fast_bins, fast_ms = _fastest(space, steps, k)
+        if fast_bins <= grid.size:
+            continue
+        which = f"latency table {k + 1}: " if len(grids) > 1 else ""
+        singles = [max(lat[(p, p + 1, o)] for o in space.options[(p, p + 1)])
+                   for p in range(L) if (p, p + 1) in space.options]
+        unmerged = math.fsum(singles) if len(singles) == L else None
+        speed = (f", {unmerged / fast_ms:.2f}x faster than the unmerged {unmerged:.4g} ms"
+                 if unmerged and fast_ms > 0 else "")
+        if fast_ms > grid.budget_ms:
+            raise SearchError(f"{which}budget {grid.budget_ms:g} ms is below the fastest plan "
+                              f"({fast_ms:.4g} ms{speed}): raise the latency budget above "
+                              f"{fast_ms:.4g} ms")
+        raise SearchError(f"{which}budget {grid.budget_ms:g} ms holds the fastest plan "
+                          f"({fast_ms:.4g} ms{speed}) only before rounding: {grid.rounding} "
+                          f"rounding makes it {fast_bins} bins of {grid.bin_ms:.4g} ms, over "
+                          f"the budget's {grid.size}: raise the budget a little or use finer "
+                          "bins")
+
+
+def _no_joint_plan(grids: tuple[_Grid, ...]) -> SearchError:
+    """Every table's budget holds some plan, but no plan holds them all."""
+    budgets = ", ".join(f"{g.budget_ms:.4g} ms" for g in grids)
+    return SearchError(f"no plan fits the budgets of all {len(grids)} latency tables at once "
+                       f"({budgets}), though each alone holds a plan: raise a budget")
 
 
 def _rounded(x):
@@ -368,7 +396,22 @@ class PlanSegment:
     importance: float
 
 
-_PLAN_KEYS = ("schema", "positions", "budget", "segments", "objective", "time_ms", "time_bins")
+@dataclasses.dataclass(frozen=True)
+class MoreBudget:
+    """A further latency table a plan was solved under (`solve` with several tables): its
+    budget (`budget_ms`, `budget_bins` bins of `bin_ms`), the plan's summed time in it
+    (`time_ms`, `time_bins`) and each of the plan's segments' entry (`segment_ms`, in the
+    plan's order)."""
+    budget_ms: float
+    budget_bins: int
+    bin_ms: float
+    time_ms: float
+    time_bins: int
+    segment_ms: tuple[float, ...]
+
+
+_PLAN_KEYS = ("schema", "positions", "budget", "segments", "objective", "time_ms", "time_bins",
+              "more_budgets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,8 +419,10 @@ class Plan:
     """A chain of segments from position 0 to `positions`, with its objective (the summed
     importance, in chain order), its summed latency `time_ms` (exact sum of the table's
     floats) and `time_bins`, and the discretisation it was solved under: `budget_ms`,
-    `budget_bins` (P) bins of `bin_ms`, `rounding`. `extra`: further top-level JSON fields
-    (model, tables) kept through `to_json`/`from_json`."""
+    `budget_bins` (P) bins of `bin_ms`, `rounding`, all of the first latency table;
+    `more_budgets`: the same of each further table it was solved under (none for one
+    table). `extra`: further top-level JSON fields (model, tables) kept through
+    `to_json`/`from_json`."""
     positions: int
     segments: tuple[PlanSegment, ...]
     objective: float
@@ -388,9 +433,15 @@ class Plan:
     bin_ms: float
     rounding: str
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    more_budgets: tuple[MoreBudget, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "segments", tuple(self.segments))
+        object.__setattr__(self, "more_budgets", tuple(self.more_budgets))
+        for b in self.more_budgets:
+            if len(b.segment_ms) != len(self.segments):
+                raise SearchError(f"plan more_budgets gives {len(b.segment_ms)} segment times "
+                                  f"for {len(self.segments)} segments: one per segment")
         object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
         clash = sorted(set(self.extra) & set(_PLAN_KEYS))
         if clash:
@@ -420,7 +471,10 @@ class Plan:
                        "bin_ms": self.bin_ms, "rounding": self.rounding},
             "segments": [dataclasses.asdict(s) for s in self.segments],
             "objective": self.objective, "time_ms": self.time_ms,
-            "time_bins": self.time_bins, **self.extra}, indent=1)
+            "time_bins": self.time_bins,
+            **({"more_budgets": [dataclasses.asdict(b) for b in self.more_budgets]}
+               if self.more_budgets else {}),
+            **self.extra}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -437,6 +491,19 @@ class Plan:
                               "plan written by Plan.to_json of this version")
         budget = _field(data, "budget", dict, "")
         segs = _field(data, "segments", list, "")
+        more = []
+        for n, b in enumerate(data.get("more_budgets", [])):
+            where = f"more_budgets[{n}]."
+            if not isinstance(b, dict):
+                raise SearchError(f"plan {where[:-1]} is {b!r}, not an object")
+            times = _field(b, "segment_ms", list, where)
+            if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
+                raise SearchError(f"plan JSON {where}segment_ms is {times!r}, not a list of "
+                                  "numbers")
+            more.append(MoreBudget(
+                float(_field(b, "budget_ms", float, where)), _field(b, "budget_bins", int, where),
+                float(_field(b, "bin_ms", float, where)), float(_field(b, "time_ms", float, where)),
+                _field(b, "time_bins", int, where), tuple(float(t) for t in times)))
         segments = []
         for n, s in enumerate(segs):
             where = f"segments[{n}]."
@@ -454,7 +521,8 @@ class Plan:
             budget_bins=_field(budget, "bins", int, "budget."),
             bin_ms=float(_field(budget, "bin_ms", float, "budget.")),
             rounding=_field(budget, "rounding", str, "budget."),
-            extra={k: v for k, v in data.items() if k not in _PLAN_KEYS})
+            extra={k: v for k, v in data.items() if k not in _PLAN_KEYS},
+            more_budgets=tuple(more))
 
 
 _FIELD_TYPES = {"int": int, "str": str, "bool": bool, "float": float}
@@ -475,30 +543,51 @@ def _field(d: dict, key: str, typ: type, where: str):
     return v
 
 
-def _plan(space: Space, grid: _Grid, chain: list[_Step]) -> Plan:
+def _plan(space: Space, grids: tuple[_Grid, ...], chain: list[_Step]) -> Plan:
     objective = 0.0
     for s in chain:                    # the DP's own order of additions
         objective += s.importance
+    grid = grids[0]
     return Plan(
         positions=space.positions,
-        segments=tuple(PlanSegment(s.start, s.end, s.option, bool(s.act_end), s.ms, s.bins,
-                                   s.importance) for s in chain),
-        objective=objective, time_ms=math.fsum(s.ms for s in chain),
-        time_bins=sum(s.bins for s in chain), budget_ms=grid.budget_ms,
-        budget_bins=grid.size, bin_ms=grid.bin_ms, rounding=grid.rounding)
+        segments=tuple(PlanSegment(s.start, s.end, s.option, bool(s.act_end), s.ms[0],
+                                   s.bins[0], s.importance) for s in chain),
+        objective=objective, time_ms=math.fsum(s.ms[0] for s in chain),
+        time_bins=sum(s.bins[0] for s in chain), budget_ms=grid.budget_ms,
+        budget_bins=grid.size, bin_ms=grid.bin_ms, rounding=grid.rounding,
+        more_budgets=tuple(
+            MoreBudget(g.budget_ms, g.size, g.bin_ms, math.fsum(s.ms[k] for s in chain),
+                       sum(s.bins[k] for s in chain), tuple(s.ms[k] for s in chain))
+            for k, g in enumerate(grids) if k))
+
+
+def _tables(latency, budget_ms) -> tuple[list[Mapping], list]:
+    """The latency tables and their budgets, as lists of the same length."""
+    lats = [latency] if isinstance(latency, Mapping) else list(latency)
+    budgets = (list(budget_ms) if isinstance(budget_ms, (list, tuple, np.ndarray))
+               else [budget_ms])
+    if not lats or not all(isinstance(t, Mapping) for t in lats):
+        raise SearchError("latency is not a table {(i, j, option): ms} or a list of them: "
+                          "give one table per budget")
+    if len(lats) != len(budgets):
+        raise SearchError(f"{len(lats)} latency tables and {len(budgets)} budgets: give one "
+                          "budget per table")
+    return lats, budgets
 
 
 def _prepare(space, latency, importance, budget_ms, bins, prec, rounding):
-    grid = _grid(budget_ms, bins, prec, rounding)
-    lat = _latency_table(space, latency)
-    steps = _steps(space, lat, _importance_table(space, importance), grid)
-    _check_feasible(space, steps, lat, grid)
-    return grid, steps
+    lats, budgets = _tables(latency, budget_ms)
+    default = DEFAULT_BINS if len(lats) == 1 else DEFAULT_BINS_SEVERAL
+    grids = tuple(_grid(b, bins, prec, rounding, default) for b in budgets)
+    lats = [_latency_table(space, lat) for lat in lats]
+    steps = _steps(space, lats, _importance_table(space, importance), grids)
+    _check_feasible(space, steps, lats, grids)
+    return grids, steps
 
 
-def solve(space: Space, latency: Mapping, importance: Mapping, budget_ms: float, *,
-          bins: int | None = None, prec: float | None = None,
-          rounding: str = "ceil") -> Plan:
+def solve(space: Space, latency: Mapping | Sequence[Mapping], importance: Mapping,
+          budget_ms: float | Sequence[float], *, bins: int | None = None,
+          prec: float | None = None, rounding: str = "ceil") -> Plan:
     """The plan of largest summed importance whose summed discretised latency fits
     `budget_ms` (exact DP over states (t, m, a): t bins used, position m, activation flag a;
     ECDC stage 2, Kim et al., ICML 2023, Algorithm 1; LayerMerge, Kim et al., ICML 2024).
@@ -512,41 +601,52 @@ def solve(space: Space, latency: Mapping, importance: Mapping, budget_ms: float,
     `plan.time_ms <= budget_ms`; "floor" truncates as the reference, so the true sum may
     exceed the budget by up to (number of segments) bins.
 
+    Several tables (one per runtime, say): `latency` a list of tables and `budget_ms` a list
+    of budgets, one each; the plan fits every budget at once. t is then a vector of bins,
+    one per table (`bins` each, default 400), and the DP stays exact on that grid: time
+    O(entries * P^K), memory O(L * P^K). The plan's fields describe the first table,
+    `plan.more_budgets` the others.
+
     Ties (as the reference): importance sums compared rounded to 7 decimals, then fewer
-    accumulated bins, then the first in loop order (start i up, options in the space's
-    order, a_i = 0 before 1); the final flag a_L by the same rule, a = 0 first (the
-    reference takes numpy's argmax there, without the bins rule). The reference also leaves
-    t = P out of the base row, which only excludes a plan of 0 bins; here it is allowed.
-    Time O(entries * P), memory O(L * P), vectorised over t with numpy.
+    accumulated bins (summed over the tables), then the first in loop order (start i up,
+    options in the space's order, a_i = 0 before 1); the final flag a_L by the same rule,
+    a = 0 first (the reference takes numpy's argmax there, without the bins rule). The
+    reference also leaves t = P out of the base row, which only excludes a plan of 0 bins;
+    here it is allowed. Time O(entries * P), memory O(L * P) for one table, vectorised over
+    t with numpy.
 
     Raises `SearchError` (a `ValueError`) for bad tables or budget, and when no plan fits:
     one line naming the fastest plan's latency and its speed-up over the unmerged network
-    (every (k, k+1) at its slowest option).
+    (every (k, k+1) at its slowest option), or, with several tables each of whose budgets
+    some plan fits, that no plan fits them all.
     """
-    grid, steps = _prepare(space, latency, importance, budget_ms, bins, prec, rounding)
-    P = grid.size
-    value = {(0, 1): np.zeros(P + 1)}          # best summed importance within t bins
-    used = {(0, 1): np.zeros(P + 1, np.int64)}  # its accumulated bins (the tie-break)
+    grids, steps = _prepare(space, latency, importance, budget_ms, bins, prec, rounding)
+    P = tuple(g.size for g in grids)
+    shape = tuple(p + 1 for p in P)
+    value = {(0, 1): np.zeros(shape)}          # best summed importance within t bins
+    used = {(0, 1): np.zeros(shape, np.int64)}  # its accumulated bins (the tie-break)
     choice: dict[tuple[int, int], np.ndarray] = {}
     for state, into in steps.items():            # positions in increasing order
-        best = np.full(P + 1, -np.inf)
+        best = np.full(shape, -np.inf)
         best_r = best.copy()
-        best_used = np.zeros(P + 1, np.int64)
-        best_step = np.full(P + 1, -1, np.int32)
+        best_used = np.zeros(shape, np.int64)
+        best_step = np.full(shape, -1, np.int32)
         for c, s in enumerate(into):
             src = (s.start, s.act_start)
-            if src not in value or s.bins > P:
+            if src not in value or any(g > p for g, p in zip(s.bins, P)):
                 continue
-            g = s.bins
-            cand = value[src][:P + 1 - g] + s.importance
-            cand_used = used[src][:P + 1 - g] + g
+            take = tuple(slice(0, p + 1 - g) for g, p in zip(s.bins, P))
+            put = tuple(slice(g, None) for g in s.bins)   # views: written through below
+            cand = value[src][take] + s.importance
+            cand_used = used[src][take] + sum(s.bins)
             cand_r = _rounded(cand)
-            old_r, old_used = best_r[g:], best_used[g:]
+            old_r, old_used = best_r[put], best_used[put]
             better = np.isfinite(cand) & ((cand_r > old_r)
                                           | ((cand_r == old_r) & (cand_used < old_used)))
-            hit = np.flatnonzero(better)
-            best[g + hit], best_r[g + hit] = cand[hit], cand_r[hit]
-            best_used[g + hit], best_step[g + hit] = cand_used[hit], c
+            np.copyto(best[put], cand, where=better)
+            np.copyto(best_r[put], cand_r, where=better)
+            np.copyto(best_used[put], cand_used, where=better)
+            np.copyto(best_step[put], c, where=better)
         if np.isfinite(best).any():
             value[state], used[state], choice[state] = best, best_used, best_step
     L = space.positions
@@ -557,44 +657,50 @@ def solve(space: Space, latency: Mapping, importance: Mapping, budget_ms: float,
             if a_end is None or r > _rounded(value[(L, a_end)][P]) or (
                     r == _rounded(value[(L, a_end)][P]) and u < used[(L, a_end)][P]):
                 a_end = a
+    if a_end is None:
+        raise _no_joint_plan(grids)
     chain, t, state = [], P, (L, a_end)
     while state[0] > 0:
         s = steps[state][choice[state][t]]
         chain.append(s)
-        t, state = t - s.bins, (s.start, s.act_start)
-    return _plan(space, grid, chain[::-1])
+        t, state = tuple(a - g for a, g in zip(t, s.bins)), (s.start, s.act_start)
+    return _plan(space, grids, chain[::-1])
 
 
-def brute_force(space: Space, latency: Mapping, importance: Mapping, budget_ms: float, *,
-                bins: int | None = None, prec: float | None = None,
-                rounding: str = "ceil") -> Plan:
+def brute_force(space: Space, latency: Mapping | Sequence[Mapping], importance: Mapping,
+                budget_ms: float | Sequence[float], *, bins: int | None = None,
+                prec: float | None = None, rounding: str = "ceil") -> Plan:
     """`solve` by enumerating every plan (for tests; L <= 10): the same inputs, objective,
     discretisation, tie-breaks and errors. The tie order of `solve`, stated on whole plans:
-    larger rounded objective, then fewer bins, then compare from the end: a_L = 0 first,
-    then the last segment earlier in loop order, then the one before it, and so on."""
+    larger rounded objective, then fewer bins (summed over the tables), then compare from
+    the end: a_L = 0 first, then the last segment earlier in loop order, then the one before
+    it, and so on."""
     if space.positions > BRUTE_FORCE_MAX_POSITIONS:
         raise SearchError(f"brute_force enumerates every plan: L = {space.positions} is over "
                           f"{BRUTE_FORCE_MAX_POSITIONS}; use solve")
-    grid, steps = _prepare(space, latency, importance, budget_ms, bins, prec, rounding)
+    grids, steps = _prepare(space, latency, importance, budget_ms, bins, prec, rounding)
     leaving: dict[tuple[int, int], list[tuple[int, _Step]]] = {}
     for into in steps.values():
         for c, s in enumerate(into):
             leaving.setdefault((s.start, s.act_start), []).append((c, s))
     best_key, best_chain = None, None
-    stack = [((0, 1), 0.0, 0, ())]
+    stack = [((0, 1), 0.0, (0,) * len(grids), ())]
     while stack:
         (m, a), objective, total, chain = stack.pop()
         if m == space.positions:
             order = (a, *(c for c, _ in reversed(chain)))
-            key = (-_rounded(objective), total, order)
+            key = (-_rounded(objective), sum(total), order)
             if best_key is None or key < best_key:
                 best_key, best_chain = key, chain
             continue
         for c, s in leaving.get((m, a), ()):
-            if total + s.bins <= grid.size:
-                stack.append(((s.end, s.act_end), objective + s.importance, total + s.bins,
+            after = tuple(t + g for t, g in zip(total, s.bins))
+            if all(t <= g.size for t, g in zip(after, grids)):
+                stack.append(((s.end, s.act_end), objective + s.importance, after,
                               chain + ((c, s),)))
-    return _plan(space, grid, [s for _, s in best_chain])
+    if best_chain is None:
+        raise _no_joint_plan(grids)
+    return _plan(space, grids, [s for _, s in best_chain])
 
 
 def t_opt(T: Mapping[tuple[int, int], float], segments: Iterable[tuple[int, int]]

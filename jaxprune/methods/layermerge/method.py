@@ -3,6 +3,7 @@ finetune, exact merge (see the package doc)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from flax import nnx
@@ -12,7 +13,7 @@ from jaxprune.context import MethodResult, RunContext
 from jaxprune.errors import UserError, closest
 from jaxprune.methods.distillation import Distillation, DistillHooks
 from jaxprune.methods.fuse_export import fuse_and_export
-from jaxprune.methods.layermerge import PLAN_FILE, TABLE_FILE, report
+from jaxprune.methods.layermerge import PLAN_FILE, report, table_file
 from jaxprune.methods.layermerge.dp import Plan, extend_importance, solve, t_opt
 from jaxprune.methods.layermerge.finetune_importance import finetune_importance
 from jaxprune.methods.layermerge.importance import (drop_costs, kept_entropy,
@@ -37,33 +38,53 @@ def fastest_ms(ms: ModelSpace, latency: dict) -> float:
     return best[ms.space.positions]
 
 
-def stage_one(ms: ModelSpace, T: dict) -> tuple[dict, dict, float]:
+def stage_one(ms: ModelSpace, T: dict, breaks: dict | None = None
+              ) -> tuple[dict, dict, float]:
     """(the latency the DP reads, {(i, j): the pieces a segment runs as}, the unmerged sum
     of T: every conv alone, ms) from the table `T`: ECDC's T_opt and its breaks, or with
-    layer dropping T itself (LayerMerge: every segment one merged layer, no stage 1)."""
+    layer dropping T itself (LayerMerge: every segment one merged layer, no stage 1).
+    Given `breaks` (the first runtime's, ECDC), each segment's latency is T summed over
+    those same pieces instead: one model runs in every runtime, so a further runtime's
+    table prices the pieces the first one chose."""
     unmerged = sum(t for e, t in T.items() if e[1] == e[0] + 1)
     if ms.drop_layers:
         return T, {}, unmerged
-    topt, breaks = t_opt(T, ms.segments)
-    return topt, breaks, unmerged
+    if breaks is None:
+        topt, breaks = t_opt(T, ms.segments)
+        return topt, breaks, unmerged
+    return ({seg: math.fsum(T[p] for p in zip(b, b[1:])) for seg, b in breaks.items()},
+            breaks, unmerged)
 
 
-def search(ms: ModelSpace, topt: dict, breaks: dict, importance: dict, budget: float,
-           bins: int) -> tuple[Plan, dict]:
-    """The exact DP's plan under `budget` ms (ECDC's extended importance without layer
-    dropping) and its segments' pieces, {(i, j): (i, ..., j)}, as `ModelSpace.edits`
-    takes them."""
-    plan = solve(ms.space, topt, importance if ms.drop_layers else
-                 extend_importance(ms.space, importance), budget, bins=bins)
+def search(ms: ModelSpace, topts: list[dict], breaks: dict, importance: dict,
+           budgets: list[float], bins: int | None) -> tuple[Plan, dict]:
+    """The exact DP's plan under the `budgets` (ms, one per table of `topts`; ECDC's
+    extended importance without layer dropping) and its segments' pieces,
+    {(i, j): (i, ..., j)}, as `ModelSpace.edits` takes them."""
+    plan = solve(ms.space, topts, importance if ms.drop_layers else
+                 extend_importance(ms.space, importance), budgets, bins=bins)
     return plan, {(s.start, s.end): breaks[(s.start, s.end)] for s in plan.segments
                   if (s.start, s.end) in breaks}
 
 
-def budget_ms(opts, ms: ModelSpace, topt: dict, unmerged: float, table: LatencyTable) -> float:
+def entry(ms: ModelSpace, s) -> tuple:
+    """A plan segment's key in the latency the DP reads: (i, j), or (i, j, option) with
+    layer dropping."""
+    return (s.start, s.end, s.option) if ms.drop_layers else (s.start, s.end)
+
+
+def planned_ms(ms: ModelSpace, plan: Plan, topt: dict) -> float:
+    """The plan's segments summed in the latency `topt` (ms): `plan.time_ms` for the table
+    it was solved on, and the same sum in any other runtime's table of this space."""
+    return math.fsum(topt[entry(ms, s)] for s in plan.segments)
+
+
+def budget_ms(opts, ms: ModelSpace, topt: dict, unmerged: float, table: LatencyTable,
+              where: str = "") -> float:
     """The DP's budget on the searched convs (ms): what lets the plan's predicted whole
     model (`LatencyTable.model_after`) take `latency_ms`, or the measured model's time over
     `target_speedup`. Raises the one-line `UserError` naming the best reachable speed-up
-    when no plan is that fast."""
+    when no plan is that fast (`where`: the runtime, named when there are several)."""
     fastest = table.model_after(unmerged, fastest_ms(ms, topt))
     if opts.latency_ms is not None:
         model, asked = opts.latency_ms, f"method.latency_ms {opts.latency_ms:g}"
@@ -71,7 +92,8 @@ def budget_ms(opts, ms: ModelSpace, topt: dict, unmerged: float, table: LatencyT
         model, asked = table.model_ms / opts.target_speedup, \
             f"method.target_speedup {opts.target_speedup:g}"
     if model < fastest:
-        raise UserError(f"{asked} is out of reach: the fastest plan takes {fastest:.4g} ms of "
+        raise UserError(f"{asked} is out of reach{where}: the fastest plan takes "
+                        f"{fastest:.4g} ms of "
                         f"the whole model's {table.model_ms:.4g} ms (predicted from the "
                         f"latency table), a speed-up of {table.model_ms / fastest:.3g}x at "
                         "most; ask for at most that")
@@ -152,18 +174,25 @@ def run(ctx: RunContext) -> MethodResult:
     if opts.plan is not None:   # refused before the table is timed
         plan, pieces, edits = read_plan(opts.plan, ms, cfg, ctx.image_size, original)
         ctx.log(f"layermerge: replaying {opts.plan}")
-    key = table_key(ms, ctx.image_size, opts.latency_batch, opts.runtime)
-    if opts.latency_table is None and not (ctx.run_dir / TABLE_FILE).is_file():
-        ctx.log(f"layermerge: timing {len(ms.entries())} segment options in {opts.runtime} "
-                f"(jaxprune.measure) ...")
-    table = latency_table(original, ms, key, ctx.run_dir / TABLE_FILE,
-                          given=opts.latency_table, rounds=opts.latency_rounds,
-                          repeats=opts.latency_repeats)
-    topt, breaks, unmerged = stage_one(ms, table.T)
+    runtimes, tables, stages = opts.runtimes, [], []
+    for runtime, given in zip(runtimes, opts.latency_tables):
+        key = table_key(ms, ctx.image_size, opts.latency_batch, runtime)
+        cache = ctx.run_dir / table_file(runtime, runtimes)
+        if given is None and not cache.is_file():
+            ctx.log(f"layermerge: timing {len(ms.entries())} segment options in {runtime} "
+                    f"(jaxprune.measure) ...")
+        tables.append((key, latency_table(original, ms, key, cache, given=given,
+                                          rounds=opts.latency_rounds,
+                                          repeats=opts.latency_repeats)))
+        stages.append(stage_one(ms, tables[-1][1].T, stages[0][1] if stages else None))
+    breaks = stages[0][1]
 
     scores = source = ft_table = None
+    budgets = [None] * len(runtimes)
     if opts.plan is None:
-        budget = budget_ms(opts, ms, topt, unmerged, table)
+        budgets = [budget_ms(opts, ms, topt, unmerged, table,
+                             f" in {key.runtime}" if len(runtimes) > 1 else "")
+                   for (key, table), (topt, _, unmerged) in zip(tables, stages)]
         if opts.importance == "finetune":
             importance, ft_table = finetune_importance(
                 ctx, original, ms, results["dense"]["val_acc"], epochs=opts.importance_epochs,
@@ -174,18 +203,28 @@ def run(ctx: RunContext) -> MethodResult:
                 original, ms, opts.importance,
                 lambda: ctx.data.train_batches(opts.pretrain_epochs)[1])
             importance = segment_importance(ms, scores, opts.drop_penalty)
-        plan, pieces = search(ms, topt, breaks, importance, budget, opts.bins)
+        plan, pieces = search(ms, [topt for topt, _, _ in stages], breaks, importance,
+                              budgets, opts.bins)
         edits = ms.edits(plan, pieces)
         plan = dataclasses.replace(plan, extra={
             "model": cfg.model.name, "model_options": dict(cfg.model.options),
             "input_size": list(ctx.image_size), "space_hash": ms.hash,
             "drop_layers": ms.drop_layers,
-            "latency_table": key.as_dict(), "importance": opts.importance,
+            "latency_tables": [key.as_dict() for key, _ in tables],
+            "importance": opts.importance,
             "pieces": {f"{i},{j}": list(p) for (i, j), p in pieces.items()},
             "edits": edits.as_dict()})
     if distributed.is_main():
         (ctx.run_dir / PLAN_FILE).write_text(plan.to_json() + "\n")
-    predicted = table.model_after(unmerged, plan.time_ms)
+    latency = []
+    for (key, table), (topt, _, unmerged), budget in zip(tables, stages, budgets):
+        planned = planned_ms(ms, plan, topt)
+        predicted = table.model_after(unmerged, planned)
+        latency.append({"runtime": key.runtime, "budget_ms": budget, "unmerged_ms": unmerged,
+                        "planned_ms": planned, "model_ms": table.model_ms,
+                        "predicted_model_ms": predicted,
+                        "predicted_speedup": table.model_ms / predicted,
+                        "call_overhead_ms": table.overhead_ms})
     results["search"] = {
         "importance": opts.importance if opts.plan is None else "from the plan",
         "site_entropy": scores, "site_source": source, "finetune_table": ft_table,
@@ -193,19 +232,20 @@ def run(ctx: RunContext) -> MethodResult:
         "entropy_total": kept_entropy(ms, scores, ()) if scores else None,
         "drop_cost": (sum(drop_costs(ms, scores, opts.drop_penalty)[c] for c in edits.drop)
                       if scores and ms.drop_layers else None),
-        "budget_ms": plan.budget_ms, "bins": plan.budget_bins,
-        "unmerged_ms": unmerged, "planned_ms": plan.time_ms, "model_ms": table.model_ms,
-        "predicted_model_ms": predicted, "predicted_speedup": table.model_ms / predicted,
+        "latency": latency, "bins": plan.budget_bins,
         "objective": plan.objective, "latency_batch": opts.latency_batch,
-        "latency_runtime": key.runtime, "call_overhead_ms": table.overhead_ms,
         "segments": [{**dataclasses.asdict(s), "convs": list(ms.convs(s.start, s.end)),
+                      "T_ms": {key.runtime: topt[entry(ms, s)]
+                               for (key, _), (topt, _, _) in zip(tables, stages)},
                       "dropped": [c for c in ms.convs(s.start, s.end) if c in edits.drop],
                       "pieces": list(pieces.get((s.start, s.end), (s.start, s.end)))}
                      for s in plan.segments],
         "edits": edits.as_dict(), "plan_file": str(ctx.run_dir / PLAN_FILE)}
     ctx.log(f"layermerge: {len(plan.segments)} segments of {L} convs, {len(edits.linearize)} "
-            f"sites linearized, {len(edits.drop)} convs dropped, {plan.time_ms:.4g} ms "
-            f"planned of {unmerged:.4g} ms unmerged")
+            f"sites linearized, {len(edits.drop)} convs dropped; "
+            + "; ".join(f"{r['runtime']}: {r['planned_ms']:.4g} ms planned of "
+                        f"{r['unmerged_ms']:.4g} ms unmerged, {r['predicted_speedup']:.2f}x "
+                        "predicted" for r in latency))
 
     planned = apply_edits(nnx.clone(original), edits)
     results["planned"] = evaluate_model(planned, cfg.train, ctx.data, ctx.mesh)

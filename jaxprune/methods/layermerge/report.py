@@ -20,11 +20,14 @@ def report(results: dict) -> Report:
 
     space = results["space"]
     drop = space.get("drop_layers")
+    latency = search["latency"]
+    names = [RUNTIME_NAMES[r["runtime"]] for r in latency]
     segs = [[f"({s['start']}, {s['end']})", ", ".join(c for c in s["convs"]
                                                        if c not in s.get("dropped", ())),
              *([s["option"], ", ".join(s["dropped"]) or "—"] if drop else
                [" → ".join(map(str, s["pieces"]))]),
-             "yes" if s["act_end"] else "no", s["time_ms"], s["importance"]]
+             "yes" if s["act_end"] else "no", *(s["T_ms"][r["runtime"]] for r in latency),
+             s["importance"]]
             for s in search["segments"]]
     kind = (f"LayerMerge space (layer dropping): {space['positions']} positions, "
             f"{space['segments']} segments, {space['entries']} segment options, "
@@ -37,38 +40,45 @@ def report(results: dict) -> Report:
         "`method.plan`).",
         Table(["segment", "convs merged", *(["option", "convs dropped"] if drop else
                                             ["pieces (T_opt)"]),
-               "activation kept at its end", "T ms" if drop else "T_opt ms", "importance"],
+               "activation kept at its end",
+               *(f"{'T' if drop else 'T_opt'} ms ({name})" for name in names), "importance"],
               segs),
         "Linearized: " + (", ".join(search["edits"]["linearize"]) or "none") + ". Inserted: "
         + (", ".join(search["edits"]["insert_act"]) or "none") + "."
         + (f" Dropped (identity, residual add kept): {', '.join(dropped) or 'none'}."
            if drop else "")]))
 
-    runtime = RUNTIME_NAMES[search.get("latency_runtime", "jax")]
-    blocks = [Table(["", "ms"], [
-        ["unmerged: Σ T(k, k+1) of the table", search["unmerged_ms"]],
-        ["budget", search["budget_ms"]],
-        [f"planned: Σ {'T' if drop else 'T_opt'} of the plan's segments",
-         search["planned_ms"]],
-        ["whole model, BatchNorms folded, timed with the table", search["model_ms"]],
-        ["predicted whole model: that − unmerged + planned", search["predicted_model_ms"]]]),
-        f"Predicted speed-up of the whole model: {fmt(search['predicted_speedup'])}x "
-        f"({runtime}, batch {search['latency_batch']}, the table's device; each segment timed "
-        f"alone as its fused layer, BatchNorm folded, and the whole model with them: the "
-        f"stem, the head, the adds kept explicit and the activations are in the model's time "
-        f"and in no segment's, and the prediction keeps them as they are, so the activations "
-        f"a plan removes are a gain it does not count). "
-        f"{_overhead(search['call_overhead_ms'])} DP grid: {search['bins']} bins."]
-    # measured in the runtime the table was timed in (tables of older runs: JAX)
-    row = ((results.get("latency") or {}).get("runtimes") or {}).get(
-        search.get("latency_runtime", "jax"))
-    if row:
-        blocks.append(f"Measured, whole model ({runtime}, batch {results['latency']['batch']}): "
-                      f"{row['dense_ms']:.3f} ms dense → {row['fused_ms']:.3f} ms "
-                      f"fused, **{row['speedup']:.2f}x** ({row['speedup_by_burst']:.2f}x "
-                      "burst by burst); against the dense model as "
-                      "built, so this also counts every BatchNorm folded into its conv, "
-                      "which the table's times have on both sides.")
+    measured = (results.get("latency") or {}).get("runtimes") or {}
+    rows = []
+    for name, r in zip(names, latency):
+        m = measured.get(r["runtime"])
+        rows.append([name, r["unmerged_ms"], r["budget_ms"], r["planned_ms"], r["model_ms"],
+                     r["predicted_model_ms"], f"{r['predicted_speedup']:.2f}x",
+                     f"{m['dense_ms']:.3f} → {m['fused_ms']:.3f}" if m else None,
+                     f"**{m['speedup']:.2f}x** ({m['speedup_by_burst']:.2f}x)" if m else None])
+    T = "T" if drop else "T_opt"
+    blocks = [
+        Table(["runtime", "unmerged: Σ T(k, k+1) ms", "budget ms",
+               f"planned: Σ {T} of the plan's segments ms",
+               "whole model, BatchNorms folded, timed with the table ms",
+               "predicted whole model: that − unmerged + planned ms", "predicted speed-up",
+               "measured whole model, dense → fused ms",
+               "measured speed-up (burst by burst)"], rows),
+        (f"The plan meets the budget in each of the {len(rows)} runtimes at once (one exact "
+         "DP, its grid a bin count per runtime)" + ("; each segment runs as the pieces the "
+                                                    f"{names[0]} table chose" if not drop
+                                                    else "") + ". " if len(rows) > 1 else "")
+        + f"Batch {search['latency_batch']}, the table's device; each segment timed alone as "
+        "its fused layer, BatchNorm folded, and the whole model with them: the stem, the "
+        "head, the adds kept explicit and the activations are in the model's time and in no "
+        "segment's, and the prediction keeps them as they are, so the activations a plan "
+        "removes are a gain it does not count. "
+        + " ".join(_overhead(name, r["call_overhead_ms"]) for name, r in zip(names, latency))
+        + f" DP grid: {search['bins']} bins"
+        + (" per runtime." if len(rows) > 1 else ".")
+        + (" Measured: against the dense model as built, so this also counts every "
+           "BatchNorm folded into its conv, which the table's times have on both sides."
+           if measured else "")]
     sections.append(Section("Latency", blocks))
 
     if search["site_entropy"]:
@@ -111,8 +121,9 @@ def report(results: dict) -> Report:
     return Report(f"layermerge: {results['model']} on {results['dataset']}", sections)
 
 
-def _overhead(ms: float) -> str:
+def _overhead(runtime: str, ms: float) -> str:
     if not ms:  # a table written before the overhead was recorded
-        return "The table records no call overhead: its times are as measured."
-    return (f"Every T is its time less the runtime's per-call overhead, {ms * 1000:.1f} us "
-            "(an identity program timed with the segments), which a whole model pays once.")
+        return f"The {runtime} table records no call overhead: its times are as measured."
+    return (f"Every {runtime} T is its time less the runtime's per-call overhead, "
+            f"{ms * 1000:.1f} us (an identity program timed with the segments), which a "
+            "whole model pays once.")
