@@ -14,14 +14,19 @@ import pytest
 import jaxprune
 from jaxprune import config, runner
 from jaxprune.context import build_model
-from jaxprune.methods.layermerge import PLAN_FILE
-from jaxprune.methods.layermerge.dp import MERGED, Plan, solve
-from jaxprune.methods.layermerge.latency import TABLE_SCHEMA, table_key
 from jaxprune.methods.easier.entropy import site_entropy
-from jaxprune.methods.layermerge.importance import (bn_site_entropy, segment_importance,
-                                                    site_scores)
+from jaxprune.methods.layermerge import PLAN_FILE
+from jaxprune.methods.layermerge import report as lm_report
+from jaxprune.methods.layermerge.dp import MERGED, Plan, solve
+from jaxprune.methods.layermerge.importance import (
+    bn_site_entropy,
+    segment_importance,
+    site_scores,
+)
+from jaxprune.methods.layermerge.latency import TABLE_SCHEMA, table_key
 from jaxprune.methods.layermerge.method import read_plan
 from jaxprune.methods.layermerge.space import build_space
+from jaxprune.report import markdown
 from models.net import randomize_bn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,6 +273,14 @@ def test_a_plan_for_two_runtimes_meets_the_budget_in_each(dropped):
     report = (run_dir / "report.md").read_text()
     assert "| T ms (JAX) | T ms (torch) |" in report
     assert "The plan meets the budget in each of the 2 runtimes at once" in report
+    # a table whose convs alone sum to more than its model (XLA fusing across layers) is
+    # flagged: taking them off the model overstates the gain
+    assert "overstates" not in report
+    inflated = json.loads(json.dumps(res))
+    inflated["search"]["latency"][1]["unmerged_ms"] = 25.0
+    assert ("**The torch prediction overstates the gain.** Its segments, timed one by one, "
+            "sum to 25.000 ms, more than the whole model's 19.200 ms") in \
+        markdown(lm_report.report(inflated))
 
 
 def test_several_runtimes_are_refused_where_they_cannot_apply(tmp_path):

@@ -225,6 +225,12 @@ def run(ctx: RunContext) -> MethodResult:
                         "predicted_model_ms": predicted,
                         "predicted_speedup": table.model_ms / predicted,
                         "call_overhead_ms": table.overhead_ms})
+    for r in latency:
+        if r["unmerged_ms"] > r["model_ms"]:
+            ctx.log(f"layermerge: warning: the {r['runtime']} table's convs, timed one by one, "
+                    f"sum to {r['unmerged_ms']:.4g} ms, more than the whole model's "
+                    f"{r['model_ms']:.4g} ms: its predicted speed-up "
+                    f"({r['predicted_speedup']:.2f}x) overstates the gain")
     results["search"] = {
         "importance": opts.importance if opts.plan is None else "from the plan",
         "site_entropy": scores, "site_source": source, "finetune_table": ft_table,
