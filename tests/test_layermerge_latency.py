@@ -4,6 +4,7 @@ refused for another model, size, batch, runtime, device or space, and one tiny t
 measured through `jaxprune.measure` (in JAX and in torch) and cached."""
 import json
 
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -12,7 +13,7 @@ import models
 from jaxprune.errors import UserError
 from jaxprune.methods.layermerge.dp import MERGED, Plan, PlanSegment
 from jaxprune.methods.layermerge.latency import (
-    TABLE_SCHEMA, latency_table, load_table, segment_net, table_key)
+    TABLE_SCHEMA, in_model_net, latency_table, load_table, segment_net, table_key)
 from jaxprune.methods.layermerge.space import apply_edits, build_space
 from models.net import randomize_bn
 
@@ -105,7 +106,14 @@ def test_table_from_another_setting_is_refused(resnet, tmp_path):
     with pytest.raises(UserError, match=r"runtime is 'jax', here 'torch'; device is 'cpu: "
                                         r".*', here 'cpu: torch "):
         load_table(path, table_key(ms, HW, 2, runtime="torch"))
+    # a table of segments timed alone (or of a version before timings) for in_model
+    del json.loads(path.read_text())["key"]["timing"]
+    with pytest.raises(UserError, match=r"timing is 'alone', here 'in_model'"):
+        load_table(path, table_key(ms, HW, 2, timing="in_model"))
     data = _table(key, ms)
+    del data["key"]["timing"]
+    path.write_text(json.dumps(data))
+    assert load_table(path, key) == {s: 1.0 for s in ms.segments}
     data["key"]["device"] = "gpu: NVIDIA H200"
     path.write_text(json.dumps(data))
     with pytest.raises(UserError, match="device is 'gpu: NVIDIA H200', here 'cpu"):
@@ -144,6 +152,49 @@ def test_table_is_measured_once_and_cached(resnet, tmp_path, runtime):
     cache.write_text(json.dumps(data))
     with pytest.raises(UserError, match="was measured before the whole model was timed"):
         latency_table(m, ms, key, tmp_path / "elsewhere.json", given=cache)
+
+
+def test_in_model_timing_times_the_whole_model_with_one_segment_merged(resnet):
+    """`timing: in_model`: with no segment merged, the model computes what it did, every
+    conv a layer of its own; with one, that segment is the one layer the planned model's
+    merge makes of it, the rest unchanged."""
+    m, ms = resnet
+    x = np.random.default_rng(0).normal(size=(2, *HW, 3)).astype(np.float32)
+    base = in_model_net(m, ms, HW)
+    ref = nnx.clone(m)
+    ref.eval()
+    np.testing.assert_allclose(base(x), ref(x), atol=1e-4)
+    convs = [c for i, j in ms.segments if j == i + 1 for c in ms.convs(i, j)]
+    assert all(c in base.layers for c in convs)
+    one = in_model_net(m, ms, HW, (0, 4, MERGED))
+    gone = set(base.layers) - set(one.layers)     # layer1's convs, adds, inner ReLUs
+    assert set(ms.convs(0, 4)[1:]) <= gone and all(n.startswith("layer1.") for n in gone)
+    assert set(one.layers) <= set(base.layers)
+    plan = Plan(16, (PlanSegment(0, 4, MERGED, True, 0.0, 0, 0.0),
+                     *(PlanSegment(k, k + 1, MERGED, True, 0.0, 0, 0.0) for k in range(4, 16))),
+                0.0, 0.0, 0, 1.0, 1, 1.0, "ceil")
+    planned = apply_edits(nnx.clone(m), ms.edits(plan))
+    planned.eval()
+    np.testing.assert_allclose(one(x), planned(x), atol=1e-4)
+    assert jaxprune.linearized(m) == []   # the model itself is left as it was
+
+
+@pytest.mark.slow
+def test_an_in_model_table_prices_a_segment_by_what_it_saves_in_the_model(resnet, tmp_path):
+    """Measured in JAX: the one-conv entries are timed alone, each longer segment as the
+    whole model with it merged, and its T is its convs' entries less what it saves."""
+    m, ms = resnet
+    key = table_key(ms, HW, 2, timing="in_model")
+    table = latency_table(m, ms, key, tmp_path / "t.json", rounds=1, warmup=1, repeats=2)
+    data = json.loads((tmp_path / "t.json").read_text())
+    longer = [s for s in ms.segments if s[1] - s[0] >= 2]
+    assert set(data["in_model_ms"]) == {f"{i},{j}" for i, j in longer}
+    assert set(data["ms"]) == {f"{i},{j}" for i, j in ms.segments if j == i + 1}
+    for i, j in longer:
+        saved = data["model_ms"] - data["in_model_ms"][f"{i},{j}"]
+        convs = sum(table.T[(k, k + 1)] for k in range(i, j))
+        assert table.T[(i, j)] == pytest.approx(max(convs - saved, 0.0))
+    assert table.model_ms == data["model_ms"] > 0
 
 
 def test_an_option_is_timed_as_the_layer_merge_makes_with_its_drops(resnet):

@@ -57,6 +57,7 @@ from jaxprune.measure import RUNTIMES
 from jaxprune.methods import register
 
 IMPORTANCES = ("entropy", "bn_entropy", "finetune")
+TIMINGS = ("alone", "in_model")  # a segment timed as its layer alone, or in the whole model
 PLAN_FILE, TABLE_FILE = "plan.json", "latency_table.json"  # what a run writes in its folder
 
 
@@ -99,6 +100,10 @@ class LayerMergeConfig(MethodConfig):
     # CPU), or a list of both: a table in each, and the plan meets target_speedup in each
     runtime: str | list[str] = option("jax", choices=RUNTIMES, why="the runtime each "
                                       "segment's merged layer is timed in")
+    # alone: each segment timed as its layer alone; in_model: each option of a longer
+    # segment as the whole model with only it merged (what it saves there; a model each)
+    latency_timing: str = option("alone", choices=TIMINGS, why="how a segment is timed: "
+                                 "its layer alone, or the whole model with it merged")
     latency_rounds: int = option(3, ge=1)    # rounds, each one fresh process timing every segment
     latency_repeats: int = option(20, ge=1)  # timed calls per round
     # time bins over each runtime's budget (the DP's grid)

@@ -33,9 +33,20 @@ With layer dropping (LayerMerge) every option of a segment is timed, as the laye
 makes of the segment with that option's convs dropped: T(i, j, option), named "i,j,option"
 in the table (ECDC's: "i,j").
 
+`timing: in_model` prices what a merge saves inside the whole model instead: each option of
+a segment of two or more convs is timed as the whole model with only that segment merged
+(its convs dropped, the sites inside it linearized; `in_model_net`), and every other conv
+alone, BatchNorms folded; the model with no segment merged is `model_ms`. T(i, j, option)
+is then Σ T(k, k+1) over its convs less what it saves, model_ms − that model's time, so a
+plan's predicted model is model_ms less the sum of its segments' savings (the one-conv
+entries, timed alone as before, cancel). It costs a whole model per option, and it is
+what a runtime needs whose layers cost less inside the model than alone: a jitted model
+is one XLA program, fused across layers, so on a CPU a JAX table of layers timed alone can
+sum to more than the model (the report flags that).
+
 A table is JSON (`TABLE_SCHEMA`) with its `TableKey`: the model and its options, the input
-size, the batch, the runtime, the device, the JAX version, the space's hash and whether it
-drops layers (a table without that field is ECDC's). A table is
+size, the batch, the runtime, the device, the JAX version, the space's hash, whether it
+drops layers (a table without that field is ECDC's) and its timing (without: `alone`). A table is
 only valid for the key it was measured under: `load_table` refuses another key, naming
 each field that differs.
 """
@@ -56,7 +67,7 @@ TABLE_SCHEMA = "jaxprune.layermerge.latency/1"
 class TableKey:
     """Everything a latency table depends on. `runtime`: `jax` or `torch`; `device`: JAX's
     first device, or for torch `cpu: torch <version>` (the timing workers' torch runs on
-    the CPU)."""
+    the CPU); `timing`: `alone` or `in_model` (see the module doc)."""
     arch: str
     options: dict
     input_size: tuple[int, int]
@@ -66,6 +77,7 @@ class TableKey:
     jax_version: str
     space_hash: str
     drop_layers: bool = False
+    timing: str = "alone"
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -90,9 +102,10 @@ class LatencyTable:
         return self.model_ms - unmerged_ms + planned_ms
 
 
-def table_key(ms: ModelSpace, input_size, batch: int, runtime: str = "jax") -> TableKey:
+def table_key(ms: ModelSpace, input_size, batch: int, runtime: str = "jax",
+              timing: str = "alone") -> TableKey:
     """The key of `ms`'s table measured here in `runtime` (`jax`: this process's first JAX
-    device; `torch`: torch on the CPU)."""
+    device; `torch`: torch on the CPU), each segment timed as `timing` says."""
     import importlib.metadata
 
     import jax
@@ -102,7 +115,7 @@ def table_key(ms: ModelSpace, input_size, batch: int, runtime: str = "jax") -> T
         d = jax.devices()[0]
         device = f"{d.platform}: {d.device_kind}"
     return TableKey(ms.arch, dict(ms.options), tuple(int(s) for s in input_size), int(batch),
-                    runtime, device, jax.__version__, ms.hash, ms.drop_layers)
+                    runtime, device, jax.__version__, ms.hash, ms.drop_layers, timing)
 
 
 def _entry_name(i: int, j: int, option: str, ms: ModelSpace) -> str:
@@ -140,39 +153,77 @@ def segment_net(m: Net, ms: ModelSpace, i: int, j: int, input_size,
     return merge(sub, input_size=sub.spec.input_size, cost="none", verify=False)
 
 
+def in_model_net(m: Net, ms: ModelSpace, input_size, entry: tuple | None = None) -> Net:
+    """The whole model, BatchNorms folded, with only the segment option `entry`
+    (i, j, option) merged (its convs dropped, the sites inside it linearized) and every
+    other conv alone, each boundary keeping the activation the model has there; with no
+    `entry`, no segment merged. What `timing: in_model` times. `m` is not changed."""
+    from flax import nnx
+
+    from jaxprune import merge
+    from jaxprune.methods.layermerge.dp import Plan, PlanSegment
+    from jaxprune.methods.layermerge.space import apply_edits
+    L = ms.space.positions
+    i, j, option = entry if entry is not None else (0, 1, None)
+    bounds = [*range(i + 1), *range(j, L + 1)]
+    segments = []
+    for a, b in zip(bounds, bounds[1:]):
+        acts = ms.end_acts(a, b)
+        want = int(bool(ms.positions[b].site))
+        segments.append(PlanSegment(a, b, option if (a, b) == (i, j) and option else
+                                    ms.space.options[(a, b)][0],
+                                    bool(want if want in acts else acts[0]), 0.0, 0, 0.0))
+    edits = ms.edits(Plan(L, tuple(segments), 0.0, 0.0, 0, 1.0, 1, 1.0, "ceil"))
+    planned = apply_edits(nnx.clone(m), edits)
+    return merge(planned, input_size=tuple(input_size), cost="none", cuts=edits.cuts,
+                 verify=False)
+
+
 def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, warmup: int = 3,
                   repeats: int = 20, threads: int | None = None) -> dict:
     """T(i, j) in ms for every segment of `ms` (every option of it, with layer dropping;
     see the module doc), as the table's JSON data: {"schema", "key", "ms": {"i,j": ms},
     "spread_ms": {"i,j": [min, max]}, "overhead_ms", "overhead_spread_ms", "model_ms",
     "model_spread_ms"} ("i,j,option" with layer dropping; "ms" as measured, the call
-    overhead not yet taken off). `threads`: `jaxprune.measure`'s (default: one per core)."""
+    overhead not yet taken off). With `key.timing` `in_model`, "ms" holds the one-conv
+    segments and "in_model_ms" ("in_model_spread_ms") the whole model with each longer
+    segment option merged (`in_model_net`). `threads`: `jaxprune.measure`'s (default:
+    one per core)."""
     import tempfile
 
     from jaxprune import merge
     from jaxprune.measure import call_overhead, measure
     from jaxprune.measure.models import workloads
     from jaxprune.merging.fuse import fold_only_cuts
+    in_model = key.timing == "in_model"
     overhead = call_overhead(key.runtime)
-    folded = merge(m, input_size=key.input_size, cost="none", cuts=fold_only_cuts(m),
-                   verify=False)
+    folded = (in_model_net(m, ms, key.input_size) if in_model else
+              merge(m, input_size=key.input_size, cost="none", cuts=fold_only_cuts(m),
+                    verify=False))
     with tempfile.TemporaryDirectory(prefix="jaxprune-table-") as scratch:  # torch's exports
-        model, = workloads("model", folded, key.input_size, batch=key.batch,
+        def workload(name, net):
+            w, = workloads(name, net, net.spec.input_size, batch=key.batch,
                            runtimes=(key.runtime,), scratch=Path(scratch))
-        ws, entry = [overhead, model], {}
+            return w
+        model = workload("model", folded)
+        ws, alone, whole = [overhead, model], {}, {}
         for i, j, o in ms.entries():
-            sub = segment_net(m, ms, i, j, key.input_size, o)
             name = _entry_name(i, j, o, ms)
-            w, = workloads(name, sub, sub.spec.input_size, batch=key.batch,
-                           runtimes=(key.runtime,), scratch=Path(scratch))
+            if in_model and j - i >= 2:
+                w = workload(f"in model {name}", in_model_net(m, ms, key.input_size, (i, j, o)))
+                whole[w.name] = name
+            else:
+                w = workload(name, segment_net(m, ms, i, j, key.input_size, o))
+                alone[w.name] = name
             ws.append(w)
-            entry[w.name] = name
         t = measure(ws, rounds=rounds, warmup=warmup, repeats=repeats, threads=threads,
                     separate=False)
-    segments = ws[2:]
+    extra = {f"in_model{k}": {whole[w]: v(t[w]) for w in whole}
+             for k, v in (("_ms", lambda x: x.median_ms),
+                          ("_spread_ms", lambda x: list(x.spread_ms)))} if in_model else {}
     return {"schema": TABLE_SCHEMA, "key": key.as_dict(),
-            "ms": {entry[w.name]: t[w.name].median_ms for w in segments},
-            "spread_ms": {entry[w.name]: list(t[w.name].spread_ms) for w in segments},
+            "ms": {alone[w]: t[w].median_ms for w in alone},
+            "spread_ms": {alone[w]: list(t[w].spread_ms) for w in alone}, **extra,
             "overhead_ms": t[overhead.name].median_ms,
             "overhead_spread_ms": list(t[overhead.name].spread_ms),
             "model_ms": t[model.name].median_ms, "model_spread_ms": list(t[model.name].spread_ms),
@@ -190,7 +241,7 @@ def table_ms(data: dict, key: TableKey, source: str) -> dict[tuple, float]:
     if not isinstance(data, dict) or data.get("schema") != TABLE_SCHEMA:
         raise UserError(f"{source} is not a layermerge latency table (schema "
                         f"{TABLE_SCHEMA!r}): give a latency_table.json a layermerge run wrote")
-    got, want = {"drop_layers": False, **data.get("key", {})}, key.as_dict()
+    got, want = {"drop_layers": False, "timing": "alone", **data.get("key", {})}, key.as_dict()
     differ = [f"{k} is {got.get(k)!r}, here {v!r}" for k, v in want.items() if got.get(k) != v]
     if differ:
         raise UserError(f"{source} was measured for another setting ({'; '.join(differ)}): "
@@ -199,6 +250,14 @@ def table_ms(data: dict, key: TableKey, source: str) -> dict[tuple, float]:
     for name, ms in data.get("ms", {}).items():
         i, j, *option = name.split(",")
         table[(int(i), int(j), *option)] = in_model_ms(_time(ms, name, source), overhead)
+    if key.timing == "in_model":  # Σ of its one-conv entries less what it saves in the model
+        model = _time(data.get("model_ms"), "model_ms", source)
+        single = {k[0]: v for k, v in table.items() if k[1] == k[0] + 1}
+        for name, ms in data.get("in_model_ms", {}).items():
+            i, j, *option = (int(v) if v.isdigit() else v for v in name.split(","))
+            saved = model - _time(ms, f"in_model_ms {name}", source)
+            table[(i, j, *option)] = max(sum(single.get(k, 0.0) for k in range(i, j)) - saved,
+                                         0.0)
     return table
 
 

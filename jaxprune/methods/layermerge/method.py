@@ -176,7 +176,7 @@ def run(ctx: RunContext) -> MethodResult:
         ctx.log(f"layermerge: replaying {opts.plan}")
     runtimes, tables, stages = opts.runtimes, [], []
     for runtime, given in zip(runtimes, opts.latency_tables):
-        key = table_key(ms, ctx.image_size, opts.latency_batch, runtime)
+        key = table_key(ms, ctx.image_size, opts.latency_batch, runtime, opts.latency_timing)
         cache = ctx.run_dir / table_file(runtime, runtimes)
         if given is None and not cache.is_file():
             ctx.log(f"layermerge: timing {len(ms.entries())} segment options in {runtime} "
