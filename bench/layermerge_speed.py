@@ -96,7 +96,8 @@ def plan_case(case: str, runtime: str, batch: int, rounds: int, repeats: int,
         # ceil rounding adds under one bin per segment (at most L of BINS): leave room
         budget, reached = fastest_ms(ms, topt) / (1 - ms.space.positions / BINS), False
     scores, source = site_scores(dense, ms, "bn_entropy", random_batches)
-    plan, pieces = search(ms, [topt], breaks, segment_importance(ms, scores), [budget], BINS)
+    plan, pieces = search(ms, [topt], breaks, segment_importance(ms, scores), [budget], BINS,
+                          (runtime,))
     edits = ms.edits(plan, pieces)
     planned = apply_edits(nnx.clone(dense), edits)
     fused, rep = jaxprune.merge(planned, input_size=HW, cost="none", cuts=edits.cuts,

@@ -280,13 +280,15 @@ def test_two_tables_that_no_one_plan_fits():
     two = {(0, 1): 0.5, (1, 2): 0.5, (2, 3): 0.5, (0, 3): 4}
     importance = {seg: 1.0 for seg in space.segments}
     for fn in (solve, brute_force):
-        with pytest.raises(SearchError, match=r"^no plan fits the budgets of all 2 latency "
-                           r"tables at once \(2 ms, 2 ms\), though each alone holds a plan: "
-                           r"raise a budget$"):
+        with pytest.raises(dp.NoJointPlan, match=r"^no plan fits the budgets of all 2 latency "
+                           r"tables at once \(latency table 1 2 ms, latency table 2 2 ms\), "
+                           r"though each alone holds a plan: raise a budget$"):
             fn(space, [one, two], importance, [2, 2])
         with pytest.raises(SearchError, match=r"^latency table 2: budget 1 ms is below the "
                            r"fastest plan \(1.5 ms, 1.00x faster than the unmerged 1.5 ms\)"):
             fn(space, [one, two], importance, [5, 1])
+        with pytest.raises(SearchError, match=r"^the torch table: budget 1 ms is below"):
+            fn(space, [one, two], importance, [5, 1], names=["the jax table", "the torch table"])
     plan = solve(space, [one, two], importance, [2, 5])
     assert plan.boundaries == (0, 3) and plan.more_budgets[0].time_ms == 4
     with pytest.raises(SearchError, match="2 latency tables and 1 budgets: give one budget "

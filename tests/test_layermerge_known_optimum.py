@@ -38,7 +38,7 @@ def ilp_optimum(space: dp.Space, latency: dict, importance: dict, budget_ms: flo
                 bins: int) -> float:
     """The largest summed importance of a plan within the budget, by HiGHS, on the
     transitions and bins the DP itself reads (`dp._prepare`)."""
-    (grid,), steps = dp._prepare(space, latency, importance, budget_ms, bins, None, "ceil")
+    (grid,), steps, _ = dp._prepare(space, latency, importance, budget_ms, bins, None, "ceil")
     arcs = [s for into in steps.values() for s in into]
     states = sorted({(s.start, s.act_start) for s in arcs} | {(s.end, s.act_end) for s in arcs})
     row = {st: k for k, st in enumerate(states)}

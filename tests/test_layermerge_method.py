@@ -186,18 +186,20 @@ def test_bn_entropy_is_data_free_where_a_batchnorm_feeds_the_site():
 
 # -- layer dropping (drop_layers: true) -----------------------------------------------------
 
-def _drop_table(tmp_path, runtime: str = "jax") -> Path:
+def _drop_table(tmp_path, runtime: str = "jax", cost=None, name: str = "drop_table") -> Path:
     """A latency table of the LM space. In JAX an option costs 1 + 0.25 ms per conv it
     keeps, so dropping convs is what makes a plan fast; the whole model is its 16 convs
     (20 ms). In torch an option costs 0.2 + 0.75 ms per conv it keeps, and the model is
-    4 ms more than its 16 convs (19.2 ms): merging gains less there, dropping more."""
+    4 ms more than its 16 convs (19.2 ms): merging gains less there, dropping more.
+    `cost(convs kept, convs in the segment)`: another price of an option, in ms."""
     cfg = _cfg(tmp_path, "method.drop_layers=true")
     ms = build_space(build_model(cfg, 10, HW), drop_layers=True)
     fixed, per_conv, model = (1.0, 0.25, 20.0) if runtime == "jax" else (0.2, 0.75, 19.2)
-    path = tmp_path / f"drop_table.{runtime}.json"
+    cost = cost or (lambda kept, convs: fixed + per_conv * kept)
+    path = tmp_path / f"{name}.{runtime}.json"
     path.write_text(json.dumps({
         "schema": TABLE_SCHEMA, "key": table_key(ms, HW, 1, runtime).as_dict(),
-        "ms": {f"{i},{j},{o}": fixed + per_conv * len(ms.keep[(i, j, o)])
+        "ms": {f"{i},{j},{o}": cost(len(ms.keep[(i, j, o)]), j - i)
                for i, j, o in ms.entries()}, "model_ms": model}))
     return path
 
@@ -281,6 +283,30 @@ def test_a_plan_for_two_runtimes_meets_the_budget_in_each(dropped):
     assert ("**The torch prediction overstates the gain.** Its segments, timed one by one, "
             "sum to 25.000 ms, more than the whole model's 19.200 ms") in \
         markdown(lm_report.report(inflated))
+
+
+def test_a_speedup_no_one_plan_reaches_in_both_runtimes_is_one_line(tmp_path):
+    """Each table alone reaches 1.4x: JAX by merging kept convs (a dropped conv is slow
+    there), torch by dropping them (a kernel merged from more than two convs is slow
+    there). Both run a two-conv merge (1.5 ms for 2.5), and the 5 disjoint ones make the
+    best common plan: 20 / 15 ms = 1.33x in JAX (19.2 / 14.2 ms in torch), which the one
+    line names."""
+    import re
+    slow = 50.0
+    jax_t = _drop_table(tmp_path, "jax", lambda kept, convs: slow if kept < convs else
+                        1.0 + 0.25 * kept, name="conflict")
+    torch_t = _drop_table(tmp_path, "torch", lambda kept, convs: {1: 1.25, 2: 1.5}.get(kept, slow)
+                          if kept == 1 or kept == convs else slow, name="conflict")
+    with pytest.raises(jaxprune.UserError, match=r"^method.target_speedup 1.4 is out of reach "
+                       r"in jax and torch at once: each table alone has a plan that fast, but "
+                       r"no one plan is in both; the best one plan reaches ([\d.]+)x in each "
+                       r"\(predicted from the latency tables\): ask for at most that$") as e:
+        runner.run(_cfg(tmp_path, "method.drop_layers=true", "method.runtime=[jax, torch]",
+                        f"method.latency_table=[{jax_t}, {torch_t}]",
+                        "method.target_speedup=1.4", "name=conflict"))
+    best = float(re.search(r"reaches ([\d.]+)x", str(e.value)).group(1))
+    # bisection on the DP's grid: its rounding up (400 bins) may cost a little, never add
+    assert 20 / 15 * 0.98 <= best <= 20 / 15
 
 
 def test_several_runtimes_are_refused_where_they_cannot_apply(tmp_path):

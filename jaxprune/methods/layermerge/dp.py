@@ -346,7 +346,7 @@ def _fastest(space: Space, steps: dict, k: int) -> tuple[int, float] | None:
 
 
 def _check_feasible(space: Space, steps: dict, lats: list[dict],
-                    grids: tuple[_Grid, ...]) -> None:
+                    grids: tuple[_Grid, ...], names: Sequence[str]) -> None:
     """Raise the one-line `SearchError` when no plan fits: the importance leaves no chain
     from 0 to L, or in some table the fastest chain (fewest bins, then fewest ms) exceeds
     that table's budget (the message names the table when there are several)."""
@@ -355,7 +355,7 @@ def _check_feasible(space: Space, steps: dict, lats: list[dict],
         fast_bins, fast_ms = _fastest(space, steps, k)
         if fast_bins <= grid.size:
             continue
-        which = f"latency table {k + 1}: " if len(grids) > 1 else ""
+        which = f"{names[k]}: " if len(grids) > 1 else ""
         singles = [max(lat[(p, p + 1, o)] for o in space.options[(p, p + 1)])
                    for p in range(L) if (p, p + 1) in space.options]
         unmerged = math.fsum(singles) if len(singles) == L else None
@@ -372,10 +372,13 @@ def _check_feasible(space: Space, steps: dict, lats: list[dict],
                           "bins")
 
 
-def _no_joint_plan(grids: tuple[_Grid, ...]) -> SearchError:
-    """Every table's budget holds some plan, but no plan holds them all."""
-    budgets = ", ".join(f"{g.budget_ms:.4g} ms" for g in grids)
-    return SearchError(f"no plan fits the budgets of all {len(grids)} latency tables at once "
+class NoJointPlan(SearchError):
+    """Each table's budget holds some plan, but no one plan holds them all."""
+
+
+def _no_joint_plan(grids: tuple[_Grid, ...], names: Sequence[str]) -> NoJointPlan:
+    budgets = ", ".join(f"{n} {g.budget_ms:.4g} ms" for n, g in zip(names, grids))
+    return NoJointPlan(f"no plan fits the budgets of all {len(grids)} latency tables at once "
                        f"({budgets}), though each alone holds a plan: raise a budget")
 
 
@@ -575,19 +578,25 @@ def _tables(latency, budget_ms) -> tuple[list[Mapping], list]:
     return lats, budgets
 
 
-def _prepare(space, latency, importance, budget_ms, bins, prec, rounding):
+def _prepare(space, latency, importance, budget_ms, bins, prec, rounding, names=None):
     lats, budgets = _tables(latency, budget_ms)
+    names = list(names) if names is not None else [
+        f"latency table {k + 1}" for k in range(len(lats))]
+    if len(names) != len(lats):
+        raise SearchError(f"{len(names)} table names for {len(lats)} latency tables: name "
+                          "each table once")
     default = DEFAULT_BINS if len(lats) == 1 else DEFAULT_BINS_SEVERAL
     grids = tuple(_grid(b, bins, prec, rounding, default) for b in budgets)
     lats = [_latency_table(space, lat) for lat in lats]
     steps = _steps(space, lats, _importance_table(space, importance), grids)
-    _check_feasible(space, steps, lats, grids)
-    return grids, steps
+    _check_feasible(space, steps, lats, grids, names)
+    return grids, steps, names
 
 
 def solve(space: Space, latency: Mapping | Sequence[Mapping], importance: Mapping,
           budget_ms: float | Sequence[float], *, bins: int | None = None,
-          prec: float | None = None, rounding: str = "ceil") -> Plan:
+          prec: float | None = None, rounding: str = "ceil",
+          names: Sequence[str] | None = None) -> Plan:
     """The plan of largest summed importance whose summed discretised latency fits
     `budget_ms` (exact DP over states (t, m, a): t bins used, position m, activation flag a;
     ECDC stage 2, Kim et al., ICML 2023, Algorithm 1; LayerMerge, Kim et al., ICML 2024).
@@ -605,7 +614,8 @@ def solve(space: Space, latency: Mapping | Sequence[Mapping], importance: Mappin
     of budgets, one each; the plan fits every budget at once. t is then a vector of bins,
     one per table (`bins` each, default 400), and the DP stays exact on that grid: time
     O(entries * P^K), memory O(L * P^K). The plan's fields describe the first table,
-    `plan.more_budgets` the others.
+    `plan.more_budgets` the others. `names`: what the messages call each table (default
+    "latency table 1", ...).
 
     Ties (as the reference): importance sums compared rounded to 7 decimals, then fewer
     accumulated bins (summed over the tables), then the first in loop order (start i up,
@@ -618,9 +628,10 @@ def solve(space: Space, latency: Mapping | Sequence[Mapping], importance: Mappin
     Raises `SearchError` (a `ValueError`) for bad tables or budget, and when no plan fits:
     one line naming the fastest plan's latency and its speed-up over the unmerged network
     (every (k, k+1) at its slowest option), or, with several tables each of whose budgets
-    some plan fits, that no plan fits them all.
+    some plan fits, `NoJointPlan` (a `SearchError`): no plan fits them all.
     """
-    grids, steps = _prepare(space, latency, importance, budget_ms, bins, prec, rounding)
+    grids, steps, names = _prepare(space, latency, importance, budget_ms, bins, prec, rounding,
+                                   names)
     P = tuple(g.size for g in grids)
     shape = tuple(p + 1 for p in P)
     value = {(0, 1): np.zeros(shape)}          # best summed importance within t bins
@@ -658,7 +669,7 @@ def solve(space: Space, latency: Mapping | Sequence[Mapping], importance: Mappin
                     r == _rounded(value[(L, a_end)][P]) and u < used[(L, a_end)][P]):
                 a_end = a
     if a_end is None:
-        raise _no_joint_plan(grids)
+        raise _no_joint_plan(grids, names)
     chain, t, state = [], P, (L, a_end)
     while state[0] > 0:
         s = steps[state][choice[state][t]]
@@ -669,7 +680,8 @@ def solve(space: Space, latency: Mapping | Sequence[Mapping], importance: Mappin
 
 def brute_force(space: Space, latency: Mapping | Sequence[Mapping], importance: Mapping,
                 budget_ms: float | Sequence[float], *, bins: int | None = None,
-                prec: float | None = None, rounding: str = "ceil") -> Plan:
+                prec: float | None = None, rounding: str = "ceil",
+                names: Sequence[str] | None = None) -> Plan:
     """`solve` by enumerating every plan (for tests; L <= 10): the same inputs, objective,
     discretisation, tie-breaks and errors. The tie order of `solve`, stated on whole plans:
     larger rounded objective, then fewer bins (summed over the tables), then compare from
@@ -678,7 +690,8 @@ def brute_force(space: Space, latency: Mapping | Sequence[Mapping], importance: 
     if space.positions > BRUTE_FORCE_MAX_POSITIONS:
         raise SearchError(f"brute_force enumerates every plan: L = {space.positions} is over "
                           f"{BRUTE_FORCE_MAX_POSITIONS}; use solve")
-    grids, steps = _prepare(space, latency, importance, budget_ms, bins, prec, rounding)
+    grids, steps, names = _prepare(space, latency, importance, budget_ms, bins, prec, rounding,
+                                   names)
     leaving: dict[tuple[int, int], list[tuple[int, _Step]]] = {}
     for into in steps.values():
         for c, s in enumerate(into):
@@ -699,7 +712,7 @@ def brute_force(space: Space, latency: Mapping | Sequence[Mapping], importance: 
                 stack.append(((s.end, s.act_end), objective + s.importance, after,
                               chain + ((c, s),)))
     if best_chain is None:
-        raise _no_joint_plan(grids)
+        raise _no_joint_plan(grids, names)
     return _plan(space, grids, [s for _, s in best_chain])
 
 

@@ -14,7 +14,8 @@ from jaxprune.errors import UserError, closest
 from jaxprune.methods.distillation import Distillation, DistillHooks
 from jaxprune.methods.fuse_export import fuse_and_export
 from jaxprune.methods.layermerge import PLAN_FILE, report, table_file
-from jaxprune.methods.layermerge.dp import Plan, extend_importance, solve, t_opt
+from jaxprune.methods.layermerge.dp import (NoJointPlan, Plan, SearchError, extend_importance,
+                                            solve, t_opt)
 from jaxprune.methods.layermerge.finetune_importance import finetune_importance
 from jaxprune.methods.layermerge.importance import (drop_costs, kept_entropy,
                                                     segment_importance, site_scores)
@@ -57,12 +58,14 @@ def stage_one(ms: ModelSpace, T: dict, breaks: dict | None = None
 
 
 def search(ms: ModelSpace, topts: list[dict], breaks: dict, importance: dict,
-           budgets: list[float], bins: int | None) -> tuple[Plan, dict]:
-    """The exact DP's plan under the `budgets` (ms, one per table of `topts`; ECDC's
-    extended importance without layer dropping) and its segments' pieces,
-    {(i, j): (i, ..., j)}, as `ModelSpace.edits` takes them."""
+           budgets: list[float], bins: int | None, runtimes: tuple[str, ...]
+           ) -> tuple[Plan, dict]:
+    """The exact DP's plan under the `budgets` (ms, one per table of `topts`, timed in
+    `runtimes`; ECDC's extended importance without layer dropping) and its segments'
+    pieces, {(i, j): (i, ..., j)}, as `ModelSpace.edits` takes them."""
     plan = solve(ms.space, topts, importance if ms.drop_layers else
-                 extend_importance(ms.space, importance), budgets, bins=bins)
+                 extend_importance(ms.space, importance), budgets, bins=bins,
+                 names=[f"the {r} table" for r in runtimes])
     return plan, {(s.start, s.end): breaks[(s.start, s.end)] for s in plan.segments
                   if (s.start, s.end) in breaks}
 
@@ -98,6 +101,31 @@ def budget_ms(opts, ms: ModelSpace, topt: dict, unmerged: float, table: LatencyT
                         f"latency table), a speed-up of {table.model_ms / fastest:.3g}x at "
                         "most; ask for at most that")
     return model - table.model_ms + unmerged
+
+
+def best_common_speedup(ms: ModelSpace, stages: list, tables: list, importance: dict,
+                        bins: int | None) -> float:
+    """The largest whole-model speed-up that one plan reaches, as predicted, in every
+    runtime's table at once (bisection on the DP's feasibility, to 0.1 %); 1.0 when not
+    even that holds. `stages`: each table's `stage_one`, `tables`: their (key, table)."""
+    def fits(speedup: float) -> bool:
+        budgets = [t.model_ms / speedup - t.model_ms + unmerged
+                   for (_, t), (_, _, unmerged) in zip(tables, stages)]
+        try:
+            search(ms, [topt for topt, _, _ in stages], {}, importance, budgets, bins,
+                   tuple(key.runtime for key, _ in tables))
+        except SearchError:
+            return False
+        return True
+    lo = 1.0
+    hi = min(t.model_ms / t.model_after(unmerged, fastest_ms(ms, topt))
+             for (_, t), (topt, _, unmerged) in zip(tables, stages))
+    if fits(hi):
+        return hi
+    while hi - lo > 1e-3 * lo:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def read_plan(path: str, ms: ModelSpace, cfg, image_size, m: Net) -> tuple[Plan, dict, Edits]:
@@ -203,8 +231,16 @@ def run(ctx: RunContext) -> MethodResult:
                 original, ms, opts.importance,
                 lambda: ctx.data.train_batches(opts.pretrain_epochs)[1])
             importance = segment_importance(ms, scores, opts.drop_penalty)
-        plan, pieces = search(ms, [topt for topt, _, _ in stages], breaks, importance,
-                              budgets, opts.bins)
+        try:
+            plan, pieces = search(ms, [topt for topt, _, _ in stages], breaks, importance,
+                                  budgets, opts.bins, runtimes)
+        except NoJointPlan:
+            best = best_common_speedup(ms, stages, tables, importance, opts.bins)
+            raise UserError(
+                f"method.target_speedup {opts.target_speedup:g} is out of reach in "
+                f"{' and '.join(runtimes)} at once: each table alone has a plan that fast, "
+                f"but no one plan is in both; the best one plan reaches {best:.3g}x in each "
+                "(predicted from the latency tables): ask for at most that") from None
         edits = ms.edits(plan, pieces)
         plan = dataclasses.replace(plan, extra={
             "model": cfg.model.name, "model_options": dict(cfg.model.options),
