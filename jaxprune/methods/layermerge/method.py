@@ -256,13 +256,14 @@ def run(ctx: RunContext) -> MethodResult:
     for (key, table), (topt, _, unmerged), budget in zip(tables, stages, budgets):
         planned = planned_ms(ms, plan, topt)
         predicted = table.model_after(unmerged, planned)
-        latency.append({"runtime": key.runtime, "budget_ms": budget, "unmerged_ms": unmerged,
+        latency.append({"runtime": key.runtime, "timing": key.timing, "budget_ms": budget,
+                        "unmerged_ms": unmerged,
                         "planned_ms": planned, "model_ms": table.model_ms,
                         "predicted_model_ms": predicted,
                         "predicted_speedup": table.model_ms / predicted,
                         "call_overhead_ms": table.overhead_ms})
     for r in latency:
-        if r["unmerged_ms"] > r["model_ms"]:
+        if report.overstated(r):
             ctx.log(f"layermerge: warning: the {r['runtime']} table's convs, timed one by one, "
                     f"sum to {r['unmerged_ms']:.4g} ms, more than the whole model's "
                     f"{r['model_ms']:.4g} ms: its predicted speed-up "
