@@ -20,3 +20,8 @@ def closest(name: str, valid, n: int = 3) -> str:
         return "did you mean " + " or ".join(repr(v) for v in near) + "?"
     shown = ", ".join(repr(v) for v in valid[:8])
     return f"valid names: {shown}{', ...' if len(valid) > 8 else ''}"
+
+
+def counted(n: int, noun: str) -> str:
+    """"1 table", "2 tables": a count and its noun for a message (plural with an s)."""
+    return f"{n} {noun}{'s' * (n != 1)}"

@@ -106,14 +106,15 @@ def test_table_from_another_setting_is_refused(resnet, tmp_path):
     with pytest.raises(UserError, match=r"runtime is 'jax', here 'torch'; device is 'cpu: "
                                         r".*', here 'cpu: torch "):
         load_table(path, table_key(ms, HW, 2, runtime="torch"))
-    # a table of segments timed alone (or of a version before timings) for in_model
-    del json.loads(path.read_text())["key"]["timing"]
     with pytest.raises(UserError, match=r"timing is 'alone', here 'in_model'"):
         load_table(path, table_key(ms, HW, 2, timing="in_model"))
+    # a table of a version before timings: its segments were timed alone
     data = _table(key, ms)
     del data["key"]["timing"]
     path.write_text(json.dumps(data))
     assert load_table(path, key) == {s: 1.0 for s in ms.segments}
+    with pytest.raises(UserError, match=r"timing is 'alone', here 'in_model'"):
+        load_table(path, table_key(ms, HW, 2, timing="in_model"))
     data["key"]["device"] = "gpu: NVIDIA H200"
     path.write_text(json.dumps(data))
     with pytest.raises(UserError, match="device is 'gpu: NVIDIA H200', here 'cpu"):
@@ -195,6 +196,30 @@ def test_an_in_model_table_prices_a_segment_by_what_it_saves_in_the_model(resnet
         convs = sum(table.T[(k, k + 1)] for k in range(i, j))
         assert table.T[(i, j)] == pytest.approx(max(convs - saved, 0.0))
     assert table.model_ms == data["model_ms"] > 0
+
+
+def test_an_in_model_file_is_read_as_its_savings(resnet, tmp_path):
+    """A given in_model table: a longer segment's T is its one-conv entries (less the call
+    overhead) less what it saved in the model; one that saved more is taken as 0 and
+    recorded; a missing one-conv entry or a malformed name is one line."""
+    m, ms = resnet
+    key, path = table_key(ms, HW, 2, timing="in_model"), tmp_path / "t.json"
+    singles = {f"{i},{j}": 1.25 for i, j in ms.segments if j == i + 1}
+    (a, b), (c, d) = [s for s in ms.segments if s[1] - s[0] >= 2][:2]
+    data = {"schema": TABLE_SCHEMA, "key": key.as_dict(), "ms": singles, "overhead_ms": 0.25,
+            "model_ms": 30.0, "in_model_ms": {f"{a},{b}": 29.5, f"{c},{d}": 10.0}}
+    path.write_text(json.dumps(data))
+    table = latency_table(m, ms, key, tmp_path / "cache.json", given=path)
+    assert table.T[(a, b)] == pytest.approx((b - a) * 1.0 - 0.5)
+    assert table.T[(c, d)] == 0.0 and table.clamped == ((c, d),)
+    del singles[f"{c},{c + 1}"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=rf"t.json: in_model_ms \d+,\d+ is priced from the "
+                       rf"one-conv entries, and ms has none for \({c}, {c + 1}\)"):
+        load_table(path, key)
+    path.write_text(json.dumps({**data, "ms": {"0-1": 1.0}}))
+    with pytest.raises(UserError, match=r"t.json: entry '0-1' is not named \"i,j\""):
+        load_table(path, key)
 
 
 def test_an_option_is_timed_as_the_layer_merge_makes_with_its_drops(resnet):

@@ -4,6 +4,7 @@ replays to the same edits; bad budgets, plans and options are refused in one lin
 The run (module fixture, about 75 s on 2 cores: compiling, the exact merge's check and the
 torch export dominate) is shared by every test here but the budget one and the run on the
 finetune importance table."""
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -24,7 +25,8 @@ from jaxprune.methods.layermerge.importance import (
     site_scores,
 )
 from jaxprune.methods.layermerge.latency import TABLE_SCHEMA, table_key
-from jaxprune.methods.layermerge.method import read_plan
+from jaxprune.methods.layermerge.method import (plan_budgets, planned_ms, read_plan, search,
+                                                stage_one)
 from jaxprune.methods.layermerge.space import build_space
 from jaxprune.report import markdown
 from models.net import randomize_bn
@@ -284,7 +286,39 @@ def test_a_plan_for_two_runtimes_meets_the_budget_in_each(dropped):
             "sum to 25.000 ms, more than the whole model's 19.200 ms") in \
         markdown(lm_report.report(inflated))
     inflated["search"]["latency"][1]["timing"] = "in_model"   # the one-conv entries cancel
-    assert "overstates" not in markdown(lm_report.report(inflated))
+    text = markdown(lm_report.report(inflated))
+    assert "overstates" not in text
+    assert ("torch: each one-conv segment timed alone as its layer, BatchNorm folded, and "
+            "each longer segment option as the whole model with only it merged") in text
+    # a replay did not search: its budgets are the plan's, not a promise of this run
+    inflated["search"]["replayed"] = "old/plan.json"
+    text = markdown(lm_report.report(inflated))
+    assert "Replayed from `old/plan.json`: each budget is the one the plan was solved under" \
+        in text and "meets the budget" not in text
+
+
+def test_a_replayed_plan_is_priced_over_its_pieces_with_the_budgets_it_was_solved_under(
+        tmp_path):
+    """In ECDC's space each segment runs as the pieces its plan gives it, so every table
+    prices those, not the pieces this table's T_opt would choose; a replay reports, per
+    runtime, the budget the plan was solved under there (none in a runtime it was not)."""
+    ms = build_space(build_model(_cfg(tmp_path), 10, HW))
+    T = {(i, j): 1.25 + 0.25 * (j - i) for i, j in ms.segments}  # whole segments are fastest
+    topt, breaks, unmerged = stage_one(ms, T)
+    importance = {(i, j): float((j - i) ** 2) for i, j in ms.segments}  # long segments
+    plan, pieces = search(ms, [topt, topt], breaks, importance, [unmerged, 0.9 * unmerged],
+                          None, ("jax", "torch"))
+    i, j = next((s.start, s.end) for s in plan.segments if s.end - s.start >= 2)
+    assert pieces[(i, j)] == (i, j) and planned_ms(ms, plan, T, pieces) == plan.time_ms
+    split = {**pieces, (i, j): tuple(range(i, j + 1))}  # as a plan from another table runs it
+    assert planned_ms(ms, plan, T, split) == pytest.approx(
+        plan.time_ms - T[(i, j)] + 1.5 * (j - i))
+    plan = dataclasses.replace(plan, extra={"latency_tables": [{"runtime": "jax"},
+                                                               {"runtime": "torch"}]})
+    assert plan_budgets(plan, ("torch", "jax")) == [0.9 * unmerged, unmerged]
+    old = dataclasses.replace(plan, extra={"latency_table": {"runtime": "torch"}},
+                              more_budgets=())   # a plan of one table, before several
+    assert plan_budgets(old, ("jax", "torch")) == [None, unmerged]
 
 
 def test_a_speedup_no_one_plan_reaches_in_both_runtimes_is_one_line(tmp_path):
@@ -316,7 +350,7 @@ def test_several_runtimes_are_refused_where_they_cannot_apply(tmp_path):
                        r"and method.runtime names 2: set method.target_speedup instead"):
         _cfg(tmp_path, "method.runtime=[jax, torch]", "method.target_speedup=null",
              "method.latency_ms=3")
-    with pytest.raises(jaxprune.UserError, match=r"method.latency_table gives 1 tables for the "
+    with pytest.raises(jaxprune.UserError, match=r"method.latency_table gives 1 table for the "
                        r"2 runtimes of method.runtime \(jax, torch\): give one table per "
                        r"runtime, in that order"):
         _cfg(tmp_path, "method.runtime=[jax, torch]", "method.latency_table=[a.json]")

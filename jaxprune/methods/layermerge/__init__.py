@@ -52,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxprune.config import Config, MethodConfig, option
-from jaxprune.errors import UserError
+from jaxprune.errors import UserError, counted
 from jaxprune.measure import RUNTIMES
 from jaxprune.methods import register
 
@@ -139,7 +139,8 @@ class LayerMergeConfig(MethodConfig):
                             f"names {len(rts)}: set method.target_speedup instead, which "
                             "holds in each")
         if len(self.latency_tables) != len(rts):
-            raise UserError(f"method.latency_table gives {len(self.latency_tables)} tables "
+            raise UserError(f"method.latency_table gives "
+                            f"{counted(len(self.latency_tables), 'table')} "
                             f"for the {len(rts)} runtimes of method.runtime ({', '.join(rts)})"
                             ": give one table per runtime, in that order")
         if self.plan is None and (self.target_speedup is None) == (self.latency_ms is None):

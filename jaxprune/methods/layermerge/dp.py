@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxprune.errors import UserError
+from jaxprune.errors import UserError, counted
 
 MERGED = "merged"                      # the one option of a segment in an ECDC space
 PLAN_SCHEMA = "jaxprune.layermerge.plan/2"  # 2: a plan's edits name the convs it drops
@@ -44,6 +44,9 @@ DEFAULT_BINS = 1000
 # With several tables the grid is the product of their bins (memory O(L * bins^K)): 400 per
 # table keeps two tables at 160k cells a state, each entry rounded up by < 1/400 of its budget.
 DEFAULT_BINS_SEVERAL = 400
+# The DP keeps, per state, its values, their bins used and its choices on the grid (20 bytes
+# a cell); a grid needing more than this is refused before it is allocated.
+MAX_GRID_BYTES = 8 * 2**30
 DECIMALS = 7  # importance sums are compared rounded to this many decimals, as the reference
 
 
@@ -377,7 +380,7 @@ class NoJointPlan(SearchError):
 
 
 def _no_joint_plan(grids: tuple[_Grid, ...], names: Sequence[str]) -> NoJointPlan:
-    budgets = ", ".join(f"{n} {g.budget_ms:.4g} ms" for n, g in zip(names, grids))
+    budgets = "; ".join(f"{n}: {g.budget_ms:.4g} ms" for n, g in zip(names, grids))
     return NoJointPlan(f"no plan fits the budgets of all {len(grids)} latency tables at once "
                        f"({budgets}), though each alone holds a plan: raise a budget")
 
@@ -573,8 +576,8 @@ def _tables(latency, budget_ms) -> tuple[list[Mapping], list]:
         raise SearchError("latency is not a table {(i, j, option): ms} or a list of them: "
                           "give one table per budget")
     if len(lats) != len(budgets):
-        raise SearchError(f"{len(lats)} latency tables and {len(budgets)} budgets: give one "
-                          "budget per table")
+        raise SearchError(f"{counted(len(lats), 'latency table')} and "
+                          f"{counted(len(budgets), 'budget')}: give one budget per table")
     return lats, budgets
 
 
@@ -625,7 +628,8 @@ def solve(space: Space, latency: Mapping | Sequence[Mapping], importance: Mappin
     here it is allowed. Time O(entries * P), memory O(L * P) for one table, vectorised over
     t with numpy.
 
-    Raises `SearchError` (a `ValueError`) for bad tables or budget, and when no plan fits:
+    Raises `SearchError` (a `ValueError`) for bad tables or budget, a grid over
+    `MAX_GRID_BYTES`, and when no plan fits:
     one line naming the fastest plan's latency and its speed-up over the unmerged network
     (every (k, k+1) at its slowest option), or, with several tables each of whose budgets
     some plan fits, `NoJointPlan` (a `SearchError`): no plan fits them all.
@@ -634,6 +638,12 @@ def solve(space: Space, latency: Mapping | Sequence[Mapping], importance: Mappin
                                    names)
     P = tuple(g.size for g in grids)
     shape = tuple(p + 1 for p in P)
+    need = 20 * math.prod(shape) * (len(steps) + 1)
+    if need > MAX_GRID_BYTES:
+        raise SearchError(f"the DP's grid of {' x '.join(map(str, shape))} time bins over "
+                          f"{len(steps) + 1} states needs about {need / 2**30:.1f} GiB, over "
+                          f"{MAX_GRID_BYTES / 2**30:.0f} GiB: give fewer bins per table "
+                          "(method.bins)")
     value = {(0, 1): np.zeros(shape)}          # best summed importance within t bins
     used = {(0, 1): np.zeros(shape, np.int64)}  # its accumulated bins (the tie-break)
     choice: dict[tuple[int, int], np.ndarray] = {}

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from jaxprune.errors import UserError
@@ -90,16 +91,24 @@ class LatencyTable:
     """A latency table as the search reads it: `T` in ms per call of the table's batch,
     each entry less the call overhead, keyed (i, j), or (i, j, option) with layer dropping;
     `overhead_ms`, the per-call overhead taken off each entry; `model_ms`, the whole model
-    (BatchNorms folded, no run fused) timed with them."""
+    (BatchNorms folded, no run fused) timed with them; `clamped`, the keys of a `timing:
+    in_model` table whose T came out below 0 and was taken as 0 (the segment saved more in
+    the model than its convs cost alone: the table's noise, or fusion the model gains)."""
     T: dict[tuple, float]
     overhead_ms: float
     model_ms: float
+    clamped: tuple[tuple, ...] = ()  # in_model entries that saved more than their convs cost
 
     def model_after(self, unmerged_ms: float, planned_ms: float) -> float:
         """The predicted whole-model latency (ms) of a plan whose segments sum to
         `planned_ms` where every conv alone sums to `unmerged_ms`: the model as measured,
         less what the plan saves on the searched convs."""
         return self.model_ms - unmerged_ms + planned_ms
+
+    def searched_budget(self, unmerged_ms: float, model_ms: float) -> float:
+        """The budget on the searched convs (ms) that lets the predicted whole model take
+        `model_ms`: `model_after`'s inverse."""
+        return model_ms - self.model_ms + unmerged_ms
 
 
 def table_key(ms: ModelSpace, input_size, batch: int, runtime: str = "jax",
@@ -235,8 +244,14 @@ def table_ms(data: dict, key: TableKey, source: str) -> dict[tuple, float]:
     entry as measured less the table's call overhead (`measure.in_model_ms`; a table
     written before the overhead was recorded has none), checked against `key`. Raises
     `UserError` for another schema or a key that differs (naming each field, both
-    values); an entry missing from a hand-edited table is refused by `dp.t_opt` or
-    `dp.solve`, which read every one."""
+    values), a malformed entry name, and an `in_model` table without a one-conv entry its
+    longer entries are priced from; another entry missing from a hand-edited table is
+    refused by `dp.t_opt` or `dp.solve`, which read every one."""
+    return _entries(data, key, source)[0]
+
+
+def _entries(data: dict, key: TableKey, source: str) -> tuple[dict[tuple, float], tuple]:
+    """`table_ms` and the keys of its `in_model` entries clamped at 0."""
     from jaxprune.measure import in_model_ms
     if not isinstance(data, dict) or data.get("schema") != TABLE_SCHEMA:
         raise UserError(f"{source} is not a layermerge latency table (schema "
@@ -244,21 +259,40 @@ def table_ms(data: dict, key: TableKey, source: str) -> dict[tuple, float]:
     got, want = {"drop_layers": False, "timing": "alone", **data.get("key", {})}, key.as_dict()
     differ = [f"{k} is {got.get(k)!r}, here {v!r}" for k, v in want.items() if got.get(k) != v]
     if differ:
+        order = (" (with several runtimes, method.latency_table lists one table per runtime "
+                 "in method.runtime's order)" if got.get("runtime") != want["runtime"] else "")
         raise UserError(f"{source} was measured for another setting ({'; '.join(differ)}): "
-                        "drop method.latency_table to measure a table here")
+                        f"drop method.latency_table to measure a table here{order}")
     table, overhead = {}, call_overhead_ms(data, source)
     for name, ms in data.get("ms", {}).items():
-        i, j, *option = name.split(",")
-        table[(int(i), int(j), *option)] = in_model_ms(_time(ms, name, source), overhead)
+        table[_entry_key(name, source)] = in_model_ms(_time(ms, name, source), overhead)
+    clamped = []
     if key.timing == "in_model":  # Σ of its one-conv entries less what it saves in the model
         model = _time(data.get("model_ms"), "model_ms", source)
         single = {k[0]: v for k, v in table.items() if k[1] == k[0] + 1}
         for name, ms in data.get("in_model_ms", {}).items():
-            i, j, *option = (int(v) if v.isdigit() else v for v in name.split(","))
+            k = _entry_key(name, source)
+            missing = [p for p in range(k[0], k[1]) if p not in single]
+            if missing:
+                raise UserError(f"{source}: in_model_ms {name} is priced from the one-conv "
+                                f"entries, and ms has none for ({missing[0]}, "
+                                f"{missing[0] + 1}): give a latency_table.json a layermerge "
+                                "run wrote, or drop method.latency_table to measure one")
             saved = model - _time(ms, f"in_model_ms {name}", source)
-            table[(i, j, *option)] = max(sum(single.get(k, 0.0) for k in range(i, j)) - saved,
-                                         0.0)
-    return table
+            t = math.fsum(single[p] for p in range(k[0], k[1])) - saved
+            if t < 0:
+                clamped.append(k)
+            table[k] = max(t, 0.0)
+    return table, tuple(clamped)
+
+
+def _entry_key(name: str, source: str) -> tuple:
+    """(i, j) or (i, j, option) from a table's entry name "i,j" or "i,j,option"."""
+    parts = name.split(",")
+    if not (2 <= len(parts) <= 3 and parts[0].isdigit() and parts[1].isdigit()):
+        raise UserError(f"{source}: entry {name!r} is not named \"i,j\" or \"i,j,option\": "
+                        "give a latency_table.json a layermerge run wrote")
+    return (int(parts[0]), int(parts[1]), *parts[2:])
 
 
 def call_overhead_ms(data: dict, source: str) -> float:
@@ -319,10 +353,10 @@ def latency_table(m: Net, ms: ModelSpace, key: TableKey, cache: Path,
                 data = measure_table(m, ms, key, **timing)
                 write_json_atomic(cache, data)
         data = distributed.broadcast_json(data)
-    T = table_ms(data, key, source)
+    T, clamped = _entries(data, key, source)
     if "model_ms" not in data:
         raise UserError(f"{source} was measured before the whole model was timed with the "
                         "segments, which the budget needs: drop method.latency_table to "
                         "measure the table again")
     return LatencyTable(T, call_overhead_ms(data, source),
-                        _time(data["model_ms"], "model_ms", source))
+                        _time(data["model_ms"], "model_ms", source), clamped)

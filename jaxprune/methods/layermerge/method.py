@@ -70,16 +70,20 @@ def search(ms: ModelSpace, topts: list[dict], breaks: dict, importance: dict,
                   if (s.start, s.end) in breaks}
 
 
-def entry(ms: ModelSpace, s) -> tuple:
-    """A plan segment's key in the latency the DP reads: (i, j), or (i, j, option) with
-    layer dropping."""
-    return (s.start, s.end, s.option) if ms.drop_layers else (s.start, s.end)
+def segment_ms(ms: ModelSpace, T: dict, s, pieces: dict) -> float:
+    """A plan segment's time in the latency table `T` (ms): its entry (i, j, option) with
+    layer dropping; in ECDC's space the sum over the pieces it runs as (`pieces`, the
+    plan's {(i, j): (i, ..., j)}; a segment not in it runs whole). One model runs in every
+    runtime, so each runtime's table prices the plan's own pieces, replayed or searched."""
+    if ms.drop_layers:
+        return T[(s.start, s.end, s.option)]
+    b = pieces.get((s.start, s.end), (s.start, s.end))
+    return math.fsum(T[p] for p in zip(b, b[1:]))
 
 
-def planned_ms(ms: ModelSpace, plan: Plan, topt: dict) -> float:
-    """The plan's segments summed in the latency `topt` (ms): `plan.time_ms` for the table
-    it was solved on, and the same sum in any other runtime's table of this space."""
-    return math.fsum(topt[entry(ms, s)] for s in plan.segments)
+def planned_ms(ms: ModelSpace, plan: Plan, T: dict, pieces: dict) -> float:
+    """The plan's segments summed in the latency table `T` (ms; `segment_ms`)."""
+    return math.fsum(segment_ms(ms, T, s, pieces) for s in plan.segments)
 
 
 def budget_ms(opts, ms: ModelSpace, topt: dict, unmerged: float, table: LatencyTable,
@@ -100,16 +104,18 @@ def budget_ms(opts, ms: ModelSpace, topt: dict, unmerged: float, table: LatencyT
                         f"the whole model's {table.model_ms:.4g} ms (predicted from the "
                         f"latency table), a speed-up of {table.model_ms / fastest:.3g}x at "
                         "most; ask for at most that")
-    return model - table.model_ms + unmerged
+    return table.searched_budget(unmerged, model)
 
 
 def best_common_speedup(ms: ModelSpace, stages: list, tables: list, importance: dict,
-                        bins: int | None) -> float:
+                        bins: int | None) -> float | None:
     """The largest whole-model speed-up that one plan reaches, as predicted, in every
-    runtime's table at once (bisection on the DP's feasibility, to 0.1 %); 1.0 when not
-    even that holds. `stages`: each table's `stage_one`, `tables`: their (key, table)."""
+    runtime's table at once: a bisection on the DP's feasibility, to 0.1 %, between 1x
+    and the slowest runtime's own best. None when not even 1x holds in all of them (the
+    bins' rounding, or an importance that leaves no plan). `stages`: each table's
+    `stage_one`, `tables`: their (key, table)."""
     def fits(speedup: float) -> bool:
-        budgets = [t.model_ms / speedup - t.model_ms + unmerged
+        budgets = [t.searched_budget(unmerged, t.model_ms / speedup)
                    for (_, t), (_, _, unmerged) in zip(tables, stages)]
         try:
             search(ms, [topt for topt, _, _ in stages], {}, importance, budgets, bins,
@@ -117,15 +123,40 @@ def best_common_speedup(ms: ModelSpace, stages: list, tables: list, importance: 
         except SearchError:
             return False
         return True
+    if not fits(1.0):
+        return None
     lo = 1.0
     hi = min(t.model_ms / t.model_after(unmerged, fastest_ms(ms, topt))
              for (_, t), (topt, _, unmerged) in zip(tables, stages))
-    if fits(hi):
-        return hi
     while hi - lo > 1e-3 * lo:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def plan_budgets(plan: Plan, runtimes: tuple[str, ...]) -> list[float | None]:
+    """A replayed plan's budget (ms on the searched convs) in each of `runtimes`: the one
+    it was solved under in that runtime's table, None for a runtime it was not solved in.
+    (A plan of one table, written before several were searched at once, names it
+    `latency_table`.)"""
+    x = plan.extra
+    keys = x.get("latency_tables") or [x.get("latency_table")]
+    solved = [k.get("runtime") if isinstance(k, dict) else None for k in keys]
+    budget = dict(zip(solved, [plan.budget_ms, *(b.budget_ms for b in plan.more_budgets)]))
+    return [budget.get(r) for r in runtimes]
+
+
+def _no_common_plan(target: float, runtimes: tuple[str, ...], best: float | None) -> str:
+    """The one line for a `target` speed-up that each runtime's table reaches alone but no
+    one plan reaches in all of them; `best`: `best_common_speedup`."""
+    every = "both" if len(runtimes) == 2 else f"all {len(runtimes)}"
+    reach = ("no one plan reaches even 1x in every table at once (the DP's bins round each "
+             "entry up: raise method.bins)" if best is None else
+             f"the best one plan reaches {math.floor(best * 1000) / 1000:g}x in each "
+             "(predicted from the latency tables): ask for at most that")
+    return (f"method.target_speedup {target:g} is out of reach in {' and '.join(runtimes)} "
+            f"at once: each table alone has a plan that fast, but no one plan is in "
+            f"{every}; {reach}")
 
 
 def read_plan(path: str, ms: ModelSpace, cfg, image_size, m: Net) -> tuple[Plan, dict, Edits]:
@@ -216,8 +247,9 @@ def run(ctx: RunContext) -> MethodResult:
     breaks = stages[0][1]
 
     scores = source = ft_table = None
-    budgets = [None] * len(runtimes)
-    if opts.plan is None:
+    if opts.plan is not None:
+        budgets = plan_budgets(plan, runtimes)
+    else:
         budgets = [budget_ms(opts, ms, topt, unmerged, table,
                              f" in {key.runtime}" if len(runtimes) > 1 else "")
                    for (key, table), (topt, _, unmerged) in zip(tables, stages)]
@@ -235,12 +267,8 @@ def run(ctx: RunContext) -> MethodResult:
             plan, pieces = search(ms, [topt for topt, _, _ in stages], breaks, importance,
                                   budgets, opts.bins, runtimes)
         except NoJointPlan:
-            best = best_common_speedup(ms, stages, tables, importance, opts.bins)
-            raise UserError(
-                f"method.target_speedup {opts.target_speedup:g} is out of reach in "
-                f"{' and '.join(runtimes)} at once: each table alone has a plan that fast, "
-                f"but no one plan is in both; the best one plan reaches {best:.3g}x in each "
-                "(predicted from the latency tables): ask for at most that") from None
+            raise UserError(_no_common_plan(opts.target_speedup, runtimes, best_common_speedup(
+                ms, stages, tables, importance, opts.bins))) from None
         edits = ms.edits(plan, pieces)
         plan = dataclasses.replace(plan, extra={
             "model": cfg.model.name, "model_options": dict(cfg.model.options),
@@ -253,10 +281,16 @@ def run(ctx: RunContext) -> MethodResult:
     if distributed.is_main():
         (ctx.run_dir / PLAN_FILE).write_text(plan.to_json() + "\n")
     latency = []
-    for (key, table), (topt, _, unmerged), budget in zip(tables, stages, budgets):
-        planned = planned_ms(ms, plan, topt)
+    for (key, table), (_, _, unmerged), budget in zip(tables, stages, budgets):
+        planned = planned_ms(ms, plan, table.T, pieces)
         predicted = table.model_after(unmerged, planned)
+        if table.clamped:
+            ctx.log(f"layermerge: warning: in the {key.runtime} table, "
+                    f"{len(table.clamped)} segment options save more inside the model than "
+                    "their convs cost alone, so their T is taken as 0: "
+                    + ", ".join(",".join(map(str, k)) for k in table.clamped))
         latency.append({"runtime": key.runtime, "timing": key.timing, "budget_ms": budget,
+                        "clamped": [list(k) for k in table.clamped],
                         "unmerged_ms": unmerged,
                         "planned_ms": planned, "model_ms": table.model_ms,
                         "predicted_model_ms": predicted,
@@ -269,6 +303,7 @@ def run(ctx: RunContext) -> MethodResult:
                     f"{r['model_ms']:.4g} ms: its predicted speed-up "
                     f"({r['predicted_speedup']:.2f}x) overstates the gain")
     results["search"] = {
+        "replayed": opts.plan,
         "importance": opts.importance if opts.plan is None else "from the plan",
         "site_entropy": scores, "site_source": source, "finetune_table": ft_table,
         "entropy_kept": kept_entropy(ms, scores, edits.linearize) if scores else None,
@@ -278,8 +313,8 @@ def run(ctx: RunContext) -> MethodResult:
         "latency": latency, "bins": plan.budget_bins,
         "objective": plan.objective, "latency_batch": opts.latency_batch,
         "segments": [{**dataclasses.asdict(s), "convs": list(ms.convs(s.start, s.end)),
-                      "T_ms": {key.runtime: topt[entry(ms, s)]
-                               for (key, _), (topt, _, _) in zip(tables, stages)},
+                      "T_ms": {key.runtime: segment_ms(ms, table.T, s, pieces)
+                               for key, table in tables},
                       "dropped": [c for c in ms.convs(s.start, s.end) if c in edits.drop],
                       "pieces": list(pieces.get((s.start, s.end), (s.start, s.end)))}
                      for s in plan.segments],

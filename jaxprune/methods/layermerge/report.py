@@ -64,21 +64,28 @@ def report(results: dict) -> Report:
                "predicted whole model: that − unmerged + planned ms", "predicted speed-up",
                "measured whole model, dense → fused ms",
                "measured speed-up (burst by burst)"], rows),
-        (f"The plan meets the budget in each of the {len(rows)} runtimes at once (one exact "
-         "DP, its grid a bin count per runtime)" + ("; each segment runs as the pieces the "
-                                                    f"{names[0]} table chose" if not drop
-                                                    else "") + ". " if len(rows) > 1 else "")
-        + f"Batch {search['latency_batch']}, the table's device; each segment timed alone as "
-        "its fused layer, BatchNorm folded, and the whole model with them: the stem, the "
-        "head, the adds kept explicit and the activations are in the model's time and in no "
-        "segment's, and the prediction keeps them as they are, so the activations a plan "
-        "removes are a gain it does not count. "
+        (f"Replayed from `{search['replayed']}`: each budget is the one the plan was "
+         "solved under in that runtime's table (none where it was not), and each T is this "
+         "run's table's. " if search.get("replayed") else
+         f"The plan meets the budget in each of the {len(rows)} runtimes at once (one exact "
+         "DP, its grid a bin count per runtime). " if len(rows) > 1 else "")
+        + ("Each segment runs as the pieces the plan gives it, and every runtime's T sums "
+           "its table over them. " if not drop and len(rows) > 1 else "")
+        + f"Batch {search['latency_batch']}, the table's device. "
+        + " ".join(_timing(name, r.get("timing", "alone")) for name, r in zip(names, latency))
+        + " The stem, the head, the adds kept explicit and the activations are in the "
+        "model's time and in no segment's, and the prediction keeps them as they are, so the "
+        "activations a plan removes are a gain it does not count. "
         + " ".join(_overhead(name, r["call_overhead_ms"]) for name, r in zip(names, latency))
         + f" DP grid: {search['bins']} bins"
         + (" per runtime." if len(rows) > 1 else ".")
         + (" Measured: against the dense model as built, so this also counts every "
            "BatchNorm folded into its conv, which the table's times have on both sides."
            if measured else "")]
+    blocks += [f"In the {name} table, {len(r['clamped'])} segment option(s) saved more "
+               "inside the model than their convs cost alone, and their T is taken as 0: "
+               + ", ".join(",".join(map(str, k)) for k in r["clamped"]) + "."
+               for name, r in zip(names, latency) if r.get("clamped")]
     blocks += [f"**The {name} prediction overstates the gain.** Its segments, timed one by "
                f"one, sum to {r['unmerged_ms']:.3f} ms, more than the whole model's "
                f"{r['model_ms']:.3f} ms: in {name} a conv costs less inside the model than "
@@ -135,6 +142,15 @@ def overstated(row: dict) -> bool:
     timed `in_model` prices segments by their saving in the model, where the one-conv
     entries cancel, so it is never flagged."""
     return row.get("timing", "alone") == "alone" and row["unmerged_ms"] > row["model_ms"]
+
+
+def _timing(runtime: str, timing: str) -> str:
+    if timing == "in_model":
+        return (f"{runtime}: each one-conv segment timed alone as its layer, BatchNorm folded, "
+                "and each longer segment option as the whole model with only it merged, its T "
+                "the one-conv times of its convs less what it saved there.")
+    return (f"{runtime}: each segment timed alone as its fused layer, BatchNorm folded, and "
+            "the whole model with them.")
 
 
 def _overhead(runtime: str, ms: float) -> str:
