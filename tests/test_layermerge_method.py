@@ -385,6 +385,8 @@ def test_plan_with_drops_replays_and_bad_drops_are_refused(dropped):
     refused("irreducible", lambda d: d["edits"]["drop"].append("layer2.0.conv1"),
             "drops 'layer2.0.conv1', an irreducible conv", "method.drop_layers=true")
     refused("ecdc", lambda d: None, "was made with method.drop_layers true, here false")
+    refused("strided", lambda d: None, "was made with method.strided_blocks false, here true",
+            "method.drop_layers=true", "method.strided_blocks=true")
 
 
 @pytest.mark.slow

@@ -233,6 +233,39 @@ def test_layer_dropping_space_matches_the_reference(small):
     assert mb.end_acts(6, 7) == (1,)
 
 
+@pytest.mark.parametrize("option, kernel", [("k3s2d", (3, 3)), ("k7s2d", (7, 7))])
+def test_strided_blocks_merge_a_downsampling_block_whole(small, option, kernel):
+    """Beyond the papers: with `strided_blocks` a ResNet downsampling block (strided conv1,
+    1x1 strided shortcut) is also one segment. Keeping conv1 alone drops conv2 and merges
+    the block into one strided 3x3 conv, the shortcut in its centre tap; keeping both is
+    one 7x7 conv of stride 2 (3 + (3 - 1) x 2). Either merges exactly."""
+    m = small("resnet18_cifar")
+    papers = build_space(m, drop_layers=True)
+    ms = build_space(m, drop_layers=True, strided_blocks=True)
+    assert set(ms.entries()) - set(papers.entries()) == {
+        (i, i + 2, o) for i in (4, 8, 12) for o in ("k3s2d", "k7s2d")}
+    assert ms.keep[(4, 6, "k3s2d")] == ("layer2.0.conv1",) and ms.hash != papers.hash
+    assert build_space(_shape_only("mobilenet_v2_cifar"), strided_blocks=True).hash == \
+        build_space(_shape_only("mobilenet_v2_cifar")).hash   # its strided blocks add nothing
+    segs = [PlanSegment(i, i + 1, "k3s2d" if i in (4, 8, 12) else "k3s1d", True, 0.0, 0, 0.0)
+            for i in range(16) if i not in (4, 5)]
+    segs.insert(4, PlanSegment(4, 6, option, True, 0.0, 0, 0.0))
+    edits = ms.edits(Plan(16, tuple(segs), 0.0, 0.0, 0, 1.0, 1, 1.0, "ceil"))
+    assert edits.linearize == ("layer2.0.relu1",)
+    assert edits.drop == (("layer2.0.conv2",) if option == "k3s2d" else ())
+    apply_edits(m, edits)
+    fused, rep = jaxprune.merge(m, input_size=HW, cost="none", cuts=edits.cuts,
+                                return_report=True)
+    assert rep.max_abs_diff <= 1e-5 * max(rep.logit_scale, 1.0)
+    block, = [f for f in rep.fused if "layer2.0.conv1" in f["replaces"]]
+    assert "layer2.0.downsample.0" in block["replaces"]
+    layer = fused.layers[block["layer"]]
+    assert (layer.kernel_size, layer.stride) == (kernel, (2, 2))
+    with pytest.raises(SearchError, match=r"segment \(4, 6\) is not in this model's space .*"
+                       r"method.strided_blocks"):
+        papers.edits(Plan(16, tuple(segs), 0.0, 0.0, 0, 1.0, 1, 1.0, "ceil"))
+
+
 def test_layer_dropping_needs_weights():
     with pytest.raises(UserError, match="picks the convs each option keeps by their weights"):
         build_space(_shape_only("resnet18_cifar", width=4), drop_layers=True)
@@ -260,6 +293,7 @@ def _torch_with_identity(m, arch, options, dropped):
 @pytest.mark.parametrize("arch,dropped", [
     ("resnet18_cifar", ["layer1.0.conv2"]),
     ("resnet18_cifar", ["layer1.1.conv1", "layer1.1.conv2"]),   # a whole branch: x + relu(x)
+    ("resnet18_cifar", ["layer2.0.conv2"]),     # a downsampling block's (strided_blocks)
     ("mobilenet_v2", ["features.3.conv.1.0"]),                  # a residual depthwise conv
 ])
 def test_dropped_conv_is_the_torch_model_with_an_identity(small, arch, dropped):

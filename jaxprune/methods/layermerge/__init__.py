@@ -73,6 +73,9 @@ class LayerMergeConfig(MethodConfig):
     name: str = "layermerge"
     # true: LayerMerge's space (convs may also be dropped)
     drop_layers: bool = False
+    # true (beyond the papers): a ResNet downsampling block may merge as a whole, its
+    # strided conv and 1x1 shortcut composed exactly (with drop_layers: one strided conv)
+    strided_blocks: bool = False
     # λ: what dropping a conv of average L1 norm costs, in units of the mean site entropy
     drop_penalty: float = option(1.0, ge=0)
     # the whole model's latency budget = its time / target_speedup, or ...
@@ -168,4 +171,4 @@ class LayerMergeConfig(MethodConfig):
 
     def check_model(self, cfg: Config, m) -> None:
         from jaxprune.methods.layermerge.space import build_space
-        build_space(m)  # refuses a model it has no space rules for
+        build_space(m, strided_blocks=self.strided_blocks)  # refuses a model it has no rules for

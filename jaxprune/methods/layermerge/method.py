@@ -176,10 +176,11 @@ def read_plan(path: str, ms: ModelSpace, cfg, image_size, m: Net) -> tuple[Plan,
         raise UserError(f"method.plan {path} was made for another model ({'; '.join(differ)}): "
                         "give a plan of this model, or drop method.plan to search one")
     edits = {"drop": [], **(x.get("edits") or {})}
-    if bool(x.get("drop_layers", False)) != ms.drop_layers:
-        raise UserError(f"method.plan {path} was made with method.drop_layers "
-                        f"{str(bool(x.get('drop_layers'))).lower()}, here "
-                        f"{str(ms.drop_layers).lower()}: set it as the plan's run did")
+    for flag in ("drop_layers", "strided_blocks"):   # a plan without one was made without
+        if bool(x.get(flag, False)) != getattr(ms, flag):
+            raise UserError(f"method.plan {path} was made with method.{flag} "
+                            f"{str(bool(x.get(flag))).lower()}, here "
+                            f"{str(getattr(ms, flag)).lower()}: set it as the plan's run did")
     for name in edits.get("linearize", []):
         if name not in m.sites():
             raise UserError(f"method.plan {path} linearizes {name!r}, not a site of "
@@ -220,13 +221,15 @@ def finetune(ctx: RunContext, original: Net, planned: Net) -> dict:
 def run(ctx: RunContext) -> MethodResult:
     cfg, opts = ctx.cfg, ctx.cfg.method
     original = original_model(ctx, opts.pretrain_epochs)
-    ms = build_space(original, drop_layers=opts.drop_layers)
+    ms = build_space(original, drop_layers=opts.drop_layers,
+                     strided_blocks=opts.strided_blocks)
     L = ms.space.positions
     results = {"method": "layermerge", "model": cfg.model.name, "dataset": cfg.data.name,
                "image_size": list(ctx.image_size),
                "space": {"positions": L, "segments": len(ms.segments), "hash": ms.hash,
                          "breaks": list(ms.breaks), "free": sorted(ms.free_after),
                          "drop_layers": ms.drop_layers, "entries": len(ms.entries()),
+                         "strided_blocks": ms.strided_blocks,
                          "droppable": [c for c, f in ms.conv_facts.items() if f.droppable]},
                "dense": evaluate_model(original, cfg.train, ctx.data, ctx.mesh)}
 
@@ -273,7 +276,7 @@ def run(ctx: RunContext) -> MethodResult:
         plan = dataclasses.replace(plan, extra={
             "model": cfg.model.name, "model_options": dict(cfg.model.options),
             "input_size": list(ctx.image_size), "space_hash": ms.hash,
-            "drop_layers": ms.drop_layers,
+            "drop_layers": ms.drop_layers, "strided_blocks": ms.strided_blocks,
             "latency_tables": [key.as_dict() for key, _ in tables],
             "importance": opts.importance,
             "pieces": {f"{i},{j}": list(p) for (i, j), p in pieces.items()},

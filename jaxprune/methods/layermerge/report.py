@@ -35,7 +35,9 @@ def report(results: dict) -> Report:
             f"ECDC space: {space['positions']} positions, {space['segments']} segments")
     dropped = search["edits"].get("drop", [])
     sections.append(Section("Plan", [
-        f"{kind}; breaks after strided convs at {space['breaks'] or 'none'}. Importance: "
+        f"{kind}; breaks after strided convs at {space['breaks'] or 'none'}"
+        + ("; a residual block with a break inside may merge as a whole (`strided_blocks`, "
+           "beyond the papers)" if space.get("strided_blocks") else "") + ". Importance: "
         f"{search['importance']}. The plan is `{search['plan_file']}` (replay it with "
         "`method.plan`).",
         Table(["segment", "convs merged", *(["option", "convs dropped"] if drop else

@@ -17,6 +17,12 @@ A segment (i, j) merges convs i+1..j into one layer. It is allowed when it
 * lies inside one residual block, or spans whole blocks (the identity folds into the
   centre tap); never half of one.
 
+Beyond the papers (`strided_blocks=True`): a residual block with a break inside (ResNet's
+downsampling blocks: a strided conv1, a 1x1 strided shortcut conv) may also be one segment
+as a whole. `jaxprune.merge` composes strides exactly, and the shortcut conv folds into
+the centre tap of the merged kernel, as an identity does. With layer dropping its second
+conv may then be dropped, the block becoming one strided 3x3 conv.
+
 Activations: a position whose conv is followed by an activation site keeps it when it is
 a boundary (a = 1) and loses it (linearized) when it lies strictly inside a segment.
 MobileNetV2's block ends have no activation: they are the *free* positions (ECDC's
@@ -33,9 +39,9 @@ the same at any width.) A dropped conv becomes the identity: the conv and its Ba
 removed, the residual add stays (a branch that lost every conv adds x to x). Each segment
 then has one option per (kernel, stride, depthwise) of the conv it merges into, keyed
 "k{kernel}s{stride}d" or "...dw": per class of convs (kernel size, depthwise) a count from
-its irreducible convs to all of them, at least one conv in all; the kernel is
-1 + sum of count x (size - 1), the stride the product of the strides, depthwise when every
-kept conv is. Two counts of one key: the later in product order (more convs kept) stands.
+its irreducible convs to all of them, at least one conv in all; the kernel is composed
+exactly (`option_key`: 1 + sum of count x (size - 1) within the papers' breaks), the
+stride the product of the strides, depthwise when every kept conv is. Two counts of one key: the later in product order (more convs kept) stands.
 Each option keeps one fixed set of convs, chosen before the search from the model's
 weights: the irreducible ones and, per class, the droppable ones of largest L1 norm of
 their raw kernel (ties: the earlier conv), which maximises the summed L1 norm of the kept
@@ -102,10 +108,14 @@ class ConvFacts:
 
 
 def option_key(facts: list[ConvFacts]) -> str:
-    """The option a set of kept convs merges into: "k{kernel}s{stride}d" (dense) or
-    "...dw" (every kept conv depthwise); kernel 1 + sum (size - 1), stride the product."""
-    kernel = 1 + sum(f.kernel - 1 for f in facts)
-    stride = int(np.prod([f.stride for f in facts]))
+    """The option a chain of kept convs (in order) merges into: "k{kernel}s{stride}d"
+    (dense) or "...dw" (every kept conv depthwise). Composed exactly: each conv widens the
+    kernel by (its size - 1) times the product of the strides before it, and the strides
+    multiply. (The papers' 1 + sum (size - 1) is the same wherever their breaks leave
+    only 1x1 convs after a stride.)"""
+    kernel, stride = 1, 1
+    for f in facts:
+        kernel, stride = kernel + (f.kernel - 1) * stride, stride * f.stride
     return f"k{kernel}s{stride}{'dw' if all(f.depthwise for f in facts) else 'd'}"
 
 
@@ -131,7 +141,8 @@ class ModelSpace:
     `breaks`, `residual` ((src, tgt) per residual block), `free_after` ({free position:
     (the layer an inserted activation follows, the inserted activation's name)}); with
     `drop_layers`, `conv_facts` ({searched conv: its `ConvFacts`}) and `keep` ({(i, j, option):
-    the convs that option keeps})."""
+    the convs that option keeps}); `strided_blocks`, whether a residual block with a break
+    inside may be one segment."""
     arch: str
     options: Mapping
     space: Space
@@ -142,6 +153,7 @@ class ModelSpace:
     drop_layers: bool = False
     conv_facts: Mapping[str, ConvFacts] = dataclasses.field(default_factory=dict)
     keep: Mapping[tuple[int, int, str], tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    strided_blocks: bool = False
 
     @property
     def segments(self) -> tuple[tuple[int, int], ...]:
@@ -230,7 +242,7 @@ class ModelSpace:
             if seg not in self.space.options:
                 raise SearchError(f"the plan's segment {seg} is not in this model's space "
                                   "(it crosses a break or half a residual block): give a "
-                                  "plan made for this model")
+                                  "plan made for this model (method.strided_blocks)")
             if s.option not in self.space.options[seg]:
                 raise SearchError(f"the plan's segment {seg} runs as {s.option!r}, not one of "
                                   f"its options {self.space.options[seg]}: give a plan made "
@@ -382,8 +394,8 @@ def _positions(m: Net, blocks: list[_Block]) -> tuple[list[Position], list, list
     return positions, residual, sorted(set(breaks)), free
 
 
-def _allowed(i: int, j: int, breaks, residual) -> bool:
-    if any(i < b < j for b in breaks):
+def _allowed(i: int, j: int, breaks, residual, strided_blocks: bool) -> bool:
+    if any(i < b < j for b in breaks) and not (strided_blocks and (i, j) in residual):
         return False
     return not any(i < s < j < t or s < i < t < j for s, t in residual)
 
@@ -420,10 +432,13 @@ def _options(names: tuple[str, ...], facts: Mapping[str, ConvFacts]) -> dict[str
     return out
 
 
-def build_space(m: Net, *, drop_layers: bool = False) -> ModelSpace:
+def build_space(m: Net, *, drop_layers: bool = False,
+                strided_blocks: bool = False) -> ModelSpace:
     """The search space of `m` (see the module doc), built from its graph: ECDC's, or
-    LayerMerge's with `drop_layers` (which reads `m`'s conv weights). Raises `UserError`
-    for a model outside `SUPPORTED`, or a model without weights when dropping."""
+    LayerMerge's with `drop_layers` (which reads `m`'s conv weights); `strided_blocks`
+    also lets a residual block with a break inside be one segment (see the module doc).
+    Raises `UserError` for a model outside `SUPPORTED`, or a model without weights when
+    dropping."""
     arch = m.spec.arch
     if arch not in SUPPORTED:
         raise UserError(f"layermerge has search-space rules for {list(SUPPORTED)}, not "
@@ -433,7 +448,7 @@ def build_space(m: Net, *, drop_layers: bool = False) -> ModelSpace:
     positions, residual, breaks, free = _positions(m, _blocks(m))
     L = len(positions) - 1
     segments = [(i, j) for i in range(L) for j in range(i + 1, L + 1)
-                if _allowed(i, j, breaks, residual)]
+                if _allowed(i, j, breaks, residual, strided_blocks)]
     forced = [p for p in range(L + 1) if not any(i < p < j for i, j in segments)]
     facts, keep = {}, {}
     if drop_layers:
@@ -448,4 +463,4 @@ def build_space(m: Net, *, drop_layers: bool = False) -> ModelSpace:
     else:
         space = Space.merged(L, segments, act_free=free, forced=forced)
     return ModelSpace(arch, dict(m.spec.options), space, tuple(positions), tuple(breaks),
-                      tuple(residual), dict(free), drop_layers, facts, keep)
+                      tuple(residual), dict(free), drop_layers, facts, keep, strided_blocks)
