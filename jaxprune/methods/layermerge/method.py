@@ -288,10 +288,10 @@ def run(ctx: RunContext) -> MethodResult:
         planned = planned_ms(ms, plan, table.T, pieces)
         predicted = table.model_after(unmerged, planned)
         if table.clamped:
-            ctx.log(f"layermerge: warning: in the {key.runtime} table, "
-                    f"{len(table.clamped)} segment options save more inside the model than "
-                    "their convs cost alone, so their T is taken as 0: "
-                    + ", ".join(",".join(map(str, k)) for k in table.clamped))
+            ctx.log(f"layermerge: in the {key.runtime} table, {len(table.clamped)} segment "
+                    "options save more inside the model than their searched convs cost "
+                    "alone, and their T is taken as 0 (the prediction counts less than they "
+                    "save): " + ", ".join(",".join(map(str, k)) for k in table.clamped))
         latency.append({"runtime": key.runtime, "timing": key.timing, "budget_ms": budget,
                         "clamped": [list(k) for k in table.clamped],
                         "unmerged_ms": unmerged,

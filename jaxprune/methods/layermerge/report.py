@@ -85,7 +85,9 @@ def report(results: dict) -> Report:
            "BatchNorm folded into its conv, which the table's times have on both sides."
            if measured else "")]
     blocks += [f"In the {name} table, {len(r['clamped'])} segment option(s) saved more "
-               "inside the model than their convs cost alone, and their T is taken as 0: "
+               "inside the model than their searched convs cost alone (they also remove "
+               "the activations inside them, and a downsampling block its shortcut conv), "
+               "and their T is taken as 0, so the prediction counts less than they save: "
                + ", ".join(",".join(map(str, k)) for k in r["clamped"]) + "."
                for name, r in zip(names, latency) if r.get("clamped")]
     blocks += [f"**The {name} prediction overstates the gain.** Its segments, timed one by "
