@@ -39,7 +39,7 @@ a segment of two or more convs is timed as the whole model with only that segmen
 alone, BatchNorms folded; the model with no segment merged is `model_ms`. T(i, j, option)
 is then Σ T(k, k+1) over its convs less what it saves, model_ms − that model's time, so a
 plan's predicted model is model_ms less the sum of its segments' savings (the one-conv
-entries, timed alone as before, cancel). It costs a whole model per option, and it is
+entries, timed alone, cancel; they keep the call overhead, which would only clamp them). It costs a whole model per option, and it is
 what a runtime needs whose layers cost less inside the model than alone: a jitted model
 is one XLA program, fused across layers, so on a CPU a JAX table of layers timed alone can
 sum to more than the model (the report flags that).
@@ -90,7 +90,8 @@ class TableKey:
 class LatencyTable:
     """A latency table as the search reads it: `T` in ms per call of the table's batch,
     each entry less the call overhead, keyed (i, j), or (i, j, option) with layer dropping;
-    `overhead_ms`, the per-call overhead taken off each entry; `model_ms`, the whole model
+    `overhead_ms`, the per-call overhead taken off each entry (0 for `in_model`, see
+    `taken_off_ms`); `model_ms`, the whole model
     (BatchNorms folded, no run fused) timed with them; `clamped`, the keys of a `timing:
     in_model` table whose T came out below 0 and was taken as 0: the segment saved more in
     the model than its searched convs cost alone (it also removes the activations inside
@@ -270,7 +271,7 @@ def _entries(data: dict, key: TableKey, source: str) -> tuple[dict[tuple, float]
                  "in method.runtime's order)" if got.get("runtime") != want["runtime"] else "")
         raise UserError(f"{source} was measured for another setting ({'; '.join(differ)}): "
                         f"drop method.latency_table to measure a table here{order}")
-    table, overhead = {}, call_overhead_ms(data, source)
+    table, overhead = {}, taken_off_ms(data, key, source)
     for name, ms in data.get("ms", {}).items():
         table[_entry_key(name, source)] = in_model_ms(_time(ms, name, source), overhead)
     clamped = []
@@ -302,10 +303,14 @@ def _entry_key(name: str, source: str) -> tuple:
     return (int(parts[0]), int(parts[1]), *parts[2:])
 
 
-def call_overhead_ms(data: dict, source: str) -> float:
-    """The per-call overhead a table's entries are taken off by (`table_ms`): 0 for a table
-    written before it was recorded."""
-    return _time(data.get("overhead_ms", 0.0), "overhead_ms", source)
+def taken_off_ms(data: dict, key: TableKey, source: str) -> float:
+    """The per-call overhead a table's entries are taken off by (`table_ms`): the recorded
+    one, 0 for a table written before it was recorded, and 0 for an `in_model` table,
+    whose one-conv entries cancel out of every prediction: there it would only push them
+    (and the longer entries priced from them) to the clamp at 0, and the overhead an
+    entry pays varies with what ran before it (0.1-0.3 ms in one torch table)."""
+    overhead = _time(data.get("overhead_ms", 0.0), "overhead_ms", source)
+    return overhead if key.timing == "alone" else 0.0
 
 
 def _time(value, name: str, source: str) -> float:
@@ -365,5 +370,5 @@ def latency_table(m: Net, ms: ModelSpace, key: TableKey, cache: Path,
         raise UserError(f"{source} was measured before the whole model was timed with the "
                         "segments, which the budget needs: drop method.latency_table to "
                         "measure the table again")
-    return LatencyTable(T, call_overhead_ms(data, source),
+    return LatencyTable(T, taken_off_ms(data, key, source),
                         _time(data["model_ms"], "model_ms", source), clamped)

@@ -78,7 +78,8 @@ def report(results: dict) -> Report:
         + " The stem, the head, the adds kept explicit and the activations are in the "
         "model's time and in no segment's, and the prediction keeps them as they are, so the "
         "activations a plan removes are a gain it does not count. "
-        + " ".join(_overhead(name, r["call_overhead_ms"]) for name, r in zip(names, latency))
+        + " ".join(_overhead(name, r["call_overhead_ms"], r.get("timing", "alone"))
+                   for name, r in zip(names, latency))
         + f" DP grid: {search['bins']} bins"
         + (" per runtime." if len(rows) > 1 else ".")
         + (" Measured: against the dense model as built, so this also counts every "
@@ -157,7 +158,10 @@ def _timing(runtime: str, timing: str) -> str:
             "the whole model with them.")
 
 
-def _overhead(runtime: str, ms: float) -> str:
+def _overhead(runtime: str, ms: float, timing: str) -> str:
+    if timing == "in_model":
+        return (f"The {runtime} table's one-conv entries keep the per-call overhead: in an "
+                "in_model table they cancel out of every prediction.")
     if not ms:  # a table written before the overhead was recorded
         return f"The {runtime} table records no call overhead: its times are as measured."
     return (f"Every {runtime} T is its time less the runtime's per-call overhead, "
