@@ -192,8 +192,10 @@ def test_an_in_model_table_prices_a_segment_by_what_it_saves_in_the_model(resnet
     assert set(data["in_model_ms"]) == {f"{i},{j}" for i, j in longer}
     assert set(data["ms"]) == {f"{i},{j}" for i, j in ms.segments if j == i + 1}
     assert table.overhead_ms == 0 and data["overhead_ms"] > 0   # recorded, not taken off
-    for i, j in longer:
-        saved = data["model_ms"] - data["in_model_ms"][f"{i},{j}"]
+    for i, j in longer:   # what it saves: round by round, the median of the differences
+        saved = data["in_model_saved_ms"][f"{i},{j}"]
+        assert data["model_spread_ms"][0] - data["in_model_spread_ms"][f"{i},{j}"][1] <= \
+            saved <= data["model_spread_ms"][1] - data["in_model_spread_ms"][f"{i},{j}"][0]
         convs = sum(data["ms"][f"{k},{k + 1}"] for k in range(i, j))
         assert table.T[(i, j)] == pytest.approx(max(convs - saved, 0.0))
     assert table.model_ms == data["model_ms"] > 0
@@ -214,6 +216,12 @@ def test_an_in_model_file_is_read_as_its_savings(resnet, tmp_path):
     table = latency_table(m, ms, key, tmp_path / "cache.json", given=path)
     assert table.T[(a, b)] == pytest.approx((b - a) * 1.25 - 0.5) and table.overhead_ms == 0
     assert table.T[(c, d)] == 0.0 and table.clamped == ((c, d),)
+    # what each saved round by round, where the table has it, rather than the medians'
+    data["in_model_saved_ms"] = {f"{a},{b}": 0.75, f"{c},{d}": 0.25}
+    path.write_text(json.dumps(data))
+    table = latency_table(m, ms, key, tmp_path / "cache.json", given=path)
+    assert table.T[(a, b)] == pytest.approx((b - a) * 1.25 - 0.75)
+    assert table.T[(c, d)] == pytest.approx((d - c) * 1.25 - 0.25) and not table.clamped
     del singles[f"{c},{c + 1}"]
     path.write_text(json.dumps(data))
     with pytest.raises(UserError, match=rf"t.json: in_model_ms \d+,\d+ is priced from the "

@@ -37,7 +37,8 @@ in the table (ECDC's: "i,j").
 a segment of two or more convs is timed as the whole model with only that segment merged
 (its convs dropped, the sites inside it linearized; `in_model_net`), and every other conv
 alone, BatchNorms folded; the model with no segment merged is `model_ms`. T(i, j, option)
-is then Σ T(k, k+1) over its convs less what it saves, model_ms − that model's time, so a
+is then Σ T(k, k+1) over its convs less what it saves, model_ms − that model's time (round
+by round, the median of the differences: `in_model_saved_ms`), so a
 plan's predicted model is model_ms less the sum of its segments' savings (the one-conv
 entries, timed alone, cancel; they keep the call overhead, which would only clamp them). It costs a whole model per option, and it is
 what a runtime needs whose layers cost less inside the model than alone: a jitted model
@@ -199,7 +200,8 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
     "model_spread_ms"} ("i,j,option" with layer dropping; "ms" as measured, the call
     overhead not yet taken off). With `key.timing` `in_model`, "ms" holds the one-conv
     segments and "in_model_ms" ("in_model_spread_ms") the whole model with each longer
-    segment option merged (`in_model_net`). `threads`: `jaxprune.measure`'s (default:
+    segment option merged (`in_model_net`), "in_model_saved_ms" what each saves on the
+    model, round by round (`_paired_saving`). `threads`: `jaxprune.measure`'s (default:
     one per core)."""
     import tempfile
 
@@ -237,7 +239,9 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
                     repeats=repeats, threads=threads, separate=False)
     extra = {f"in_model{k}": {whole[w]: v(t[w]) for w in whole}
              for k, v in (("_ms", lambda x: x.median_ms),
-                          ("_spread_ms", lambda x: list(x.spread_ms)))} if in_model else {}
+                          ("_spread_ms", lambda x: list(x.spread_ms)),
+                          ("_saved_ms", lambda x: _paired_saving(t[model.name], x)))
+             } if in_model else {}
     return {"schema": TABLE_SCHEMA, "key": key.as_dict(),
             "ms": {alone[w]: t[w].median_ms for w in alone},
             "spread_ms": {alone[w]: list(t[w].spread_ms) for w in alone}, **extra,
@@ -245,6 +249,17 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
             "overhead_spread_ms": list(t[overhead.name].spread_ms),
             "model_ms": t[model.name].median_ms, "model_spread_ms": list(t[model.name].spread_ms),
             "rounds": rounds, "repeats": repeats, "threads": t[overhead.name].threads}
+
+
+def _paired_saving(model, option) -> float:
+    """What `option` (a whole model with one segment merged) saves on `model` (ms): the
+    median over rounds of the difference of the two rounds' medians. Both were timed call
+    by call in the same process, so a drift of the machine between rounds leaves the
+    difference, and the median of differences is steadier than the difference of medians
+    (which may take each side from another round)."""
+    import statistics
+    return statistics.median(a - b for a, b in zip(model.burst_medians_ms,
+                                                   option.burst_medians_ms, strict=True))
 
 
 def table_ms(data: dict, key: TableKey, source: str) -> dict[tuple, float]:
@@ -278,6 +293,7 @@ def _entries(data: dict, key: TableKey, source: str) -> tuple[dict[tuple, float]
     if key.timing == "in_model":  # Σ of its one-conv entries less what it saves in the model
         model = _time(data.get("model_ms"), "model_ms", source)
         single = {k[0]: v for k, v in table.items() if k[1] == k[0] + 1}
+        paired = data.get("in_model_saved_ms")   # (absent from tables written before it)
         for name, ms in data.get("in_model_ms", {}).items():
             k = _entry_key(name, source)
             missing = [p for p in range(k[0], k[1]) if p not in single]
@@ -287,6 +303,8 @@ def _entries(data: dict, key: TableKey, source: str) -> tuple[dict[tuple, float]
                                 f"{missing[0] + 1}): give a latency_table.json a layermerge "
                                 "run wrote, or drop method.latency_table to measure one")
             saved = model - _time(ms, f"in_model_ms {name}", source)
+            if paired is not None:
+                saved = _saving(paired.get(name), f"in_model_saved_ms {name}", source)
             t = math.fsum(single[p] for p in range(k[0], k[1])) - saved
             if t < 0:
                 clamped.append(k)
@@ -311,6 +329,17 @@ def taken_off_ms(data: dict, key: TableKey, source: str) -> float:
     entry pays varies with what ran before it (0.1-0.3 ms in one torch table)."""
     overhead = _time(data.get("overhead_ms", 0.0), "overhead_ms", source)
     return overhead if key.timing == "alone" else 0.0
+
+
+def _saving(value, name: str, source: str) -> float:
+    """A saving of the table file `source` (ms), refused unless a finite number (it may be
+    below 0: a merge that costs time)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+            value):
+        raise UserError(f"{source}: {name} is {value!r}, not a time in ms: give a "
+                        "latency_table.json a layermerge run wrote, or drop "
+                        "method.latency_table to measure one")
+    return float(value)
 
 
 def _time(value, name: str, source: str) -> float:
