@@ -126,6 +126,21 @@ def test_out_of_reach_budget_is_one_line(tmp_path):
         runner.run(cfg)
 
 
+def test_a_speedup_only_the_bins_put_out_of_reach_is_one_line(tmp_path):
+    """1.333x leaves the fastest plan (18 of 24 ms, 1.3333x) 0.005 ms of room, less than
+    rounding its 10 segments up to bins of 0.014 ms takes: one line naming the best
+    speed-up the grid reaches."""
+    import re
+    table = _table(tmp_path)
+    with pytest.raises(jaxprune.UserError, match=r"^method.target_speedup 1.333 is out of "
+                       r"reach on the DP's grid, each entry rounded up to a bin \(budget "
+                       r".* only before rounding: .*\); the best plan on it reaches ([\d.]+)x: "
+                       r"ask for at most that, or raise method.bins$") as e:
+        runner.run(_cfg(tmp_path, f"method.latency_table={table}", "method.target_speedup=1.333"))
+    best = float(re.search(r"reaches ([\d.]+)x", str(e.value)).group(1))
+    assert 1.3 <= best < 1.333
+
+
 @pytest.mark.slow
 def test_bad_plans_and_options_are_refused(searched):
     tmp, table, run_dir, _ = searched

@@ -368,7 +368,7 @@ def _check_feasible(space: Space, steps: dict, lats: list[dict],
             raise SearchError(f"{which}budget {grid.budget_ms:g} ms is below the fastest plan "
                               f"({fast_ms:.4g} ms{speed}): raise the latency budget above "
                               f"{fast_ms:.4g} ms")
-        raise SearchError(f"{which}budget {grid.budget_ms:g} ms holds the fastest plan "
+        raise BinsTooCoarse(f"{which}budget {grid.budget_ms:g} ms holds the fastest plan "
                           f"({fast_ms:.4g} ms{speed}) only before rounding: {grid.rounding} "
                           f"rounding makes it {fast_bins} bins of {grid.bin_ms:.4g} ms, over "
                           f"the budget's {grid.size}: raise the budget a little or use finer "
@@ -377,6 +377,11 @@ def _check_feasible(space: Space, steps: dict, lats: list[dict],
 
 class NoJointPlan(SearchError):
     """Each table's budget holds some plan, but no one plan holds them all."""
+
+
+class BinsTooCoarse(SearchError):
+    """The fastest plan fits a budget in ms, but not once its entries are rounded up to
+    the grid's bins."""
 
 
 def _no_joint_plan(grids: tuple[_Grid, ...], names: Sequence[str]) -> NoJointPlan:

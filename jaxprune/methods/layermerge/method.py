@@ -14,8 +14,8 @@ from jaxprune.errors import UserError, closest
 from jaxprune.methods.distillation import Distillation, DistillHooks
 from jaxprune.methods.fuse_export import fuse_and_export
 from jaxprune.methods.layermerge import PLAN_FILE, report, table_file
-from jaxprune.methods.layermerge.dp import (NoJointPlan, Plan, SearchError, extend_importance,
-                                            solve, t_opt)
+from jaxprune.methods.layermerge.dp import (BinsTooCoarse, NoJointPlan, Plan, SearchError,
+                                            extend_importance, solve, t_opt)
 from jaxprune.methods.layermerge.finetune_importance import finetune_importance
 from jaxprune.methods.layermerge.importance import (drop_costs, kept_entropy,
                                                     segment_importance, site_scores)
@@ -272,6 +272,16 @@ def run(ctx: RunContext) -> MethodResult:
         except NoJointPlan:
             raise UserError(_no_common_plan(opts.target_speedup, runtimes, best_common_speedup(
                 ms, stages, tables, importance, opts.bins))) from None
+        except BinsTooCoarse as e:
+            if opts.target_speedup is None:
+                raise
+            best = best_common_speedup(ms, stages, tables, importance, opts.bins)
+            reach = ("no plan fits even 1x on this grid" if best is None else
+                     f"the best plan on it reaches {math.floor(best * 1000) / 1000:g}x: ask "
+                     "for at most that")
+            raise UserError(f"method.target_speedup {opts.target_speedup:g} is out of reach "
+                            f"on the DP's grid, each entry rounded up to a bin ({e}); "
+                            f"{reach}, or raise method.bins") from None
         edits = ms.edits(plan, pieces)
         plan = dataclasses.replace(plan, extra={
             "model": cfg.model.name, "model_options": dict(cfg.model.options),
