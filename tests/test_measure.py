@@ -58,9 +58,14 @@ def test_paired_speedups_are_burst_by_burst():
                  "fused": timing("fused", [5.0, 7.5, 5.0, 7.5, 5.0])}, 1, True, None, 5)
     assert t.paired("dense", "fused") == [2.0, 2.0, 2.0, 2.0, 3.0]
     assert t.ratio("dense", "fused") == 15.0 / 5.0
+    # what fused saves, burst by burst: 5, 7.5, 5, 7.5, 10 ms, median 7.5; the difference
+    # of the medians (15 - 5 = 10) takes each side from another burst
+    assert t.paired_saving_ms("dense", "fused") == 7.5
     short = Timings({"dense": t["dense"], "fused": timing("fused", [5.0])}, 1, True, None, 1)
     with pytest.raises(ValueError):  # bursts of different measurements are not pairs
         short.paired("dense", "fused")
+    with pytest.raises(ValueError):
+        short.paired_saving_ms("dense", "fused")
 
 
 def test_bad_workloads_are_refused():

@@ -40,8 +40,8 @@ alone, BatchNorms folded; the model with no segment merged is `model_ms`. T(i, j
 is then Σ T(k, k+1) over its convs less what it saves, model_ms − that model's time (round
 by round, the median of the differences: `in_model_saved_ms`), so a
 plan's predicted model is model_ms less the sum of its segments' savings (the one-conv
-entries, timed alone, cancel; they keep the call overhead, which would only clamp them). It costs a whole model per option, and it is
-what a runtime needs whose layers cost less inside the model than alone: a jitted model
+entries, timed alone, cancel; they keep the call overhead, which would only clamp them).
+It costs a whole model per option, and it is what a runtime needs whose layers cost less inside the model than alone: a jitted model
 is one XLA program, fused across layers, so on a CPU a JAX table of layers timed alone can
 sum to more than the model (the report flags that).
 
@@ -92,8 +92,8 @@ class LatencyTable:
     """A latency table as the search reads it: `T` in ms per call of the table's batch,
     each entry less the call overhead, keyed (i, j), or (i, j, option) with layer dropping;
     `overhead_ms`, the per-call overhead taken off each entry (0 for `in_model`, see
-    `taken_off_ms`); `model_ms`, the whole model
-    (BatchNorms folded, no run fused) timed with them; `clamped`, the keys of a `timing:
+    `taken_off_ms`); `model_ms`, the whole model (BatchNorms folded, no run fused) timed
+    with them; `clamped`, the keys of a `timing:
     in_model` table whose T came out below 0 and was taken as 0: the segment saved more in
     the model than its searched convs cost alone (it also removes the activations inside
     it, and a downsampling block its shortcut conv; or the table's noise), so the
@@ -201,7 +201,7 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
     overhead not yet taken off). With `key.timing` `in_model`, "ms" holds the one-conv
     segments and "in_model_ms" ("in_model_spread_ms") the whole model with each longer
     segment option merged (`in_model_net`), "in_model_saved_ms" what each saves on the
-    model, round by round (`_paired_saving`). `threads`: `jaxprune.measure`'s (default:
+    model, round by round (`Timings.paired_saving_ms`). `threads`: `jaxprune.measure`'s (default:
     one per core)."""
     import tempfile
 
@@ -240,7 +240,7 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
     extra = {f"in_model{k}": {whole[w]: v(t[w]) for w in whole}
              for k, v in (("_ms", lambda x: x.median_ms),
                           ("_spread_ms", lambda x: list(x.spread_ms)),
-                          ("_saved_ms", lambda x: _paired_saving(t[model.name], x)))
+                          ("_saved_ms", lambda x: t.paired_saving_ms(model.name, x.name)))
              } if in_model else {}
     return {"schema": TABLE_SCHEMA, "key": key.as_dict(),
             "ms": {alone[w]: t[w].median_ms for w in alone},
@@ -249,17 +249,6 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
             "overhead_spread_ms": list(t[overhead.name].spread_ms),
             "model_ms": t[model.name].median_ms, "model_spread_ms": list(t[model.name].spread_ms),
             "rounds": rounds, "repeats": repeats, "threads": t[overhead.name].threads}
-
-
-def _paired_saving(model, option) -> float:
-    """What `option` (a whole model with one segment merged) saves on `model` (ms): the
-    median over rounds of the difference of the two rounds' medians. Both were timed call
-    by call in the same process, so a drift of the machine between rounds leaves the
-    difference, and the median of differences is steadier than the difference of medians
-    (which may take each side from another round)."""
-    import statistics
-    return statistics.median(a - b for a, b in zip(model.burst_medians_ms,
-                                                   option.burst_medians_ms, strict=True))
 
 
 def table_ms(data: dict, key: TableKey, source: str) -> dict[tuple, float]:
@@ -304,7 +293,7 @@ def _entries(data: dict, key: TableKey, source: str) -> tuple[dict[tuple, float]
                                 "run wrote, or drop method.latency_table to measure one")
             saved = model - _time(ms, f"in_model_ms {name}", source)
             if paired is not None:
-                saved = _saving(paired.get(name), f"in_model_saved_ms {name}", source)
+                saved = _time(paired.get(name), f"in_model_saved_ms {name}", source, signed=True)
             t = math.fsum(single[p] for p in range(k[0], k[1])) - saved
             if t < 0:
                 clamped.append(k)
@@ -331,23 +320,14 @@ def taken_off_ms(data: dict, key: TableKey, source: str) -> float:
     return overhead if key.timing == "alone" else 0.0
 
 
-def _saving(value, name: str, source: str) -> float:
-    """A saving of the table file `source` (ms), refused unless a finite number (it may be
-    below 0: a merge that costs time)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-            value):
-        raise UserError(f"{source}: {name} is {value!r}, not a time in ms: give a "
-                        "latency_table.json a layermerge run wrote, or drop "
-                        "method.latency_table to measure one")
-    return float(value)
-
-
-def _time(value, name: str, source: str) -> float:
-    """A time of the table file `source` (ms), refused unless a finite number >= 0."""
+def _time(value, name: str, source: str, *, signed: bool = False) -> float:
+    """A time of the table file `source` (ms), refused unless a finite number >= 0 (any
+    finite number with `signed`: a saving, below 0 for a merge that costs time)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            0 <= value < float("inf")):
-        raise UserError(f"{source}: {name} is {value!r}, not a time in ms (a number >= 0): "
-                        "give a latency_table.json a layermerge run wrote, or drop "
+            math.isfinite(value) and (signed or value >= 0)):
+        raise UserError(f"{source}: {name} is {value!r}, not a time in ms "
+                        f"({'a finite number' if signed else 'a number >= 0'}): give a "
+                        "latency_table.json a layermerge run wrote, or drop "
                         "method.latency_table to measure one")
     return float(value)
 

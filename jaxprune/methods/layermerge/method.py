@@ -146,13 +146,19 @@ def plan_budgets(plan: Plan, runtimes: tuple[str, ...]) -> list[float | None]:
     return [budget.get(r) for r in runtimes]
 
 
+def _floored(speedup: float) -> str:
+    """A reachable speed-up as a message names it: rounded down to 0.001, so that asking
+    for the figure named stays within reach."""
+    return f"{math.floor(speedup * 1000) / 1000:g}"
+
+
 def _no_common_plan(target: float, runtimes: tuple[str, ...], best: float | None) -> str:
     """The one line for a `target` speed-up that each runtime's table reaches alone but no
     one plan reaches in all of them; `best`: `best_common_speedup`."""
     every = "both" if len(runtimes) == 2 else f"all {len(runtimes)}"
     reach = ("no one plan reaches even 1x in every table at once (the DP's bins round each "
              "entry up: raise method.bins)" if best is None else
-             f"the best one plan reaches {math.floor(best * 1000) / 1000:g}x in each "
+             f"the best one plan reaches {_floored(best)}x in each "
              "(predicted from the latency tables): ask for at most that")
     return (f"method.target_speedup {target:g} is out of reach in {' and '.join(runtimes)} "
             f"at once: each table alone has a plan that fast, but no one plan is in "
@@ -277,7 +283,7 @@ def run(ctx: RunContext) -> MethodResult:
                 raise
             best = best_common_speedup(ms, stages, tables, importance, opts.bins)
             reach = ("no plan fits even 1x on this grid" if best is None else
-                     f"the best plan on it reaches {math.floor(best * 1000) / 1000:g}x: ask "
+                     f"the best plan on it reaches {_floored(best)}x: ask "
                      "for at most that")
             raise UserError(f"method.target_speedup {opts.target_speedup:g} is out of reach "
                             f"on the DP's grid, each entry rounded up to a bin ({e}); "

@@ -41,7 +41,8 @@ then has one option per (kernel, stride, depthwise) of the conv it merges into, 
 "k{kernel}s{stride}d" or "...dw": per class of convs (kernel size, depthwise) a count from
 its irreducible convs to all of them, at least one conv in all; the kernel is composed
 exactly (`option_key`: 1 + sum of count x (size - 1) within the papers' breaks), the
-stride the product of the strides, depthwise when every kept conv is. Two counts of one key: the later in product order (more convs kept) stands.
+stride the product of the strides, depthwise when every kept conv is. Two counts of one
+key: the later in product order (more convs kept) stands.
 Each option keeps one fixed set of convs, chosen before the search from the model's
 weights: the irreducible ones and, per class, the droppable ones of largest L1 norm of
 their raw kernel (ties: the earlier conv), which maximises the summed L1 norm of the kept
