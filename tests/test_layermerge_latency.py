@@ -13,7 +13,8 @@ import models
 from jaxprune.errors import UserError
 from jaxprune.methods.layermerge.dp import MERGED, Plan, PlanSegment
 from jaxprune.methods.layermerge.latency import (
-    TABLE_SCHEMA, in_model_net, latency_table, load_table, segment_net, table_key)
+    TABLE_SCHEMA, in_model_net, latency_table, load_table, measure_table, segment_net,
+    table_key)
 from jaxprune.methods.layermerge.space import apply_edits, build_space
 from models.net import randomize_bn
 
@@ -199,6 +200,33 @@ def test_an_in_model_table_prices_a_segment_by_what_it_saves_in_the_model(resnet
         convs = sum(data["ms"][f"{k},{k + 1}"] for k in range(i, j))
         assert table.T[(i, j)] == pytest.approx(max(convs - saved, 0.0))
     assert table.model_ms == data["model_ms"] > 0
+
+
+def test_the_whole_model_is_timed_last_and_savings_are_paired(resnet, monkeypatch):
+    """The calls alternate in the order given, and a whole model called right after a
+    small program runs slower: the unmerged model, off which every in_model saving is
+    taken, comes last, after the whole models with one segment merged, and the small
+    programs (the call overhead, the one-conv segments) come first. A saving is the median
+    of the round-by-round differences (hand-made rounds, one slow for every workload)."""
+    from jaxprune import measure as measuring
+    from jaxprune.measure import Timing, Timings
+    m, ms = resnet
+    order = []
+
+    def fake(ws, **_):
+        order.extend(w.name.removesuffix(" jax") for w in ws)   # (named by runtime)
+        def timing(w, base):
+            rounds = [base, base * 2, base]   # round 2: the machine at half speed
+            return Timing(w.name, "jax", base, (base, 2 * base), rounds, 1, 1, "cpu", {})
+        return Timings({w.name: timing(w, 10.0 if w.name == "model jax" else
+                                       9.0 if w.name.startswith("in model") else 1.0)
+                        for w in ws}, 3, False, None)
+    monkeypatch.setattr(measuring, "measure", fake)
+    data = measure_table(m, ms, table_key(ms, HW, 2, timing="in_model"), rounds=3)
+    longer = [f"in model {i},{j}" for i, j in ms.segments if j - i >= 2]
+    assert order[-1] == "model" and order[-1 - len(longer):-1] == longer
+    assert all(not n.startswith("in model") for n in order[:-1 - len(longer)])
+    assert set(data["in_model_saved_ms"].values()) == {1.0}   # median of 1, 2, 1
 
 
 def test_an_in_model_file_is_read_as_its_savings(resnet, tmp_path):
