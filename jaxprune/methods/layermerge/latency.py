@@ -171,11 +171,7 @@ def in_model_net(m: Net, ms: ModelSpace, input_size, entry: tuple | None = None)
     (i, j, option) merged (its convs dropped, the sites inside it linearized) and every
     other conv alone, each boundary keeping the activation the model has there; with no
     `entry`, no segment merged. What `timing: in_model` times. `m` is not changed."""
-    from flax import nnx
-
-    from jaxprune import merge
     from jaxprune.methods.layermerge.dp import Plan, PlanSegment
-    from jaxprune.methods.layermerge.space import apply_edits
     L = ms.space.positions
     i, j, option = entry if entry is not None else (0, 1, None)
     bounds = [*range(i + 1), *range(j, L + 1)]
@@ -186,9 +182,29 @@ def in_model_net(m: Net, ms: ModelSpace, input_size, entry: tuple | None = None)
         segments.append(PlanSegment(a, b, option if (a, b) == (i, j) and option else
                                     ms.space.options[(a, b)][0],
                                     bool(want if want in acts else acts[0]), 0.0, 0, 0.0))
-    edits = ms.edits(Plan(L, tuple(segments), 0.0, 0.0, 0, 1.0, 1, 1.0, "ceil"))
-    planned = apply_edits(nnx.clone(m), edits)
-    return merge(planned, input_size=tuple(input_size), cost="none", cuts=edits.cuts,
+    return plan_net(m, ms.edits(Plan(L, tuple(segments), 0.0, 0.0, 0, 1.0, 1, 1.0, "ceil")),
+                    input_size)
+
+
+def plan_net(m: Net, edits, input_size) -> Net:
+    """`m` with a plan's `Edits` applied and merged as the plan says (`cuts`), BatchNorms
+    folded: the model the plan runs, as the table times it. `m` is not changed."""
+    from flax import nnx
+
+    from jaxprune import merge
+    from jaxprune.methods.layermerge.space import apply_edits
+    return merge(apply_edits(nnx.clone(m), edits), input_size=tuple(input_size), cost="none",
+                 cuts=edits.cuts, verify=False)
+
+
+def model_net(m: Net, ms: ModelSpace, key: TableKey) -> Net:
+    """The whole model a table of `key` times with its segments (`model_ms`): BatchNorms
+    folded, no run fused."""
+    from jaxprune import merge
+    from jaxprune.merging.fuse import fold_only_cuts
+    if key.timing == "in_model":
+        return in_model_net(m, ms, key.input_size)
+    return merge(m, input_size=key.input_size, cost="none", cuts=fold_only_cuts(m),
                  verify=False)
 
 
@@ -205,15 +221,11 @@ def measure_table(m: Net, ms: ModelSpace, key: TableKey, *, rounds: int = 3, war
     one per core)."""
     import tempfile
 
-    from jaxprune import merge
     from jaxprune.measure import call_overhead, measure
     from jaxprune.measure.models import workloads
-    from jaxprune.merging.fuse import fold_only_cuts
     in_model = key.timing == "in_model"
     overhead = call_overhead(key.runtime)
-    folded = (in_model_net(m, ms, key.input_size) if in_model else
-              merge(m, input_size=key.input_size, cost="none", cuts=fold_only_cuts(m),
-                    verify=False))
+    folded = model_net(m, ms, key)
     with tempfile.TemporaryDirectory(prefix="jaxprune-table-") as scratch:  # torch's exports
         def workload(name, net):
             w, = workloads(name, net, net.spec.input_size, batch=key.batch,
