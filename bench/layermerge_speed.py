@@ -1,7 +1,7 @@
 """layermerge's speed targets, re-runnable: predicted against measured speed-up of a plan.
 
     python bench/layermerge_speed.py [--cases resnet18,mbv2_100] [--runtime torch] [--drop-layers]
-                                     [--batch 1] [--rounds 3] [--bursts 5] [--threads N]
+                                     [--strided-blocks] [--batch 1] [--rounds 3] [--bursts 5] [--threads N]
                                      [--table-dir DIR]
 
 Cases (224 px, random weights, BatchNorm statistics randomized):
@@ -74,13 +74,14 @@ def random_batches(n: int = 2, batch: int = 8):
 
 
 def plan_case(case: str, runtime: str, batch: int, rounds: int, repeats: int,
-              threads: int | None, table_dir: Path, drop_layers: bool) -> dict:
+              threads: int | None, table_dir: Path, drop_layers: bool,
+              strided_blocks: bool = False) -> dict:
     """Space, table, search and the planned, merged model of `case`."""
     arch, options, target, _ = CASES[case]
     dense = randomize_bn(models.create(arch, num_classes=1000, **options))
-    ms = build_space(dense, drop_layers=drop_layers)
+    ms = build_space(dense, drop_layers=drop_layers, strided_blocks=strided_blocks)
     key = table_key(ms, HW, batch, runtime)
-    space = "lm" if drop_layers else "ecdc"
+    space = ("lm" if drop_layers else "ecdc") + ("-sb" if strided_blocks else "")
     cache = table_dir / f"{case}-{space}-{runtime}-b{batch}-t{threads or 'cores'}.json"
     t0 = time.perf_counter()
     lt = latency_table(dense, ms, key, cache, rounds=rounds, repeats=repeats, threads=threads)
@@ -130,6 +131,9 @@ def main(argv=None) -> int:
     p.add_argument("--drop-layers", action="store_true",
                    help="LayerMerge's space (convs inside the blocks may be dropped; "
                         "drop_penalty 1) instead of ECDC's")
+    p.add_argument("--strided-blocks", action="store_true",
+                   help="beyond the papers: a ResNet downsampling block may merge as a "
+                        "whole (method.strided_blocks)")
     p.add_argument("--table-dir", default="runs/bench/layermerge_tables",
                    help="where latency tables are kept and reused")
     args = p.parse_args(argv)
@@ -143,7 +147,7 @@ def main(argv=None) -> int:
     for case in cases:
         t0 = time.perf_counter()
         c = plan_case(case, args.runtime, args.batch, args.rounds, args.repeats, args.threads,
-                      table_dir, args.drop_layers)
+                      table_dir, args.drop_layers, args.strided_blocks)
         rep = c["report"]
         predicted = c["model_ms"] / c["predicted_model_ms"]
         print(f"\n== {case}: {c['positions']} positions, {c['segments']} segments; table "
@@ -170,7 +174,7 @@ def main(argv=None) -> int:
         for rt in ("torch", "jax"):
             d, f = t[f"dense {rt}"], t[f"fused {rt}"]
             row = {"case": case, "space": "layermerge" if args.drop_layers else "ecdc",
-                   "runtime": rt, "batch": args.batch,
+                   "strided_blocks": args.strided_blocks, "runtime": rt, "batch": args.batch,
                    "table_runtime": args.runtime, "target_speedup": c["target"],
                    "target_in_reach": c["reached"],
                    "speed_target": CASES[case][3] if rt == "torch" else None,

@@ -181,6 +181,53 @@ def test_in_model_timing_times_the_whole_model_with_one_segment_merged(resnet):
     assert jaxprune.linearized(m) == []   # the model itself is left as it was
 
 
+def test_a_plan_check_times_the_tables_model_against_the_plans(resnet, monkeypatch):
+    """`check.measure_plan` times, in each runtime of the tables, the model the table
+    times (BatchNorms folded, no run fused) and the plan merged as planned, and sets the
+    plan's saving, burst by burst, against what the target needs (faked timings: the
+    plan saves 2 ms of 10, then 3 of 10 in the machine's slow burst)."""
+    from jaxprune.measure import Timing, Timings
+    from jaxprune.measure import models as measured
+    from jaxprune.methods.layermerge.check import measure_plan
+    from jaxprune.methods.layermerge.latency import LatencyTable
+    m, ms = resnet
+    plan = Plan(16, (PlanSegment(0, 4, MERGED, True, 0.0, 0, 0.0),
+                     *(PlanSegment(k, k + 1, MERGED, True, 0.0, 0, 0.0) for k in range(4, 16))),
+                0.0, 0.0, 0, 1.0, 1, 1.0, "ceil")
+    edits = ms.edits(plan)
+    timed = {}
+
+    def fake(models_, hw, *, batch, runtimes, rounds, bursts, repeats):
+        timed.update(models_, hw=tuple(hw), batch=batch, runtimes=list(runtimes))
+        bursts_ = {"model": [10.0, 12.0, 10.0], "plan": [8.0, 9.0, 8.0]}
+        return Timings({f"{n} {rt}": Timing(f"{n} {rt}", rt, 10.0 if n == "model" else 8.0,
+                                            (min(b), max(b)), b, 20, 1, "cpu", {})
+                        for n, b in bursts_.items() for rt in runtimes}, rounds, True, None)
+    monkeypatch.setattr(measured, "model_latency", fake)
+    keys = [table_key(ms, HW, 2, rt) for rt in ("torch", "jax")]
+    tables = [(k, LatencyTable({}, 0.0, 12.0)) for k in keys]
+    checks = measure_plan(m, ms, edits, tables, [9.0, 9.0], [7.0, 8.0], [7.5, 8.5],
+                          lambda model: model / 1.25)
+    assert (timed["hw"], timed["batch"], timed["runtimes"]) == (HW, 2, ["torch", "jax"])
+    x = np.random.default_rng(0).normal(size=(2, *HW, 3)).astype(np.float32)
+    ref = nnx.clone(m)
+    ref.eval()
+    np.testing.assert_allclose(timed["model"](x), ref(x), atol=1e-4)
+    planned = apply_edits(nnx.clone(m), edits)
+    planned.eval()
+    np.testing.assert_allclose(timed["plan"](x), planned(x), atol=1e-4)
+    assert set(ms.convs(0, 4)[1:]) <= set(timed["model"].layers) - set(timed["plan"].layers)
+    torch_check, jax_check = checks
+    assert (torch_check.runtime, jax_check.runtime) == ("torch", "jax")
+    assert torch_check.saved_ms == 2.0          # median of 2, 3, 2: burst by burst
+    assert torch_check.needed_ms == pytest.approx(10.0 - 10.0 / 1.25)   # 2 ms: met
+    assert torch_check.met and torch_check.speedup == pytest.approx(1.25)
+    assert (torch_check.predicted_saved_ms, jax_check.predicted_saved_ms) == (2.0, 1.0)
+    assert torch_check.predicted_speedup == pytest.approx(12.0 / 10.0)   # 12 - 9 + 7
+    assert jax_check.budget_ms == 8.5
+    assert jax_check.tightened_budget(9.0) == pytest.approx(9.0 - 1.0 * 2.0 / 2.0)
+
+
 @pytest.mark.slow
 def test_an_in_model_table_prices_a_segment_by_what_it_saves_in_the_model(resnet, tmp_path):
     """Measured in JAX: the one-conv entries are timed alone, each longer segment as the

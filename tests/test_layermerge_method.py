@@ -28,7 +28,7 @@ from jaxprune.methods.layermerge.latency import TABLE_SCHEMA, table_key
 from jaxprune.methods.layermerge.method import (plan_budgets, planned_ms, read_plan, search,
                                                 stage_one)
 from jaxprune.methods.layermerge.space import build_space
-from jaxprune.report import markdown
+from jaxprune.report import Report, markdown
 from models.net import randomize_bn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -465,3 +465,74 @@ def test_a_layermerge_run_searches_on_its_finetune_table(tmp_path, monkeypatch):
     assert "| (i, j, option, a_i, a_j) | Δ val acc (points) | importance |" in text
     assert ("finetuned 1 epoch(s) of 2 steps (128 images) at learning rate 0.01 from the "
             "original") in text
+
+
+def test_a_plan_that_measures_short_is_searched_again_under_a_tighter_budget(tmp_path,
+                                                                             monkeypatch):
+    """The plan check (`method.plan_checks`): the fake timing says JAX's savings add up to
+    only 70 % of the table's (XLA fuses across layers), torch's to all of it. The first
+    plan, predicted at the target in each runtime, misses it in JAX; the next is searched
+    under a JAX budget asking the table for the needed saving over 0.7, meets the target,
+    and is kept; torch's budget stays as it was. A plan that never saves enough is kept as
+    the closest, with a warning, once the checks run out."""
+    from types import SimpleNamespace
+
+    from jaxprune.methods.layermerge import method
+    from jaxprune.methods.layermerge.check import Check
+    from jaxprune.methods.layermerge.latency import LatencyTable
+    cfg = _cfg(tmp_path, "method.drop_layers=true", "method.runtime=[jax, torch]",
+               "method.target_speedup=1.3", "method.plan_checks=3")
+    ms = build_space(build_model(cfg, 10, HW), drop_layers=True)
+    T = {rt: {(i, j, o): fixed + per * len(ms.keep[(i, j, o)]) for i, j, o in ms.entries()}
+         for rt, fixed, per in (("jax", 1.0, 0.25), ("torch", 0.2, 0.75))}
+    tables = [(table_key(ms, HW, 1, rt), LatencyTable(T[rt], 0.0, model))
+              for rt, model in (("jax", 20.0), ("torch", 19.2))]
+    stages = [stage_one(ms, t.T) for _, t in tables]
+    unmerged = [u for _, _, u in stages]
+    importance = segment_importance(ms, {p.site: 1.0 + 0.1 * k for k, p in
+                                         enumerate(ms.positions) if p.site}, 1.0)
+    budgets = [t.searched_budget(u, t.model_ms / 1.3) for (_, t), u in zip(tables, unmerged)]
+    plan, pieces = search(ms, [s[0] for s in stages], {}, importance, budgets, None,
+                          ("jax", "torch"))
+    logged = []
+    ctx = SimpleNamespace(cfg=cfg, log=logged.append)
+
+    def fake(share):
+        def measure_plan(m, ms_, edits, tables_, unmerged_, planned, budgets_, goal):
+            checks = []
+            for (k, t), u, p, b in zip(tables_, unmerged_, planned, budgets_):
+                saved = share(k.runtime, u - p)
+                checks.append(Check(k.runtime, t.model_ms, t.model_ms - saved, saved,
+                                    t.model_ms - goal(t.model_ms), u - p, b,
+                                    t.model_ms / t.model_after(u, p)))
+            return checks
+        return measure_plan
+
+    monkeypatch.setattr(method, "measure_plan",
+                        fake(lambda rt, saved: 0.7 * saved if rt == "jax" else saved))
+    kept, _, kept_budgets, record = method.checked_plan(ctx, None, ms, tables, stages,
+                                                        importance, budgets, plan, pieces)
+    assert [c["kept"] for c in record] == [False, True]
+    first, second = ([r for r in c["runtimes"]] for c in record)
+    assert [r["met"] for r in first] == [False, True] and all(r["met"] for r in second)
+    assert first[0]["predicted_speedup"] >= 1.3 and first[0]["speedup"] < 1.3
+    needed = 20.0 - 20.0 / 1.3
+    assert kept_budgets[0] == pytest.approx(unmerged[0] - needed / 0.7)
+    assert kept_budgets[1] == budgets[1]
+    assert kept.segments != plan.segments
+    assert second[0]["predicted_saved_ms"] >= needed / 0.7 > first[0]["predicted_saved_ms"]
+    assert "plan check 2: jax predicted" in logged[-1]
+
+    logged.clear()   # never enough in JAX: 70 %, then 62 %, then 50 % of the table's saving
+    shares = iter([0.7, 0.62, 0.5])
+    monkeypatch.setattr(method, "measure_plan", fake(
+        lambda rt, saved: next(shares) * saved if rt == "jax" else saved))
+    kept, _, _, record = method.checked_plan(ctx, None, ms, tables, stages, importance,
+                                             budgets, plan, pieces)
+    got = [c["runtimes"][0]["saved_ms"] / needed for c in record]   # s / N, all short
+    assert len(got) == 3 and got[0] < got[1] < 1 and got[2] < got[1]
+    assert [c["kept"] for c in record] == [False, True, False]   # the closest
+    assert logged[-1] == ("layermerge: warning: no plan checked meets the goal in every "
+                          "runtime as measured; keeping plan check 2's, the closest")
+    report = markdown(Report("r", [lm_report._checks(record)]))
+    assert "Kept: plan check 2, the closest: **no plan checked met the goal" in report

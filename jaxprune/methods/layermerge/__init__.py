@@ -27,7 +27,9 @@ per kernel it may merge into, and there is no T_opt stage):
 4. the exact dynamic program (`dp.py`) under the budget (`target_speedup` or `latency_ms`
    of the whole model as the table predicts it: `latency.LatencyTable`; with several
    runtimes, `target_speedup` in each at once), written to `plan.json` (`plan: PATH`
-   replays one);
+   replays one); with `plan_checks: N`, the plan's whole model is timed before
+   finetuning and, where it measures short of the goal, searched again under a tighter
+   budget, up to N plans (`check.py`);
 5. the plan applied (sites inside segments linearized, dropped convs removed), finetuned
    for `finetune_epochs` (optionally distilled from the original), then merged exactly as planned
    (`jaxprune.merge(cost="none", cuts=...)`), exported and timed.
@@ -45,7 +47,8 @@ per kernel it may merge into, and there is no T_opt stage):
 The package: `dp.py` (the search as pure functions over tables, the plan file), `space.py`
 (the ECDC and LayerMerge spaces of ResNet-18 and MobileNetV2, and what a plan changes),
 `latency.py` (T(i, j) measured), `importance.py` (the proxies), `finetune_importance.py`
-(the papers' importance table), `method.py` (the stages), `report.py`.
+(the papers' importance table), `check.py` (the plan checks), `method.py` (the stages),
+`report.py`.
 """
 from __future__ import annotations
 
@@ -108,6 +111,10 @@ class LayerMergeConfig(MethodConfig):
     latency_timing: str = option("alone", choices=TIMINGS, why="how a segment is timed: "
                                  "its layer alone, or the whole model with it merged")
     latency_rounds: int = option(3, ge=1)    # rounds, each one fresh process timing every segment
+    # (beyond the papers) time up to this many plans' whole models before finetuning, each
+    # after the first searched again under budgets tightened by what the last one measured
+    # short of the goal (check.py; about a minute each at the digits size); 0: no check
+    plan_checks: int = option(0, ge=0)
     latency_repeats: int = option(20, ge=1)  # timed calls per round
     # time bins over each runtime's budget (the DP's grid)
     bins: int | None = option(None, ge=1, why="null: 1000, or 400 each with several runtimes")
@@ -152,6 +159,10 @@ class LayerMergeConfig(MethodConfig):
         if self.plan is not None and (self.target_speedup, self.latency_ms) != (None, None):
             raise UserError("method.plan replays a plan with its own budget: drop "
                             "method.target_speedup and method.latency_ms")
+        if self.plan is not None and self.plan_checks:
+            raise UserError("method.plan_checks searches again when a plan misses its goal, "
+                            "and method.plan replays a plan without a search: drop one of "
+                            "them")
         for key in ("importance_images", "importance_lr"):
             if getattr(self, key) is not None and self.importance != "finetune":
                 raise UserError(f"method.{key} sets the finetunes of importance: finetune, "

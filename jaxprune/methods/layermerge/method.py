@@ -14,6 +14,7 @@ from jaxprune.errors import UserError, closest
 from jaxprune.methods.distillation import Distillation, DistillHooks
 from jaxprune.methods.fuse_export import fuse_and_export
 from jaxprune.methods.layermerge import PLAN_FILE, report, table_file
+from jaxprune.methods.layermerge.check import measure_plan
 from jaxprune.methods.layermerge.dp import (BinsTooCoarse, NoJointPlan, Plan, SearchError,
                                             extend_importance, solve, t_opt)
 from jaxprune.methods.layermerge.finetune_importance import finetune_importance
@@ -207,6 +208,62 @@ def read_plan(path: str, ms: ModelSpace, cfg, image_size, m: Net) -> tuple[Plan,
     return plan, pieces, made
 
 
+def checked_plan(ctx: RunContext, m: Net, ms: ModelSpace, tables: list, stages: list,
+                 importance: dict, budgets: list[float], plan: Plan, pieces: dict
+                 ) -> tuple[Plan, dict, list[float], list[dict]]:
+    """The plan checks (`check.py`): up to `method.plan_checks` plans timed, each after
+    the first searched under the budgets its predecessor's shortfall tightened. Returns the
+    first that meets the goal in every runtime, else the one whose worst runtime came
+    closest (s / N), with its pieces and budgets, and every check as the results record it
+    (the kept plan's marked `kept`). Stops early, saying why, when no tighter plan is
+    left (out of reach in the tables) or a plan saved nothing measurable."""
+    opts = ctx.cfg.method
+    runtimes = opts.runtimes
+    goal = ((lambda model: model / opts.target_speedup) if opts.target_speedup is not None
+            else (lambda model: opts.latency_ms))
+    unmerged = [u for _, _, u in stages]
+    tried = []
+    while True:
+        edits = ms.edits(plan, pieces)
+        n = len(tried) + 1
+        ctx.log(f"layermerge: plan check {n} of {opts.plan_checks}: timing the plan's model "
+                f"({len(edits.drop)} convs dropped, {len(edits.linearize)} sites linearized) "
+                f"against the table's in {' and '.join(runtimes)} ...")
+        checks = measure_plan(m, ms, edits, tables, unmerged,
+                              [planned_ms(ms, plan, t.T, pieces) for _, t in tables],
+                              budgets, goal)
+        tried.append((plan, pieces, budgets, checks))
+        ctx.log(f"layermerge: plan check {n}: " + "; ".join(
+            f"{c.runtime} predicted {c.predicted_speedup:.2f}x, measured {c.speedup:.2f}x "
+            f"({'met' if c.met else 'short'})" for c in checks))
+        if all(c.met for c in checks) or n == opts.plan_checks:
+            break
+        tighter = [b if c.met else c.tightened_budget(u)
+                   for b, c, u in zip(budgets, checks, unmerged)]
+        if None in tighter:
+            ctx.log("layermerge: plan check: the plan saved nothing measurable in "
+                    f"{checks[tighter.index(None)].runtime}, so no tighter budget follows")
+            break
+        try:
+            plan, pieces = search(ms, [topt for topt, _, _ in stages], stages[0][1],
+                                  importance, tighter, opts.bins, runtimes)
+        except SearchError:
+            ctx.log("layermerge: plan check: no plan meets the tightened budgets in the "
+                    "tables; the check goes no further")
+            break
+        budgets = tighter
+    kept = next((k for k, t in enumerate(tried) if all(c.met for c in t[3])),
+                max(range(len(tried)), key=lambda k: min(c.share for c in tried[k][3])))
+    if not all(c.met for c in tried[kept][3]):
+        ctx.log(f"layermerge: warning: no plan checked meets the goal in every runtime as "
+                f"measured; keeping plan check {kept + 1}'s, the closest")
+    record = [{"check": k + 1, "kept": k == kept, "segments": len(p.segments),
+               "drop": list(ms.edits(p, pc).drop), "runtimes": [c.as_dict() for c in cs]}
+              for k, (p, pc, _, cs) in enumerate(tried)]
+    plan, pieces, budgets, _ = tried[kept]
+    return plan, pieces, budgets, record
+
+
 def finetune(ctx: RunContext, original: Net, planned: Net) -> dict:
     """Train the planned model `finetune_epochs` (optionally distilled from the original),
     checkpointed as stage `finetune`; returns its last epoch's accuracies."""
@@ -255,7 +312,7 @@ def run(ctx: RunContext) -> MethodResult:
         stages.append(stage_one(ms, tables[-1][1].T, stages[0][1] if stages else None))
     breaks = stages[0][1]
 
-    scores = source = ft_table = None
+    scores = source = ft_table = checks = None
     if opts.plan is not None:
         budgets = plan_budgets(plan, runtimes)
     else:
@@ -288,6 +345,9 @@ def run(ctx: RunContext) -> MethodResult:
             raise UserError(f"method.target_speedup {opts.target_speedup:g} is out of reach "
                             f"on the DP's grid, each entry rounded up to a bin ({e}); "
                             f"{reach}, or raise method.bins") from None
+        if opts.plan_checks:
+            plan, pieces, budgets, checks = checked_plan(ctx, original, ms, tables, stages,
+                                                         importance, budgets, plan, pieces)
         edits = ms.edits(plan, pieces)
         plan = dataclasses.replace(plan, extra={
             "model": cfg.model.name, "model_options": dict(cfg.model.options),
@@ -329,7 +389,7 @@ def run(ctx: RunContext) -> MethodResult:
         "entropy_total": kept_entropy(ms, scores, ()) if scores else None,
         "drop_cost": (sum(drop_costs(ms, scores, opts.drop_penalty)[c] for c in edits.drop)
                       if scores and ms.drop_layers else None),
-        "latency": latency, "bins": plan.budget_bins,
+        "latency": latency, "checks": checks, "bins": plan.budget_bins,
         "objective": plan.objective, "latency_batch": opts.latency_batch,
         "segments": [{**dataclasses.asdict(s), "convs": list(ms.convs(s.start, s.end)),
                       "T_ms": {key.runtime: segment_ms(ms, table.T, s, pieces)

@@ -99,6 +99,8 @@ def report(results: dict) -> Report:
                "Trust the measured figure."
                for name, r in zip(names, latency) if overstated(r)]
     sections.append(Section("Latency", blocks))
+    if search.get("checks"):
+        sections.append(_checks(search["checks"]))
 
     if search["site_entropy"]:
         src = search["site_source"]
@@ -138,6 +140,28 @@ def report(results: dict) -> Report:
             Table([key, "Δ val acc (points)", "importance"], rows)]))
     sections += merge_sections(results, before="dense")
     return Report(f"layermerge: {results['model']} on {results['dataset']}", sections)
+
+
+def _checks(checks: list[dict]) -> Section:
+    """The plan checks (`check.py`): each plan timed, predicted against measured."""
+    rows = [[c["check"], "yes" if c["kept"] else "", c["segments"], len(c["drop"]),
+             RUNTIME_NAMES[r["runtime"]], r["budget_ms"], f"{r['predicted_speedup']:.2f}x",
+             f"{r['model_ms']:.3f} → {r['plan_ms']:.3f}", r["saved_ms"], r["needed_ms"],
+             f"**{r['speedup']:.2f}x**", "met" if r["met"] else "short"]
+            for c in checks for r in c["runtimes"]]
+    kept = next(c for c in checks if c["kept"])
+    return Section("Plan check", [
+        "Before finetuning, each plan's whole model (merged as planned, BatchNorms folded) "
+        "was timed against the model the tables time, in its own process, burst against "
+        "burst; a plan that saved less than the goal needs was searched again under a "
+        "budget tightened by that shortfall (the table's predicted saving scaled by "
+        "needed / saved). Kept: plan check "
+        f"{kept['check']}" + ("." if all(r["met"] for r in kept["runtimes"]) else
+                               ", the closest: **no plan checked met the goal in every "
+                               "runtime**."),
+        Table(["check", "kept", "segments", "convs dropped", "runtime", "budget ms",
+               "predicted speed-up", "measured model → plan ms", "saved ms", "needed ms",
+               "measured speed-up", "goal"], rows)])
 
 
 def overstated(row: dict) -> bool:
