@@ -78,19 +78,25 @@ def measure_plan(m: Net, ms: ModelSpace, edits: Edits, tables: list[tuple[TableK
     `tables` the (key, table) the plan was searched in, `unmerged` and `planned` the sums
     of each table over every conv alone and over the plan's segments (ms), `budgets` the
     plan's, `goal(model_ms)` the whole-model time (ms) the goal allows a model that takes
-    `model_ms`. Raises `jaxprune.measure`'s `UserError` when a timing process fails."""
+    `model_ms`. Timed by process 0 of a multi-process run, its times sent to the others.
+    Raises `jaxprune.measure`'s `UserError` when a timing process fails."""
+    from jaxprune import distributed
     from jaxprune.measure.models import model_latency
     from jaxprune.methods.fuse_export import LATENCY_BURSTS, LATENCY_REPEATS
-    key = tables[0][0]
-    t = model_latency({"model": model_net(m, ms, key), "plan": plan_net(m, edits,
-                                                                           key.input_size)},
-                      key.input_size, batch=key.batch, runtimes=[k.runtime for k, _ in tables],
-                      rounds=rounds, bursts=LATENCY_BURSTS, repeats=LATENCY_REPEATS)
+    key, times = tables[0][0], None
+    if distributed.is_main():   # the others get its times, so every process plans alike
+        t = model_latency({"model": model_net(m, ms, key),
+                           "plan": plan_net(m, edits, key.input_size)},
+                          key.input_size, batch=key.batch,
+                          runtimes=[k.runtime for k, _ in tables], rounds=rounds,
+                          bursts=LATENCY_BURSTS, repeats=LATENCY_REPEATS)
+        times = {k.runtime: [t[f"model {k.runtime}"].median_ms, t[f"plan {k.runtime}"].median_ms,
+                             t.paired_saving_ms(f"model {k.runtime}", f"plan {k.runtime}")]
+                 for k, _ in tables}
+    times = distributed.broadcast_json(times)
     checks = []
     for (k, table), u, p, b in zip(tables, unmerged, planned, budgets):
-        model, plan = t[f"model {k.runtime}"], t[f"plan {k.runtime}"]
-        checks.append(Check(k.runtime, model.median_ms, plan.median_ms,
-                            t.paired_saving_ms(model.name, plan.name),
-                            model.median_ms - goal(model.median_ms), u - p, b,
+        model, plan, saved = times[k.runtime]
+        checks.append(Check(k.runtime, model, plan, saved, model - goal(model), u - p, b,
                             table.model_ms / table.model_after(u, p)))
     return checks
