@@ -268,7 +268,8 @@ def markdown(mach: dict, results: dict, command: str, seconds: float) -> str:
         "docstring describes the steps).",
         ["case", "runtime", "budget", "convs dropped", "ReLUs linearized", "predicted",
          "dense ms (spread)", "fused ms (spread)", "measured", "burst by burst", "target"],
-        [[r["case"], r["runtime"], f"{r['target_speedup']}x"
+        [[r["case"] + (", strided blocks" if r.get("strided_blocks") else ""), r["runtime"],
+          f"{r['target_speedup']}x"
           + ("" if r["target_in_reach"] else " (out of reach: fastest plan)"),
           r["dropped"], r["linearized"], f"{r['predicted_speedup']:.2f}x",
           _with_spread(r, "dense"),
@@ -335,6 +336,9 @@ def main(argv=None) -> int:
     lm = ["bench/layermerge_speed.py", "--cases", "resnet18" if q else "resnet18,mbv2_100",
           "--runtime", "torch", "--threads", "1", "--drop-layers"]
     results["layermerge"] = [r for r in _run(lm, timeout=7200) if "measured_speedup" in r]
+    results["layermerge"] += [r for r in _run(  # beyond the papers: strided blocks merge whole
+        lm[:2] + ["resnet18"] + lm[3:] + ["--strided-blocks"], timeout=7200)
+        if "measured_speedup" in r]
     results["data_pipeline"] = [r for r in _run(
         ["bench/data_pipeline.py", "--rounds", "1" if q else "3"], timeout=3600) if "case" in r]
     results["compile"] = [worker("compile", name=name, batch=8 if q else 32)
