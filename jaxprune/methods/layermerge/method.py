@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxprune import distributed
 from jaxprune.context import MethodResult, RunContext
-from jaxprune.errors import UserError, closest
+from jaxprune.errors import UserError, closest, counted
 from jaxprune.methods.distillation import Distillation, DistillHooks
 from jaxprune.methods.fuse_export import fuse_and_export
 from jaxprune.methods.layermerge import PLAN_FILE, report, table_file
@@ -227,7 +227,8 @@ def checked_plan(ctx: RunContext, m: Net, ms: ModelSpace, tables: list, stages: 
         edits = ms.edits(plan, pieces)
         n = len(tried) + 1
         ctx.log(f"layermerge: plan check {n} of {opts.plan_checks}: timing the plan's model "
-                f"({len(edits.drop)} convs dropped, {len(edits.linearize)} sites linearized) "
+                f"({counted(len(edits.drop), 'conv')} dropped, "
+                f"{counted(len(edits.linearize), 'site')} linearized) "
                 f"against the table's in {' and '.join(runtimes)} ...")
         checks = measure_plan(m, ms, edits, tables, unmerged,
                               [planned_ms(ms, plan, t.T, pieces) for _, t in tables],
