@@ -18,8 +18,9 @@ round or burst medians with their spread.
   torch; the torch baseline is torchvision's or timm's own model.
 * layermerge, planned against measured: `bench/layermerge_speed.py` (torchvision's
   ResNet-18 at budget 1.5x, and without --quick MobileNetV2-1.0 at 1.6x, in LayerMerge's
-  space, the latency table timed in torch at one thread; tables are kept in
-  runs/bench/layermerge_tables and reused), with their speed targets in torch.
+  space, then ResNet-18 again with --strided-blocks, beyond the papers; the latency table
+  timed in torch at one thread; tables are kept in runs/bench/layermerge_tables and
+  reused), with their speed targets in torch.
 * data pipeline: images/s of each input pipeline against the train step it feeds
   (`bench/data_pipeline.py`); above 1 the pipeline is not the bottleneck.
 * compile time: the first call of the jitted train step per model (resnet18_cifar,

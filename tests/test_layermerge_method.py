@@ -165,6 +165,10 @@ def test_bad_plans_and_options_are_refused(searched):
             "its edits do not follow from its segments")
     with pytest.raises(jaxprune.UserError, match="exactly one of method.target_speedup"):
         _cfg(tmp, "method.latency_ms=3")
+    with pytest.raises(jaxprune.UserError, match=r"^method.plan_checks searches again when a "
+                       r"plan misses its goal, and method.plan replays a plan without a "
+                       r"search: drop one of them$"):
+        _cfg(tmp, *base, f"method.plan={run_dir / PLAN_FILE}", "method.plan_checks=1")
 
 
 def test_finetune_options_are_refused_where_they_would_do_nothing(tmp_path):
@@ -221,15 +225,28 @@ def _drop_table(tmp_path, runtime: str = "jax", cost=None, name: str = "drop_tab
     return path
 
 
+def _as_predicted(m, ms, edits, tables, unmerged, planned, budgets, goal, times=None):
+    """`check.measure_plan` with the plan's model timed as its tables predict it."""
+    from jaxprune.methods.layermerge.check import Check
+    return [Check(k.runtime, t.model_ms, t.model_after(u, p), u - p,
+                  t.model_ms - goal(t.model_ms), u - p, b, t.model_ms / t.model_after(u, p))
+            for (k, t), u, p, b in zip(tables, unmerged, planned, budgets)]
+
+
 @pytest.fixture(scope="module")
 def dropped(tmp_path_factory):
-    """One digits run with layer dropping, planned for JAX and torch at once (about 60 s
-    on 2 cores)."""
+    """One digits run with layer dropping, planned for JAX and torch at once, its plan
+    checked (timed as the tables predict it: met) (about 60 s on 2 cores)."""
+    from jaxprune.methods.layermerge import method
     tmp = tmp_path_factory.mktemp("lm-drop")
     table, torch_table = _drop_table(tmp), _drop_table(tmp, "torch")
-    run_dir, res = runner.run(_cfg(tmp, "method.drop_layers=true", "method.runtime=[jax, torch]",
-                                   f"method.latency_table=[{table}, {torch_table}]",
-                                   "method.target_speedup=1.3", "name=drop"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(method, "measure_plan", _as_predicted)
+        run_dir, res = runner.run(_cfg(tmp, "method.drop_layers=true",
+                                       "method.runtime=[jax, torch]",
+                                       f"method.latency_table=[{table}, {torch_table}]",
+                                       "method.target_speedup=1.3", "method.plan_checks=2",
+                                       "name=drop"))
     return tmp, table, run_dir, res
 
 
@@ -256,6 +273,17 @@ def test_search_with_drops_finetune_and_exact_merge(dropped):
     report = (run_dir / "report.md").read_text()
     assert "LayerMerge space (layer dropping)" in report
     assert f"Dropped (identity, residual add kept): {', '.join(drop)}." in report
+    # the plan check: one plan, met in both runtimes, kept; recorded in the results, the
+    # report, plan_checks.json (for a rerun) and plan.json
+    check, = s["checks"]
+    assert check["kept"] and check["drop"] == drop
+    assert [(r["runtime"], r["met"]) for r in check["runtimes"]] == [("jax", True),
+                                                                     ("torch", True)]
+    assert [r["budget_ms"] for r in check["runtimes"]] == [t["budget_ms"] for t in
+                                                           s["latency"]]
+    assert "## Plan check" in report and "Kept: plan check 1." in report
+    assert json.loads((run_dir / "plan_checks.json").read_text())[0]["edits"] == s["edits"]
+    assert set(plan["plan_check_speedups"]) == {"jax", "torch"}
 
 
 @pytest.mark.slow
@@ -495,23 +523,32 @@ def test_a_plan_that_measures_short_is_searched_again_under_a_tighter_budget(tmp
     plan, pieces = search(ms, [s[0] for s in stages], {}, importance, budgets, None,
                           ("jax", "torch"))
     logged = []
-    ctx = SimpleNamespace(cfg=cfg, log=logged.append)
 
-    def fake(share):
-        def measure_plan(m, ms_, edits, tables_, unmerged_, planned, budgets_, goal):
+    def checked(folder, share):
+        """`checked_plan` in the run folder `folder`, each plan's model "timed" as saving
+        share(runtime, the table's predicted saving) on the table's model (None: no timing
+        allowed, every time from the folder's plan_checks.json)."""
+        def measure_plan(m, ms_, edits, tables_, unmerged_, planned, budgets_, goal,
+                         times=None):
+            assert (times is None) != (share is None)
             checks = []
             for (k, t), u, p, b in zip(tables_, unmerged_, planned, budgets_):
-                saved = share(k.runtime, u - p)
-                checks.append(Check(k.runtime, t.model_ms, t.model_ms - saved, saved,
-                                    t.model_ms - goal(t.model_ms), u - p, b,
-                                    t.model_ms / t.model_after(u, p)))
+                if times:
+                    model, fast, saved = times[k.runtime]
+                else:
+                    saved = share(k.runtime, u - p)
+                    model, fast = t.model_ms, t.model_ms - saved
+                checks.append(Check(k.runtime, model, fast, saved, model - goal(model), u - p,
+                                    b, t.model_ms / t.model_after(u, p)))
             return checks
-        return measure_plan
+        monkeypatch.setattr(method, "measure_plan", measure_plan)
+        (tmp_path / folder).mkdir(exist_ok=True)
+        ctx = SimpleNamespace(cfg=cfg, log=logged.append, run_dir=tmp_path / folder)
+        return method.checked_plan(ctx, None, ms, tables, stages, importance, budgets, plan,
+                                   pieces)
 
-    monkeypatch.setattr(method, "measure_plan",
-                        fake(lambda rt, saved: 0.7 * saved if rt == "jax" else saved))
-    kept, _, kept_budgets, record = method.checked_plan(ctx, None, ms, tables, stages,
-                                                        importance, budgets, plan, pieces)
+    kept, _, kept_budgets, record = checked(
+        "a", lambda rt, saved: 0.7 * saved if rt == "jax" else saved)
     assert [c["kept"] for c in record] == [False, True]
     first, second = ([r for r in c["runtimes"]] for c in record)
     assert [r["met"] for r in first] == [False, True] and all(r["met"] for r in second)
@@ -522,13 +559,15 @@ def test_a_plan_that_measures_short_is_searched_again_under_a_tighter_budget(tmp
     assert kept.segments != plan.segments
     assert second[0]["predicted_saved_ms"] >= needed / 0.7 > first[0]["predicted_saved_ms"]
     assert "plan check 2: jax predicted" in logged[-1]
+    # a rerun in the same folder times nothing: the same plans from plan_checks.json
+    again, _, _, again_record = checked("a", None)
+    assert again.segments == kept.segments and again_record == record
+    assert "plan check 2 of 3: the timing plan_checks.json holds" in logged[-2]
 
     logged.clear()   # never enough in JAX: 70 %, then 62 %, then 50 % of the table's saving
     shares = iter([0.7, 0.62, 0.5])
-    monkeypatch.setattr(method, "measure_plan", fake(
-        lambda rt, saved: next(shares) * saved if rt == "jax" else saved))
-    kept, _, _, record = method.checked_plan(ctx, None, ms, tables, stages, importance,
-                                             budgets, plan, pieces)
+    kept, _, _, record = checked(
+        "b", lambda rt, saved: next(shares) * saved if rt == "jax" else saved)
     got = [c["runtimes"][0]["saved_ms"] / needed for c in record]   # s / N, all short
     assert len(got) == 3 and got[0] < got[1] < 1 and got[2] < got[1]
     assert [c["kept"] for c in record] == [False, True, False]   # the closest
@@ -536,3 +575,15 @@ def test_a_plan_that_measures_short_is_searched_again_under_a_tighter_budget(tmp
                           "runtime as measured; keeping plan check 2's, the closest")
     report = markdown(Report("r", [lm_report._checks(record)]))
     assert "Kept: plan check 2, the closest: **no plan checked met the goal" in report
+
+    # where the tightened budget is out of reach, or a plan saved nothing, the check stops
+    for folder, saved, why in (
+            ("c", needed / 2, "no plan meets the tightened budgets in the tables; the check "
+                              "goes no further"),
+            ("d", 0.0, "the plan saved nothing measurable in jax, so no tighter budget "
+                       "follows")):
+        logged.clear()
+        kept, _, kept_budgets, record = checked(
+            folder, lambda rt, s, saved=saved: saved if rt == "jax" else s)
+        assert len(record) == 1 and kept.segments == plan.segments and kept_budgets == budgets
+        assert logged[-2] == f"layermerge: plan check: {why}"

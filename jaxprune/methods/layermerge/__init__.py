@@ -61,7 +61,8 @@ from jaxprune.methods import register
 
 IMPORTANCES = ("entropy", "bn_entropy", "finetune")
 TIMINGS = ("alone", "in_model")  # a segment timed as its layer alone, or in the whole model
-PLAN_FILE, TABLE_FILE = "plan.json", "latency_table.json"  # what a run writes in its folder
+# what a run writes in its folder
+PLAN_FILE, TABLE_FILE, PLAN_CHECKS_FILE = "plan.json", "latency_table.json", "plan_checks.json"
 
 
 def table_file(runtime: str, runtimes: tuple[str, ...]) -> str:

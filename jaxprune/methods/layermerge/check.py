@@ -32,8 +32,8 @@ from models.net import Net
 @dataclasses.dataclass(frozen=True)
 class Check:
     """One runtime's check of a plan (times in ms per call of the table's batch):
-    `model_ms`, the table's model and `plan_ms`, the plan's, as measured (median of the
-    bursts); `saved_ms`, what the plan saves, burst by burst; `needed_ms`, what the goal
+    `model_ms`, the model the table times, and `plan_ms`, the plan's, as this check
+    measured them (median of the bursts; the check's processes, not the table's); `saved_ms`, what the plan saves, burst by burst; `needed_ms`, what the goal
     needs it to save (N); `predicted_saved_ms`, the table's P; `budget_ms`, the budget on
     the searched convs the plan was searched under; `predicted_speedup`, the table's."""
     runtime: str
@@ -56,9 +56,11 @@ class Check:
 
     @property
     def share(self) -> float:
-        """s / N: 1 or more where the plan meets the goal (infinite where the goal needs
-        no saving)."""
-        return self.saved_ms / self.needed_ms if self.needed_ms > 0 else float("inf")
+        """s / N: 1 or more where the plan meets the goal (where the goal needs no saving,
+        infinite if met, minus infinity if not)."""
+        if self.needed_ms <= 0:
+            return float("inf") if self.met else float("-inf")
+        return self.saved_ms / self.needed_ms
 
     def tightened_budget(self, unmerged_ms: float) -> float | None:
         """The next search's budget on the searched convs (ms) in this runtime, unmerged −
@@ -73,18 +75,21 @@ class Check:
 
 def measure_plan(m: Net, ms: ModelSpace, edits: Edits, tables: list[tuple[TableKey,
                  LatencyTable]], unmerged: list[float], planned: list[float],
-                 budgets: list[float], goal, rounds: int = 3) -> list[Check]:
+                 budgets: list[float], goal, rounds: int = 3,
+                 times: dict | None = None) -> list[Check]:
     """Each runtime's `Check` of the plan whose `edits` are given, on `m` (not changed):
     `tables` the (key, table) the plan was searched in, `unmerged` and `planned` the sums
     of each table over every conv alone and over the plan's segments (ms), `budgets` the
     plan's, `goal(model_ms)` the whole-model time (ms) the goal allows a model that takes
-    `model_ms`. Timed by process 0 of a multi-process run, its times sent to the others.
-    Raises `jaxprune.measure`'s `UserError` when a timing process fails."""
+    `model_ms`. `times`: {runtime: [model ms, plan ms, saved ms]} of an earlier timing
+    of the same plan, used instead of timing. Timed by process 0 of a multi-process run,
+    its times sent to the others. Raises `jaxprune.measure`'s `UserError` when a timing
+    process fails (on process 0; as for the latency table, the others wait)."""
     from jaxprune import distributed
     from jaxprune.measure.models import model_latency
     from jaxprune.methods.fuse_export import LATENCY_BURSTS, LATENCY_REPEATS
-    key, times = tables[0][0], None
-    if distributed.is_main():   # the others get its times, so every process plans alike
+    key = tables[0][0]
+    if times is None and distributed.is_main():   # the others get its times: plans alike
         t = model_latency({"model": model_net(m, ms, key),
                            "plan": plan_net(m, edits, key.input_size)},
                           key.input_size, batch=key.batch,
@@ -93,7 +98,7 @@ def measure_plan(m: Net, ms: ModelSpace, edits: Edits, tables: list[tuple[TableK
         times = {k.runtime: [t[f"model {k.runtime}"].median_ms, t[f"plan {k.runtime}"].median_ms,
                              t.paired_saving_ms(f"model {k.runtime}", f"plan {k.runtime}")]
                  for k, _ in tables}
-    times = distributed.broadcast_json(times)
+    times = distributed.broadcast_json(times)   # (given: the same on every process)
     checks = []
     for (k, table), u, p, b in zip(tables, unmerged, planned, budgets):
         model, plan, saved = times[k.runtime]

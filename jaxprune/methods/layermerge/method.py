@@ -3,6 +3,7 @@ finetune, exact merge (see the package doc)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -11,9 +12,10 @@ from flax import nnx
 from jaxprune import distributed
 from jaxprune.context import MethodResult, RunContext
 from jaxprune.errors import UserError, closest, counted
+from jaxprune.files import write_json_atomic
 from jaxprune.methods.distillation import Distillation, DistillHooks
 from jaxprune.methods.fuse_export import fuse_and_export
-from jaxprune.methods.layermerge import PLAN_FILE, report, table_file
+from jaxprune.methods.layermerge import PLAN_CHECKS_FILE, PLAN_FILE, report, table_file
 from jaxprune.methods.layermerge.check import measure_plan
 from jaxprune.methods.layermerge.dp import (BinsTooCoarse, NoJointPlan, Plan, SearchError,
                                             extend_importance, solve, t_opt)
@@ -216,23 +218,36 @@ def checked_plan(ctx: RunContext, m: Net, ms: ModelSpace, tables: list, stages: 
     first that meets the goal in every runtime, else the one whose worst runtime came
     closest (s / N), with its pieces and budgets, and every check as the results record it
     (the kept plan's marked `kept`). Stops early, saying why, when no tighter plan is
-    left (out of reach in the tables) or a plan saved nothing measurable."""
+    left (out of reach in the tables) or a plan saved nothing measurable. Each check's
+    times are kept in the run folder (`plan_checks.json`), and a rerun of the run reads
+    them for the same plans instead of timing again, so it keeps the plan it finetuned."""
     opts = ctx.cfg.method
     runtimes = opts.runtimes
     goal = ((lambda model: model / opts.target_speedup) if opts.target_speedup is not None
             else (lambda model: opts.latency_ms))
     unmerged = [u for _, _, u in stages]
+    cache = ctx.run_dir / PLAN_CHECKS_FILE   # a rerun keeps the plan it finetuned
+    done = distributed.broadcast_json(json.loads(cache.read_text()) if distributed.is_main()
+                                      and cache.is_file() else None) or []
     tried = []
     while True:
         edits = ms.edits(plan, pieces)
         n = len(tried) + 1
-        ctx.log(f"layermerge: plan check {n} of {opts.plan_checks}: timing the plan's model "
-                f"({counted(len(edits.drop), 'conv')} dropped, "
+        earlier = done[n - 1]["times"] if n <= len(done) and \
+            done[n - 1]["edits"] == edits.as_dict() else None
+        ctx.log(f"layermerge: plan check {n} of {opts.plan_checks}: "
+                + (f"the timing {cache.name} holds" if earlier else "timing the plan's model")
+                + f" ({counted(len(edits.drop), 'conv')} dropped, "
                 f"{counted(len(edits.linearize), 'site')} linearized) "
                 f"against the table's in {' and '.join(runtimes)} ...")
         checks = measure_plan(m, ms, edits, tables, unmerged,
                               [planned_ms(ms, plan, t.T, pieces) for _, t in tables],
-                              budgets, goal)
+                              budgets, goal, times=earlier)
+        if earlier is None:
+            done = [*done[:n - 1], {"edits": edits.as_dict(), "times": {
+                c.runtime: [c.model_ms, c.plan_ms, c.saved_ms] for c in checks}}]
+            if distributed.is_main():
+                write_json_atomic(cache, done)
         tried.append((plan, pieces, budgets, checks))
         ctx.log(f"layermerge: plan check {n}: " + "; ".join(
             f"{c.runtime} predicted {c.predicted_speedup:.2f}x, measured {c.speedup:.2f}x "
@@ -357,7 +372,9 @@ def run(ctx: RunContext) -> MethodResult:
             "latency_tables": [key.as_dict() for key, _ in tables],
             "importance": opts.importance,
             "pieces": {f"{i},{j}": list(p) for (i, j), p in pieces.items()},
-            "edits": edits.as_dict()})
+            "edits": edits.as_dict(),
+            **({"plan_check_speedups": next({r["runtime"]: r["speedup"] for r in c["runtimes"]}
+                                            for c in checks if c["kept"])} if checks else {})})
     if distributed.is_main():
         (ctx.run_dir / PLAN_FILE).write_text(plan.to_json() + "\n")
     latency = []

@@ -145,8 +145,9 @@ def report(results: dict) -> Report:
 def _checks(checks: list[dict]) -> Section:
     """The plan checks (`check.py`): each plan timed, predicted against measured."""
     rows = [[c["check"], "yes" if c["kept"] else "", c["segments"], len(c["drop"]),
-             RUNTIME_NAMES[r["runtime"]], r["budget_ms"], f"{r['predicted_speedup']:.2f}x",
-             f"{r['model_ms']:.3f} → {r['plan_ms']:.3f}", r["saved_ms"], r["needed_ms"],
+             RUNTIME_NAMES[r["runtime"]], f"{r['budget_ms']:.3f}",
+             f"{r['predicted_speedup']:.2f}x", f"{r['model_ms']:.3f} → {r['plan_ms']:.3f}",
+             f"{r['saved_ms']:.3f}", f"{r['needed_ms']:.3f}",
              f"**{r['speedup']:.2f}x**", "met" if r["met"] else "short"]
             for c in checks for r in c["runtimes"]]
     kept = next(c for c in checks if c["kept"])
