@@ -19,6 +19,10 @@ the goal needs, N = the model's time less the goal's (the model over `target_spe
 `latency_ms`). A runtime with s < N scales the plan's predicted saving P by N / s: the next
 search must predict a saving of P·N/s there (its budget on the searched convs, unmerged −
 P·N/s, below what the plan took, so the plan no longer fits it).
+
+`method.checked_plan` runs the checks: up to `plan_checks` plans, the first that meets the
+goal in every runtime kept, else the closest (the largest worst-runtime s / N), with a
+warning. Each check's times go to the run folder's `plan_checks.json`, which a rerun reads.
 """
 from __future__ import annotations
 
@@ -33,9 +37,10 @@ from models.net import Net
 class Check:
     """One runtime's check of a plan (times in ms per call of the table's batch):
     `model_ms`, the model the table times, and `plan_ms`, the plan's, as this check
-    measured them (median of the bursts; the check's processes, not the table's); `saved_ms`, what the plan saves, burst by burst; `needed_ms`, what the goal
-    needs it to save (N); `predicted_saved_ms`, the table's P; `budget_ms`, the budget on
-    the searched convs the plan was searched under; `predicted_speedup`, the table's."""
+    measured them (median of the bursts; the check's processes, not the table's);
+    `saved_ms`, what the plan saves, burst by burst; `needed_ms`, what the goal needs it
+    to save (N); `predicted_saved_ms`, the table's P; `budget_ms`, the budget on the
+    searched convs the plan was searched under; `predicted_speedup`, the table's."""
     runtime: str
     model_ms: float
     plan_ms: float
