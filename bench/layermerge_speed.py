@@ -1,8 +1,8 @@
 """layermerge's speed targets, re-runnable: predicted against measured speed-up of a plan.
 
     python bench/layermerge_speed.py [--cases resnet18,mbv2_100] [--runtime torch] [--drop-layers]
-                                     [--strided-blocks] [--batch 1] [--rounds 3] [--bursts 5] [--threads N]
-                                     [--table-dir DIR]
+                                     [--strided-blocks] [--batch 1] [--rounds 3] [--bursts 5]
+                                     [--threads N] [--table-dir DIR]
 
 Cases (224 px, random weights, BatchNorm statistics randomized):
 * resnet18: torchvision's ResNet-18, target_speedup 1.5 (target: >= 1.4x in torch);

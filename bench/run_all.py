@@ -334,12 +334,12 @@ def main(argv=None) -> int:
             timeout=7200) if "speedup" in r]
     else:
         results["merge_speed"] = [r for r in _run(ms, timeout=7200) if "speedup" in r]
-    lm = ["bench/layermerge_speed.py", "--cases", "resnet18" if q else "resnet18,mbv2_100",
-          "--runtime", "torch", "--threads", "1", "--drop-layers"]
-    results["layermerge"] = [r for r in _run(lm, timeout=7200) if "measured_speedup" in r]
-    results["layermerge"] += [r for r in _run(  # beyond the papers: strided blocks merge whole
-        lm[:2] + ["resnet18"] + lm[3:] + ["--strided-blocks"], timeout=7200)
-        if "measured_speedup" in r]
+    lm = ["bench/layermerge_speed.py", "--runtime", "torch", "--threads", "1", "--drop-layers"]
+    results["layermerge"] = [
+        r for args in (["--cases", "resnet18" if q else "resnet18,mbv2_100"],
+                       # beyond the papers: downsampling blocks merge whole
+                       ["--cases", "resnet18", "--strided-blocks"])
+        for r in _run(lm + args, timeout=7200) if "measured_speedup" in r]
     results["data_pipeline"] = [r for r in _run(
         ["bench/data_pipeline.py", "--rounds", "1" if q else "3"], timeout=3600) if "case" in r]
     results["compile"] = [worker("compile", name=name, batch=8 if q else 32)

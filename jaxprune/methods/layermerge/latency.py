@@ -41,9 +41,10 @@ is then Σ T(k, k+1) over its convs less what it saves, model_ms − that model'
 by round, the median of the differences: `in_model_saved_ms`), so a
 plan's predicted model is model_ms less the sum of its segments' savings (the one-conv
 entries, timed alone, cancel; they keep the call overhead, which would only clamp them).
-It costs a whole model per option, and it is what a runtime needs whose layers cost less inside the model than alone: a jitted model
-is one XLA program, fused across layers, so on a CPU a JAX table of layers timed alone can
-sum to more than the model (the report flags that).
+It costs a whole model per option, and it is what a runtime needs whose layers cost less
+inside the model than alone: a jitted model is one XLA program, fused across layers, so on
+a CPU a JAX table of layers timed alone can sum to more than the model (the report flags
+that).
 
 A table is JSON (`TABLE_SCHEMA`) with its `TableKey`: the model and its options, the input
 size, the batch, the runtime, the device, the JAX version, the space's hash, whether it
@@ -93,11 +94,10 @@ class LatencyTable:
     each entry less the call overhead, keyed (i, j), or (i, j, option) with layer dropping;
     `overhead_ms`, the per-call overhead taken off each entry (0 for `in_model`, see
     `taken_off_ms`); `model_ms`, the whole model (BatchNorms folded, no run fused) timed
-    with them; `clamped`, the keys of a `timing:
-    in_model` table whose T came out below 0 and was taken as 0: the segment saved more in
-    the model than its searched convs cost alone (it also removes the activations inside
-    it, and a downsampling block its shortcut conv; or the table's noise), so the
-    prediction counts less than it saves."""
+    with them; `clamped`, the keys of a `timing: in_model` table whose T came out below 0
+    and was taken as 0: the segment saved more in the model than its searched convs cost
+    alone (it also removes the activations inside it, and a downsampling block its
+    shortcut conv; or the table's noise), so the prediction counts less than it saves."""
     T: dict[tuple, float]
     overhead_ms: float
     model_ms: float

@@ -248,7 +248,7 @@ def checked_plan(ctx: RunContext, m: Net, ms: ModelSpace, tables: list, stages: 
                 c.runtime: [c.model_ms, c.plan_ms, c.saved_ms] for c in checks}}]
             if distributed.is_main():
                 write_json_atomic(cache, done)
-        tried.append((plan, pieces, budgets, checks))
+        tried.append((plan, pieces, edits, budgets, checks))
         ctx.log(f"layermerge: plan check {n}: " + "; ".join(
             f"{c.runtime} predicted {c.predicted_speedup:.2f}x, measured {c.speedup:.2f}x "
             f"({'met' if c.met else 'short'})" for c in checks))
@@ -268,15 +268,15 @@ def checked_plan(ctx: RunContext, m: Net, ms: ModelSpace, tables: list, stages: 
                     "tables; the check goes no further")
             break
         budgets = tighter
-    kept = next((k for k, t in enumerate(tried) if all(c.met for c in t[3])),
-                max(range(len(tried)), key=lambda k: min(c.share for c in tried[k][3])))
-    if not all(c.met for c in tried[kept][3]):
+    kept = next((k for k, t in enumerate(tried) if all(c.met for c in t[-1])),
+                max(range(len(tried)), key=lambda k: min(c.share for c in tried[k][-1])))
+    if not all(c.met for c in tried[kept][-1]):
         ctx.log(f"layermerge: warning: no plan checked meets the goal in every runtime as "
                 f"measured; keeping plan check {kept + 1}'s, the closest")
     record = [{"check": k + 1, "kept": k == kept, "segments": len(p.segments),
-               "drop": list(ms.edits(p, pc).drop), "runtimes": [c.as_dict() for c in cs]}
-              for k, (p, pc, _, cs) in enumerate(tried)]
-    plan, pieces, budgets, _ = tried[kept]
+               "drop": list(e.drop), "runtimes": [c.as_dict() for c in cs]}
+              for k, (p, _, e, _, cs) in enumerate(tried)]
+    plan, pieces, _, budgets, _ = tried[kept]
     return plan, pieces, budgets, record
 
 
